@@ -1,0 +1,299 @@
+//! The `CdcPipeline` API (philotes.io/v1alpha1): spec and status types. The CRD YAML in `crds/` is
+//! generated from these types (`philotes crd`).
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// A PostgreSQL change-data-capture pipeline: a logical replication slot on the source, a durable buffer,
+/// and batched, idempotent delivery to a PostgreSQL sink.
+#[derive(CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[kube(
+    group = "philotes.io",
+    version = "v1alpha1",
+    kind = "CdcPipeline",
+    plural = "cdcpipelines",
+    shortname = "cdcp",
+    namespaced,
+    status = "CdcPipelineStatus",
+    derive = "PartialEq",
+    doc = "A PostgreSQL change-data-capture pipeline run by the Philotes operator",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Lag", type_ = "integer", json_path = ".status.lagBytes", description = "bytes of WAL the slot retains beyond what is durably buffered"),
+    printcolumn(name = "Buffered", type_ = "integer", json_path = ".status.bufferDepth", priority = "1"),
+    printcolumn(name = "Delivered", type_ = "integer", json_path = ".status.eventsDelivered"),
+    printcolumn(name = "Message", type_ = "string", json_path = ".status.message", priority = "1"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct CdcPipelineSpec {
+    /// Desired state: Running, Paused (delivery stops, the slot keeps draining into the buffer) or
+    /// Stopped (the worker ends; slot and buffer are kept, so WAL is retained).
+    #[serde(default)]
+    pub state: DesiredState,
+    pub source: SourceSpec,
+    pub sink: SinkSpec,
+    #[serde(default)]
+    pub buffer: BufferSpec,
+    #[serde(default)]
+    pub retry: RetrySpec,
+    #[serde(default)]
+    pub dead_letter: DeadLetterSpec,
+    #[serde(default)]
+    pub backpressure: BackpressureSpec,
+    /// What happens to the slot and publication Philotes created when the pipeline is deleted.
+    #[serde(default)]
+    pub reclaim_policy: ReclaimPolicy,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default, JsonSchema)]
+pub enum DesiredState {
+    #[default]
+    Running,
+    Paused,
+    Stopped,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default, JsonSchema)]
+pub enum ReclaimPolicy {
+    #[default]
+    Retain,
+    Delete,
+}
+
+/// A key of a Secret in the pipeline's namespace.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Hash, JsonSchema)]
+pub struct SecretKeyRef {
+    pub name: String,
+    pub key: String,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceSpec {
+    /// Secret key holding a connection URI `postgres://user:password@host:port/database`.
+    pub connection_secret_ref: SecretKeyRef,
+    /// Tables to capture, as `schema.table` (or `table` for `public`). Each needs a primary key.
+    #[serde(default)]
+    #[schemars(length(min = 1))]
+    pub tables: Vec<String>,
+    /// Publication name; default derived from the resource uid. Created when missing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publication: Option<String>,
+    /// Replication slot name; default derived from the resource uid. Created when missing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+pub struct SinkSpec {
+    pub postgres: PostgresSinkSpec,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PostgresSinkSpec {
+    pub connection_secret_ref: SecretKeyRef,
+    /// Target schema; tables are created there with the source's columns and primary key.
+    #[serde(default = "default_sink_schema")]
+    pub schema: String,
+}
+
+fn default_sink_schema() -> String {
+    "public".into()
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BufferSpec {
+    /// Database holding the `philotes` schema; default: the source database.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_secret_ref: Option<SecretKeyRef>,
+    #[serde(default = "default_batch_size")]
+    pub batch_size: u32,
+    #[serde(default = "default_flush_interval")]
+    pub flush_interval: String,
+    /// How long processed rows stay in the buffer.
+    #[serde(default = "default_retention")]
+    pub retention: String,
+}
+
+impl Default for BufferSpec {
+    fn default() -> Self {
+        Self {
+            connection_secret_ref: None,
+            batch_size: default_batch_size(),
+            flush_interval: default_flush_interval(),
+            retention: default_retention(),
+        }
+    }
+}
+
+fn default_batch_size() -> u32 {
+    1000
+}
+fn default_flush_interval() -> String {
+    "1s".into()
+}
+fn default_retention() -> String {
+    "168h".into()
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetrySpec {
+    /// Attempts for an event-level sink error before the events go to the dead-letter queue.
+    /// Sink outages (connection errors) are retried until the sink is back.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    #[serde(default = "default_initial_interval")]
+    pub initial_interval: String,
+    #[serde(default = "default_max_interval")]
+    pub max_interval: String,
+    #[serde(default = "default_multiplier")]
+    pub multiplier: f64,
+    #[serde(default = "default_true")]
+    pub jitter: bool,
+}
+
+impl Default for RetrySpec {
+    fn default() -> Self {
+        Self {
+            max_attempts: default_max_attempts(),
+            initial_interval: default_initial_interval(),
+            max_interval: default_max_interval(),
+            multiplier: default_multiplier(),
+            jitter: true,
+        }
+    }
+}
+
+fn default_max_attempts() -> u32 {
+    3
+}
+fn default_initial_interval() -> String {
+    "1s".into()
+}
+fn default_max_interval() -> String {
+    "30s".into()
+}
+fn default_multiplier() -> f64 {
+    2.0
+}
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+pub struct DeadLetterSpec {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    #[serde(default = "default_retention")]
+    pub retention: String,
+}
+
+impl Default for DeadLetterSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            retention: default_retention(),
+        }
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackpressureSpec {
+    /// Unprocessed buffered events above which the reader stops reading the slot.
+    #[serde(default = "default_high")]
+    pub high_watermark: u64,
+    /// Unprocessed buffered events below which the reader resumes.
+    #[serde(default = "default_low")]
+    pub low_watermark: u64,
+    #[serde(default = "default_check_interval")]
+    pub check_interval: String,
+}
+
+impl Default for BackpressureSpec {
+    fn default() -> Self {
+        Self {
+            high_watermark: default_high(),
+            low_watermark: default_low(),
+            check_interval: default_check_interval(),
+        }
+    }
+}
+
+fn default_high() -> u64 {
+    8000
+}
+fn default_low() -> u64 {
+    5000
+}
+fn default_check_interval() -> String {
+    "1s".into()
+}
+
+/// Observed state, written by the operator.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CdcPipelineStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publication_name: Option<String>,
+    /// Whether Philotes created the slot / publication (only those are dropped on delete).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot_created: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publication_created: Option<bool>,
+    /// Last LSN durably buffered and acknowledged to the source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub confirmed_lsn: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag_bytes: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buffer_depth: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events_read: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events_delivered: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub events_dead_lettered: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+pub use crate::engine::state::Phase;
+
+/// A standard Kubernetes condition.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// True, False or Unknown.
+    pub status: String,
+    pub reason: String,
+    #[serde(default)]
+    pub message: String,
+    /// RFC 3339 time of the last change of `status`.
+    pub last_transition_time: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// The CRD as YAML, as `philotes crd` prints it and `crds/cdcpipeline.yaml` holds it.
+pub fn crd_yaml() -> Result<String, serde_yaml::Error> {
+    use kube::CustomResourceExt;
+    serde_yaml::to_string(&CdcPipeline::crd())
+}

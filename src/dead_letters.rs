@@ -1,0 +1,62 @@
+//! `philotes dlq`: list, replay and purge a pipeline's dead letters.
+
+use crate::engine::buffer::Buffer;
+use crate::engine::config::PipelineConfig;
+use crate::engine::dlq;
+use crate::engine::error::EngineError;
+use crate::engine::sink::Sink;
+use crate::engine::sink::postgres::PostgresSink;
+
+/// Dead letters as JSON lines.
+pub async fn list(cfg: &PipelineConfig, limit: i64) -> Result<Vec<serde_json::Value>, EngineError> {
+    let buffer = Buffer::connect(&cfg.buffer, &cfg.id, "dlq").await?;
+    let rels = buffer.relations().await?;
+    let letters = dlq::list(buffer.client(), Some(&cfg.id), limit).await?;
+    Ok(letters
+        .iter()
+        .map(|d| {
+            let mut v = dlq::to_json(d, rels.get(&d.event.rel_ver));
+            v["pipeline"] = serde_json::Value::String(cfg.name.clone());
+            v
+        })
+        .collect())
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ReplayOutcome {
+    pub replayed: usize,
+    pub still_failing: usize,
+}
+
+/// Applies each dead letter to the sink again, oldest first; those that now succeed are removed,
+/// the others stay with their new error. Replay writes the values as they were when the change
+/// happened: check `dlq list` first if newer changes to the same rows reached the sink since.
+pub async fn replay(cfg: &PipelineConfig) -> Result<ReplayOutcome, EngineError> {
+    let buffer = Buffer::connect(&cfg.buffer, &cfg.id, "dlq").await?;
+    let rels = buffer.relations().await?;
+    let letters = dlq::list(buffer.client(), Some(&cfg.id), i64::MAX).await?;
+    let mut sink = PostgresSink::new(cfg.sink.clone(), cfg.sink_schema.clone());
+    let mut out = ReplayOutcome::default();
+    for d in letters {
+        let batch = [d.event.clone()];
+        let rejected = sink.apply_isolated(&batch, &rels).await?;
+        match rejected.first() {
+            None => {
+                dlq::remove(buffer.client(), &cfg.id, d.event.pos).await?;
+                out.replayed += 1;
+            }
+            Some(r) => {
+                if let Some(rel) = rels.get(&d.event.rel_ver) {
+                    dlq::write(buffer.client(), &cfg.id, &[(&d.event, rel, r.error.clone())], d.attempts + 1).await?;
+                }
+                out.still_failing += 1;
+            }
+        }
+    }
+    Ok(out)
+}
+
+pub async fn purge(cfg: &PipelineConfig) -> Result<u64, EngineError> {
+    let buffer = Buffer::connect(&cfg.buffer, &cfg.id, "dlq").await?;
+    dlq::purge(buffer.client(), Some(&cfg.id)).await
+}

@@ -1,0 +1,190 @@
+//! A pipeline's validated configuration, free of Kubernetes types.
+
+use std::fmt;
+use std::time::Duration;
+
+/// A PostgreSQL connection URI. It holds a password, so it never prints: `Debug` and `Display` show
+/// only host, port and database.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ConnString {
+    uri: String,
+    config: tokio_postgres::Config,
+}
+
+impl ConnString {
+    pub fn parse(uri: &str) -> Result<Self, String> {
+        let config: tokio_postgres::Config = uri
+            .parse()
+            .map_err(|e| format!("not a valid postgres:// URI ({e})"))?;
+        if config.get_hosts().is_empty() {
+            return Err("the URI names no host".into());
+        }
+        if config.get_user().is_none() {
+            return Err("the URI names no user".into());
+        }
+        if config.get_dbname().is_none() {
+            return Err("the URI names no database".into());
+        }
+        Ok(Self {
+            uri: uri.to_string(),
+            config,
+        })
+    }
+
+    pub fn config(&self) -> &tokio_postgres::Config {
+        &self.config
+    }
+
+    /// The full URI, for connecting only.
+    pub fn expose(&self) -> &str {
+        &self.uri
+    }
+
+    pub fn host(&self) -> String {
+        match self.config.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            #[cfg(unix)]
+            Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+            None => String::new(),
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.config.get_ports().first().copied().unwrap_or(5432)
+    }
+
+    pub fn user(&self) -> &str {
+        self.config.get_user().unwrap_or_default()
+    }
+
+    pub fn password(&self) -> String {
+        self.config
+            .get_password()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .unwrap_or_default()
+    }
+
+    pub fn dbname(&self) -> &str {
+        self.config.get_dbname().unwrap_or_default()
+    }
+
+    pub fn requires_tls(&self) -> bool {
+        matches!(
+            self.config.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Require
+        )
+    }
+
+    /// Whether two URIs point at the same database (same host, port and database name).
+    pub fn same_database(&self, other: &ConnString) -> bool {
+        self.host() == other.host() && self.port() == other.port() && self.dbname() == other.dbname()
+    }
+}
+
+impl fmt::Debug for ConnString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl fmt::Display for ConnString {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "postgres://{}:{}/{}", self.host(), self.port(), self.dbname())
+    }
+}
+
+/// `schema.table` of a captured source table.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TableName {
+    pub schema: String,
+    pub name: String,
+}
+
+impl fmt::Display for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.schema, self.name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub initial_interval: Duration,
+    pub max_interval: Duration,
+    pub multiplier: f32,
+    pub jitter: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    Running,
+    Paused,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PipelineConfig {
+    /// Stable identity: the resource uid (buffer rows and derived names hang off it).
+    pub id: String,
+    /// `namespace/name`, for logs and metrics.
+    pub name: String,
+    pub source: ConnString,
+    pub tables: Vec<TableName>,
+    pub publication: String,
+    pub slot: String,
+    pub sink: ConnString,
+    pub sink_schema: String,
+    pub buffer: ConnString,
+    pub batch_size: usize,
+    pub flush_interval: Duration,
+    pub retention: Duration,
+    pub retry: RetryPolicy,
+    pub dead_letter_enabled: bool,
+    pub dead_letter_retention: Duration,
+    pub high_watermark: u64,
+    pub low_watermark: u64,
+    pub check_interval: Duration,
+    pub delivery: Delivery,
+}
+
+impl PipelineConfig {
+    /// Whether `other` differs only in what a running worker can change in place (delivery).
+    pub fn same_except_delivery(&self, other: &PipelineConfig) -> bool {
+        let mut a = self.clone();
+        a.delivery = other.delivery;
+        &a == other
+    }
+}
+
+/// Slot and publication names derived from a uid: `philotes_` and the uid's hex digits.
+pub fn derived_name(uid: &str) -> String {
+    let hex: String = uid
+        .chars()
+        .filter(|c| c.is_ascii_hexdigit())
+        .map(|c| c.to_ascii_lowercase())
+        .take(32)
+        .collect();
+    format!("philotes_{hex}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conn_string_never_prints_the_password() {
+        let c = ConnString::parse("postgres://app:s3cret@db.example:6543/shop").unwrap();
+        assert_eq!(format!("{c}"), "postgres://db.example:6543/shop");
+        assert!(!format!("{c:?}").contains("s3cret"));
+        assert_eq!(c.password(), "s3cret");
+        assert_eq!(c.user(), "app");
+        assert!(ConnString::parse("postgres://app@/x").is_err());
+        assert!(ConnString::parse("nonsense").is_err());
+    }
+
+    #[test]
+    fn derived_names_are_valid_identifiers() {
+        let n = derived_name("6f1c2d3e-0000-4b5a-9c8d-112233445566");
+        assert_eq!(n, "philotes_6f1c2d3e00004b5a9c8d112233445566");
+        assert!(n.len() <= 63);
+    }
+}

@@ -1,0 +1,170 @@
+//! Engine errors, each with a class that decides whether and how it is retried.
+
+use tokio_postgres::error::SqlState;
+
+/// What a failure means for the pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// The peer is unreachable or the connection broke: retried until it is back.
+    Connection,
+    /// A passing conflict (serialization failure, deadlock, lock or statement timeout): retried.
+    Transient,
+    /// The data itself is refused (bad value, constraint): retried `maxAttempts`, then dead-lettered.
+    Data,
+    /// Configuration that a person must fix (password, missing table, privileges): not retried.
+    Config,
+}
+
+impl ErrorClass {
+    pub fn retries_forever(self) -> bool {
+        matches!(self, ErrorClass::Connection | ErrorClass::Transient)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("{context}: {source}")]
+    Postgres {
+        context: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("{context}: {source}")]
+    Replication {
+        context: String,
+        #[source]
+        source: pgwire_replication::PgWireError,
+    },
+    #[error("buffer migrations: {0}")]
+    Migrate(String),
+    #[error("pgoutput: {0}")]
+    Decode(#[from] crate::engine::source::pgoutput::DecodeError),
+    /// A problem a person must fix, with the fix.
+    #[error("{problem}")]
+    Invalid { problem: String, fix: String },
+    #[error("{0}")]
+    Protocol(String),
+}
+
+impl EngineError {
+    pub fn pg(context: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> EngineError {
+        let context = context.into();
+        move |source| EngineError::Postgres { context, source }
+    }
+
+    pub fn invalid(problem: impl Into<String>, fix: impl Into<String>) -> EngineError {
+        EngineError::Invalid {
+            problem: problem.into(),
+            fix: fix.into(),
+        }
+    }
+
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            EngineError::Postgres { source, .. } => classify_pg(source),
+            EngineError::Replication { source, .. } => classify_wire(source),
+            EngineError::Migrate(_) => ErrorClass::Connection,
+            EngineError::Decode(_) | EngineError::Protocol(_) => ErrorClass::Transient,
+            EngineError::Invalid { .. } => ErrorClass::Config,
+        }
+    }
+
+    /// What a person can do about it, for status and events.
+    pub fn fix(&self) -> String {
+        match self {
+            EngineError::Invalid { fix, .. } => fix.clone(),
+            _ => match self.class() {
+                ErrorClass::Connection => {
+                    "check that the database is up and reachable from the operator; Philotes retries with backoff".into()
+                }
+                ErrorClass::Transient => "none needed; Philotes retries with backoff".into(),
+                ErrorClass::Data => {
+                    "the sink refuses the data; the events go to the dead-letter queue (`philotes dlq list`)".into()
+                }
+                ErrorClass::Config => config_fix(self),
+            },
+        }
+    }
+}
+
+fn config_fix(e: &EngineError) -> String {
+    let code = match e {
+        EngineError::Postgres { source, .. } => source.code().cloned(),
+        _ => None,
+    };
+    match code {
+        Some(c) if c == SqlState::INVALID_PASSWORD || c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION => {
+            "correct the user or password in the connection Secret".into()
+        }
+        Some(c) if c == SqlState::INVALID_CATALOG_NAME => "correct the database name in the connection URI".into(),
+        Some(c) if c == SqlState::INSUFFICIENT_PRIVILEGE => {
+            "grant the user REPLICATION and the needed privileges on the tables and schemas".into()
+        }
+        Some(c) if c == SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE => {
+            "set wal_level=logical on the source and restart it".into()
+        }
+        _ => "correct the configuration named in the error".into(),
+    }
+}
+
+fn classify_pg(e: &tokio_postgres::Error) -> ErrorClass {
+    let Some(code) = e.code() else {
+        // No SQLSTATE: an I/O error, a closed connection or a timeout.
+        return ErrorClass::Connection;
+    };
+    classify_sqlstate(code.code())
+}
+
+/// Classifies a SQLSTATE by its class (first two characters) and a few exact codes.
+pub fn classify_sqlstate(code: &str) -> ErrorClass {
+    match code {
+        "40001" | "40P01" | "55P03" | "57014" | "53300" | "53200" | "53100" => ErrorClass::Transient,
+        "57P01" | "57P02" | "57P03" | "57P04" => ErrorClass::Connection,
+        "55006" => ErrorClass::Transient, // object in use, e.g. slot active in another session
+        _ => match &code[..code.len().min(2)] {
+            "08" => ErrorClass::Connection,
+            "22" | "23" | "42" | "2F" => ErrorClass::Data,
+            "28" | "3D" | "3F" | "55" => ErrorClass::Config,
+            _ => ErrorClass::Transient,
+        },
+    }
+}
+
+fn classify_wire(e: &pgwire_replication::PgWireError) -> ErrorClass {
+    use pgwire_replication::PgWireError as W;
+    match e {
+        W::Auth(_) => ErrorClass::Config,
+        W::Server(text) => match text.find("SQLSTATE ") {
+            Some(i) => {
+                let code: String = text[i + 9..].chars().take(5).collect();
+                match classify_sqlstate(&code) {
+                    // A refused replication command is a configuration problem, not bad data.
+                    ErrorClass::Data => ErrorClass::Config,
+                    c => c,
+                }
+            }
+            None => ErrorClass::Transient,
+        },
+        W::Tls(_) => ErrorClass::Config,
+        _ => ErrorClass::Connection,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlstates_map_to_classes() {
+        assert_eq!(classify_sqlstate("40001"), ErrorClass::Transient);
+        assert_eq!(classify_sqlstate("40P01"), ErrorClass::Transient);
+        assert_eq!(classify_sqlstate("08006"), ErrorClass::Connection);
+        assert_eq!(classify_sqlstate("57P01"), ErrorClass::Connection);
+        assert_eq!(classify_sqlstate("22001"), ErrorClass::Data);
+        assert_eq!(classify_sqlstate("23514"), ErrorClass::Data);
+        assert_eq!(classify_sqlstate("28P01"), ErrorClass::Config);
+        assert_eq!(classify_sqlstate("3D000"), ErrorClass::Config);
+        assert!(ErrorClass::Connection.retries_forever());
+        assert!(!ErrorClass::Data.retries_forever());
+    }
+}

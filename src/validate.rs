@@ -1,0 +1,318 @@
+//! Pure validation: a `CdcPipeline` spec plus the Secrets it references → a [`PipelineConfig`], or
+//! every problem found, each naming the field and the fix.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use crate::crd::{CdcPipelineSpec, DesiredState, SecretKeyRef};
+use crate::engine::config::{ConnString, Delivery, PipelineConfig, RetryPolicy, TableName, derived_name};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpecError {
+    pub field: String,
+    pub problem: String,
+    pub fix: String,
+}
+
+impl fmt::Display for SpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}; fix: {}", self.field, self.problem, self.fix)
+    }
+}
+
+/// Secrets of the pipeline's namespace: name → key → value.
+pub type Secrets = BTreeMap<String, BTreeMap<String, String>>;
+
+/// Who the pipeline is: the uid names its slot, publication and buffer rows.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+struct Check {
+    errors: Vec<SpecError>,
+}
+
+impl Check {
+    fn err(&mut self, field: impl Into<String>, problem: impl Into<String>, fix: impl Into<String>) {
+        self.errors.push(SpecError {
+            field: field.into(),
+            problem: problem.into(),
+            fix: fix.into(),
+        });
+    }
+
+    fn duration(&mut self, field: &str, text: &str) -> Duration {
+        match humantime::parse_duration(text) {
+            Ok(d) => d,
+            Err(e) => {
+                self.err(field, format!("{text:?} is not a duration ({e})"), "write a duration like 500ms, 1s, 5m or 168h");
+                Duration::from_secs(1)
+            }
+        }
+    }
+
+    fn secret(&mut self, field: &str, r: &SecretKeyRef, secrets: &Secrets, namespace: &str) -> Option<ConnString> {
+        let Some(data) = secrets.get(&r.name) else {
+            self.err(
+                format!("{field}.name"),
+                format!("Secret {:?} not found in namespace {namespace}", r.name),
+                format!("create Secret {:?} with key {:?} holding a postgres:// URI", r.name, r.key),
+            );
+            return None;
+        };
+        let Some(uri) = data.get(&r.key) else {
+            self.err(
+                format!("{field}.key"),
+                format!("Secret {:?} has no key {:?}", r.name, r.key),
+                format!("add key {:?} to the Secret, or name an existing key", r.key),
+            );
+            return None;
+        };
+        match ConnString::parse(uri.trim()) {
+            Ok(c) => Some(c),
+            Err(problem) => {
+                // The value itself is secret: name only where it lives.
+                self.err(
+                    field,
+                    format!("Secret {:?} key {:?}: {problem}", r.name, r.key),
+                    "store a URI like postgres://user:password@host:5432/database",
+                );
+                None
+            }
+        }
+    }
+}
+
+fn valid_identifier(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 63 && !s.contains('\0')
+}
+
+fn valid_slot_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 63 && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+pub fn parse_table(entry: &str) -> Option<TableName> {
+    let (schema, name) = match entry.split_once('.') {
+        Some((s, n)) => (s.trim(), n.trim()),
+        None => ("public", entry.trim()),
+    };
+    (valid_identifier(schema) && valid_identifier(name) && !name.contains('.')).then(|| TableName {
+        schema: schema.to_string(),
+        name: name.to_string(),
+    })
+}
+
+/// Validates a spec. `default_buffer` is used when the spec names no buffer database and the operator
+/// was given one; otherwise the source database holds the buffer.
+pub fn validate(
+    id: &Identity,
+    spec: &CdcPipelineSpec,
+    secrets: &Secrets,
+    default_buffer: Option<&SecretKeyRef>,
+) -> Result<(PipelineConfig, DesiredState), Vec<SpecError>> {
+    let mut c = Check { errors: Vec::new() };
+    let ns = id.namespace.as_str();
+
+    let source = c.secret("spec.source.connectionSecretRef", &spec.source.connection_secret_ref, secrets, ns);
+    let sink = c.secret("spec.sink.postgres.connectionSecretRef", &spec.sink.postgres.connection_secret_ref, secrets, ns);
+    let buffer = match (&spec.buffer.connection_secret_ref, default_buffer) {
+        (Some(r), _) => c.secret("spec.buffer.connectionSecretRef", r, secrets, ns),
+        (None, Some(r)) => c.secret("operator --default-buffer-secret", r, secrets, ns),
+        (None, None) => source.clone(),
+    };
+
+    let mut tables = Vec::new();
+    if spec.source.tables.is_empty() {
+        c.err("spec.source.tables", "no tables listed", "list at least one table as schema.table, e.g. [public.orders]");
+    }
+    for (i, t) in spec.source.tables.iter().enumerate() {
+        match parse_table(t) {
+            Some(tn) if tables.contains(&tn) => c.err(format!("spec.source.tables[{i}]"), format!("{tn} is listed twice"), "list each table once"),
+            Some(tn) => {
+                if let Some(other) = tables.iter().find(|o: &&TableName| o.name == tn.name) {
+                    c.err(
+                        format!("spec.source.tables[{i}]"),
+                        format!("{tn} and {other} would both land in sink table {}", tn.name),
+                        "capture them in separate pipelines with different sink schemas",
+                    );
+                }
+                tables.push(tn)
+            }
+            None => c.err(format!("spec.source.tables[{i}]"), format!("{t:?} is not a table name"), "write schema.table, e.g. public.orders"),
+        }
+    }
+
+    let derived = derived_name(&id.uid);
+    let publication = spec.source.publication.clone().filter(|p| !p.is_empty()).unwrap_or_else(|| derived.clone());
+    if !valid_identifier(&publication) {
+        c.err("spec.source.publication", format!("{publication:?} is not a valid publication name"), "use at most 63 characters, or leave it empty");
+    }
+    let slot = spec.source.slot.clone().filter(|s| !s.is_empty()).unwrap_or(derived);
+    if !valid_slot_name(&slot) {
+        c.err(
+            "spec.source.slot",
+            format!("{slot:?} is not a valid replication slot name"),
+            "use lower-case letters, digits and underscores (at most 63), or leave it empty",
+        );
+    }
+    let sink_schema = spec.sink.postgres.schema.clone();
+    if !valid_identifier(&sink_schema) {
+        c.err("spec.sink.postgres.schema", format!("{sink_schema:?} is not a valid schema name"), "name a schema of at most 63 characters");
+    }
+
+    let b = &spec.buffer;
+    if b.batch_size == 0 || b.batch_size > 100_000 {
+        c.err("spec.buffer.batchSize", format!("{} is out of range", b.batch_size), "use 1 to 100000");
+    }
+    let flush_interval = c.duration("spec.buffer.flushInterval", &b.flush_interval);
+    if flush_interval.is_zero() {
+        c.err("spec.buffer.flushInterval", "must be more than zero", "use e.g. 1s");
+    }
+    let retention = c.duration("spec.buffer.retention", &b.retention);
+
+    let r = &spec.retry;
+    if r.max_attempts == 0 {
+        c.err("spec.retry.maxAttempts", "must be at least 1", "use e.g. 3");
+    }
+    let initial_interval = c.duration("spec.retry.initialInterval", &r.initial_interval);
+    let max_interval = c.duration("spec.retry.maxInterval", &r.max_interval);
+    if initial_interval > max_interval {
+        c.err("spec.retry.initialInterval", "is longer than spec.retry.maxInterval", "make initialInterval at most maxInterval");
+    }
+    if !(1.0..=60.0).contains(&r.multiplier) {
+        c.err("spec.retry.multiplier", format!("{} is out of range", r.multiplier), "use 1.0 to 60.0, e.g. 2.0");
+    }
+    let dead_letter_retention = c.duration("spec.deadLetter.retention", &spec.dead_letter.retention);
+
+    let bp = &spec.backpressure;
+    if bp.low_watermark >= bp.high_watermark {
+        c.err(
+            "spec.backpressure.lowWatermark",
+            format!("{} is not below highWatermark {}", bp.low_watermark, bp.high_watermark),
+            "make lowWatermark smaller than highWatermark",
+        );
+    }
+    let check_interval = c.duration("spec.backpressure.checkInterval", &bp.check_interval);
+
+    if !c.errors.is_empty() {
+        return Err(c.errors);
+    }
+    let (Some(source), Some(sink), Some(buffer)) = (source, sink, buffer) else {
+        return Err(c.errors);
+    };
+    let config = PipelineConfig {
+        id: id.uid.clone(),
+        name: format!("{}/{}", id.namespace, id.name),
+        source,
+        tables,
+        publication,
+        slot,
+        sink,
+        sink_schema,
+        buffer,
+        batch_size: b.batch_size as usize,
+        flush_interval,
+        retention,
+        retry: RetryPolicy {
+            max_attempts: r.max_attempts,
+            initial_interval,
+            max_interval,
+            multiplier: r.multiplier as f32,
+            jitter: r.jitter,
+        },
+        dead_letter_enabled: spec.dead_letter.enabled,
+        dead_letter_retention,
+        high_watermark: bp.high_watermark,
+        low_watermark: bp.low_watermark,
+        check_interval,
+        delivery: match spec.state {
+            DesiredState::Paused => Delivery::Paused,
+            _ => Delivery::Running,
+        },
+    };
+    Ok((config, spec.state))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(yaml: &str) -> CdcPipelineSpec {
+        serde_yaml::from_str(yaml).unwrap()
+    }
+
+    fn secrets() -> Secrets {
+        let mut s = Secrets::new();
+        s.insert("src".into(), BTreeMap::from([("uri".into(), "postgres://u:topsecret@db:5432/shop".into())]));
+        s.insert("dst".into(), BTreeMap::from([("uri".into(), "postgres://u:p@wh:5432/wh".into())]));
+        s
+    }
+
+    fn id() -> Identity {
+        Identity {
+            uid: "0a1b2c3d-4e5f-6789-abcd-ef0123456789".into(),
+            namespace: "ns".into(),
+            name: "p".into(),
+        }
+    }
+
+    const GOOD: &str = "source: {connectionSecretRef: {name: src, key: uri}, tables: [public.orders, customers]}\nsink: {postgres: {connectionSecretRef: {name: dst, key: uri}, schema: replica}}";
+
+    #[test]
+    fn good_spec_gets_defaults_and_derived_names() {
+        let (c, state) = validate(&id(), &spec(GOOD), &secrets(), None).unwrap();
+        assert_eq!(state, DesiredState::Running);
+        assert_eq!(c.slot, "philotes_0a1b2c3d4e5f6789abcdef0123456789");
+        assert_eq!(c.publication, c.slot);
+        assert_eq!(c.tables[1].to_string(), "public.customers");
+        assert_eq!(c.batch_size, 1000);
+        assert_eq!(c.flush_interval, Duration::from_secs(1));
+        assert_eq!(c.retention, Duration::from_secs(168 * 3600));
+        assert!(c.buffer.same_database(&c.source));
+        assert_eq!(c.name, "ns/p");
+    }
+
+    #[test]
+    fn every_problem_names_its_field_and_never_the_secret() {
+        let bad = "source: {connectionSecretRef: {name: nope, key: uri}, tables: []}\nsink: {postgres: {connectionSecretRef: {name: dst, key: other}}}\nbuffer: {batchSize: 0, flushInterval: soon}\nretry: {maxAttempts: 0, initialInterval: 1m, maxInterval: 1s}\nbackpressure: {highWatermark: 10, lowWatermark: 10}";
+        let errs = validate(&id(), &spec(bad), &secrets(), None).unwrap_err();
+        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+        for f in [
+            "spec.source.connectionSecretRef.name",
+            "spec.sink.postgres.connectionSecretRef.key",
+            "spec.source.tables",
+            "spec.buffer.batchSize",
+            "spec.buffer.flushInterval",
+            "spec.retry.maxAttempts",
+            "spec.retry.initialInterval",
+            "spec.backpressure.lowWatermark",
+        ] {
+            assert!(fields.contains(&f), "{f} missing from {fields:?}");
+        }
+        assert!(errs.iter().all(|e| !e.fix.is_empty()));
+        let mut s = secrets();
+        s.get_mut("src").unwrap().insert("uri".into(), "mysql://topsecret".into());
+        let errs = validate(&id(), &spec(GOOD), &s, None).unwrap_err();
+        assert_eq!(errs[0].field, "spec.source.connectionSecretRef");
+        assert!(!errs[0].to_string().contains("topsecret"), "{}", errs[0]);
+    }
+
+    #[test]
+    fn table_names_and_slot_names() {
+        assert_eq!(parse_table("a.b").map(|t| t.to_string()), Some("a.b".into()));
+        assert_eq!(parse_table("b").map(|t| t.to_string()), Some("public.b".into()));
+        assert!(parse_table("").is_none());
+        assert!(parse_table("a.b.c").is_none());
+        let bad = format!("{GOOD}\n");
+        let mut s = spec(&bad);
+        s.source.slot = Some("Bad-Slot".into());
+        s.source.tables.push("other.orders".into());
+        let errs = validate(&id(), &s, &secrets(), None).unwrap_err();
+        assert!(errs.iter().any(|e| e.field == "spec.source.slot"));
+        assert!(errs.iter().any(|e| e.field == "spec.source.tables[2]"));
+    }
+}
