@@ -47,7 +47,13 @@ pub async fn replay(cfg: &PipelineConfig) -> Result<ReplayOutcome, EngineError> 
             }
             Some(r) => {
                 if let Some(rel) = rels.get(&d.event.rel_ver) {
-                    dlq::write(buffer.client(), &cfg.id, &[(&d.event, rel, r.error.clone())], d.attempts + 1).await?;
+                    dlq::write(
+                        buffer.client(),
+                        &cfg.id,
+                        &[(&d.event, rel, r.error.clone())],
+                        d.attempts + 1,
+                    )
+                    .await?;
                 }
                 out.still_failing += 1;
             }

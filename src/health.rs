@@ -46,13 +46,20 @@ async fn health(State(h): State<Health>) -> impl IntoResponse {
 
 async fn ready(State(h): State<Health>) -> impl IntoResponse {
     let (ready, body) = detail(&h).await;
-    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (code, axum::Json(body))
 }
 
 async fn metrics(State(h): State<Health>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         h.supervisor.metrics().encode(),
     )
 }
@@ -67,7 +74,11 @@ pub fn router(h: Health) -> Router {
 }
 
 /// Serves until `shutdown`.
-pub async fn serve(addr: SocketAddr, h: Health, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    addr: SocketAddr,
+    h: Health,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "health server listening");
     axum::serve(listener, router(h))

@@ -1,9 +1,9 @@
 //! Philotes: PostgreSQL change-data-capture pipelines, run by a Kubernetes operator or on their own.
 
 pub mod crd;
+pub mod dead_letters;
 pub mod engine;
 pub mod health;
+pub mod standalone;
 pub mod supervisor;
 pub mod validate;
-pub mod standalone;
-pub mod dead_letters;

@@ -80,13 +80,14 @@ fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot listen for SIGTERM");
+                    return;
+                }
+            };
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
@@ -107,14 +108,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(code as u8));
         }
         Command::Dlq { action } => match action {
-            DlqAction::List { file, pipeline, limit } => {
+            DlqAction::List {
+                file,
+                pipeline,
+                limit,
+            } => {
                 for v in dead_letters::list(&pick(&file, pipeline.as_deref())?, limit).await? {
                     println!("{v}");
                 }
             }
             DlqAction::Replay { file, pipeline } => {
                 let out = dead_letters::replay(&pick(&file, pipeline.as_deref())?).await?;
-                println!("replayed {}, still failing {}", out.replayed, out.still_failing);
+                println!(
+                    "replayed {}, still failing {}",
+                    out.replayed, out.still_failing
+                );
             }
             DlqAction::Purge { file, pipeline } => {
                 let n = dead_letters::purge(&pick(&file, pipeline.as_deref())?).await?;

@@ -45,7 +45,9 @@ pub struct Manifests {
 }
 
 fn namespace_of(ns: &Option<String>) -> String {
-    ns.clone().filter(|n| !n.is_empty()).unwrap_or_else(|| "default".into())
+    ns.clone()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "default".into())
 }
 
 /// Parses a multi-document YAML file of CdcPipeline and Secret manifests.
@@ -53,36 +55,58 @@ pub fn parse(text: &str) -> Result<Manifests, StandaloneError> {
     let mut m = Manifests::default();
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
         let n = i + 1;
-        let value = serde_yaml::Value::deserialize(doc).map_err(|e| StandaloneError::Manifest(format!("document {n}: not YAML: {e}")))?;
+        let value = serde_yaml::Value::deserialize(doc)
+            .map_err(|e| StandaloneError::Manifest(format!("document {n}: not YAML: {e}")))?;
         if value.is_null() {
             continue;
         }
-        let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or_default().to_string();
+        let kind = value
+            .get("kind")
+            .and_then(|k| k.as_str())
+            .unwrap_or_default()
+            .to_string();
         match kind.as_str() {
             "CdcPipeline" => {
                 // The path names the field, e.g. `spec.sink: missing field `postgres``.
-                let p: CdcPipeline = serde_path_to_error::deserialize(value)
-                    .map_err(|e| StandaloneError::Manifest(format!("document {n} (CdcPipeline): {}: {}", e.path(), e.inner())))?;
+                let p: CdcPipeline = serde_path_to_error::deserialize(value).map_err(|e| {
+                    StandaloneError::Manifest(format!(
+                        "document {n} (CdcPipeline): {}: {}",
+                        e.path(),
+                        e.inner()
+                    ))
+                })?;
                 if p.metadata.name.as_deref().unwrap_or_default().is_empty() {
-                    return Err(StandaloneError::Manifest(format!("document {n} (CdcPipeline): metadata.name is required")));
+                    return Err(StandaloneError::Manifest(format!(
+                        "document {n} (CdcPipeline): metadata.name is required"
+                    )));
                 }
                 m.pipelines.push(p);
             }
             "Secret" => {
-                let s: Secret = serde_yaml::from_value(value)
-                    .map_err(|e| StandaloneError::Manifest(format!("document {n} (Secret): {e}")))?;
+                let s: Secret = serde_yaml::from_value(value).map_err(|e| {
+                    StandaloneError::Manifest(format!("document {n} (Secret): {e}"))
+                })?;
                 let name = s.metadata.name.clone().unwrap_or_default();
                 let mut data: BTreeMap<String, String> = BTreeMap::new();
                 for (k, v) in s.data.unwrap_or_default() {
                     let text = String::from_utf8(v.0).map_err(|_| {
-                        StandaloneError::Manifest(format!("document {n} (Secret {name}): data.{k} is not UTF-8 text"))
+                        StandaloneError::Manifest(format!(
+                            "document {n} (Secret {name}): data.{k} is not UTF-8 text"
+                        ))
                     })?;
                     data.insert(k, text);
                 }
                 data.extend(s.string_data.unwrap_or_default());
-                m.secrets.entry(namespace_of(&s.metadata.namespace)).or_default().insert(name, data);
+                m.secrets
+                    .entry(namespace_of(&s.metadata.namespace))
+                    .or_default()
+                    .insert(name, data);
             }
-            "" => return Err(StandaloneError::Manifest(format!("document {n}: has no kind"))),
+            "" => {
+                return Err(StandaloneError::Manifest(format!(
+                    "document {n}: has no kind"
+                )));
+            }
             other => {
                 return Err(StandaloneError::Manifest(format!(
                     "document {n}: kind {other} is not supported here (only CdcPipeline and Secret)"
@@ -91,7 +115,9 @@ pub fn parse(text: &str) -> Result<Manifests, StandaloneError> {
         }
     }
     if m.pipelines.is_empty() {
-        return Err(StandaloneError::Manifest("the file holds no CdcPipeline".into()));
+        return Err(StandaloneError::Manifest(
+            "the file holds no CdcPipeline".into(),
+        ));
     }
     Ok(m)
 }
@@ -104,7 +130,11 @@ pub fn identity(p: &CdcPipeline) -> Identity {
         let d = Sha256::digest(format!("philotes-standalone/{namespace}/{name}").as_bytes());
         d.iter().take(16).map(|b| format!("{b:02x}")).collect()
     });
-    Identity { uid, namespace, name }
+    Identity {
+        uid,
+        namespace,
+        name,
+    }
 }
 
 /// Validated configurations of every pipeline in the file, or every problem.
@@ -119,7 +149,11 @@ pub fn configs(m: &Manifests) -> Result<Vec<(PipelineConfig, DesiredState)>, Sta
             Err(errors) => {
                 return Err(StandaloneError::Invalid {
                     pipeline: format!("{}/{}", id.namespace, id.name),
-                    errors: errors.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"),
+                    errors: errors
+                        .iter()
+                        .map(|e| format!("  - {e}"))
+                        .collect::<Vec<_>>()
+                        .join("\n"),
                 });
             }
         }
@@ -136,7 +170,11 @@ pub fn load(path: &str) -> Result<Vec<(PipelineConfig, DesiredState)>, Standalon
 }
 
 /// Runs until SIGINT/SIGTERM (exit 0), or until every pipeline has failed for good (exit 1).
-pub async fn run(path: &str, health_addr: SocketAddr, shutdown: CancellationToken) -> Result<i32, StandaloneError> {
+pub async fn run(
+    path: &str,
+    health_addr: SocketAddr,
+    shutdown: CancellationToken,
+) -> Result<i32, StandaloneError> {
     let pipelines = load(path)?;
     let supervisor = Supervisor::new(Arc::new(Metrics::new()));
     let health = Health {
@@ -144,7 +182,9 @@ pub async fn run(path: &str, health_addr: SocketAddr, shutdown: CancellationToke
         controller_ready: Arc::new(AtomicBool::new(true)),
     };
     let listener_stop = shutdown.child_token();
-    let server = tokio::net::TcpListener::bind(health_addr).await.map_err(StandaloneError::Health)?;
+    let server = tokio::net::TcpListener::bind(health_addr)
+        .await
+        .map_err(StandaloneError::Health)?;
     drop(server);
     let health_task = tokio::spawn(health::serve(health_addr, health, listener_stop.clone()));
 
@@ -156,7 +196,10 @@ pub async fn run(path: &str, health_addr: SocketAddr, shutdown: CancellationToke
             println!("[{name}] Stopped (spec.state: Stopped)");
             continue;
         }
-        println!("[{name}] slot {} publication {} → sink schema {}", config.slot, config.publication, config.sink_schema);
+        println!(
+            "[{name}] slot {} publication {} → sink schema {}",
+            config.slot, config.publication, config.sink_schema
+        );
         supervisor.apply(&id, Some((config, state))).await;
         if let Some(mut rx) = supervisor.progress(&id).await {
             started += 1;
@@ -191,7 +234,11 @@ pub async fn run(path: &str, health_addr: SocketAddr, shutdown: CancellationToke
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
         let snap = supervisor.snapshot().await;
-        if started > 0 && snap.values().all(|(_, p)| p.phase == Phase::Failed && !p.retrying) {
+        if started > 0
+            && snap
+                .values()
+                .all(|(_, p)| p.phase == Phase::Failed && !p.retrying)
+        {
             eprintln!("every pipeline failed and needs a fix; exiting");
             break 1;
         }
@@ -246,9 +293,15 @@ spec:
         let e = parse("apiVersion: philotes.io/v1alpha1\nkind: CdcPipeline\nmetadata: {name: x}\nspec: {sink: {}}\n")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("document 1 (CdcPipeline): spec.sink: missing field `postgres`"), "{e}");
+        assert!(
+            e.contains("document 1 (CdcPipeline): spec.sink: missing field `postgres`"),
+            "{e}"
+        );
         let wrong_ns = FILE.replace("namespace: shop}\nspec", "namespace: other}\nspec");
         let e = configs(&parse(&wrong_ns).unwrap()).unwrap_err().to_string();
-        assert!(e.contains("spec.source.connectionSecretRef.name") && e.contains("other"), "{e}");
+        assert!(
+            e.contains("spec.source.connectionSecretRef.name") && e.contains("other"),
+            "{e}"
+        );
     }
 }

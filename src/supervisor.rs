@@ -29,7 +29,10 @@ pub struct Running<'a> {
     pub config: &'a PipelineConfig,
 }
 
-pub fn plan(desired: Option<(&PipelineConfig, DesiredState)>, running: Option<Running<'_>>) -> Action {
+pub fn plan(
+    desired: Option<(&PipelineConfig, DesiredState)>,
+    running: Option<Running<'_>>,
+) -> Action {
     match (desired, running) {
         (None, None) | (Some((_, DesiredState::Stopped)), None) => Action::Nothing,
         (None, Some(_)) | (Some((_, DesiredState::Stopped)), Some(_)) => Action::Stop,
@@ -79,7 +82,10 @@ impl Supervisor {
             Action::Nothing => {}
             Action::Start => {
                 if let Some((config, _)) = desired {
-                    map.insert(id.to_string(), PipelineHandle::start(config, self.metrics.clone()));
+                    map.insert(
+                        id.to_string(),
+                        PipelineHandle::start(config, self.metrics.clone()),
+                    );
                 }
             }
             Action::Restart => {
@@ -87,7 +93,10 @@ impl Supervisor {
                     old.stop().await;
                 }
                 if let Some((config, _)) = desired {
-                    map.insert(id.to_string(), PipelineHandle::start(config, self.metrics.clone()));
+                    map.insert(
+                        id.to_string(),
+                        PipelineHandle::start(config, self.metrics.clone()),
+                    );
                 }
             }
             Action::Pause | Action::Resume => {
@@ -114,7 +123,10 @@ impl Supervisor {
         if let Some(old) = map.remove(id) {
             let config = old.config().clone();
             old.stop().await;
-            map.insert(id.to_string(), PipelineHandle::start(config, self.metrics.clone()));
+            map.insert(
+                id.to_string(),
+                PipelineHandle::start(config, self.metrics.clone()),
+            );
         }
     }
 
@@ -137,7 +149,9 @@ impl Supervisor {
 
     /// Stops every pipeline (process shutdown); progress is saved in the buffer.
     pub async fn shutdown(&self) {
-        let handles: Vec<PipelineHandle> = std::mem::take(&mut *self.pipelines.lock().await).into_values().collect();
+        let handles: Vec<PipelineHandle> = std::mem::take(&mut *self.pipelines.lock().await)
+            .into_values()
+            .collect();
         futures::future::join_all(handles.into_iter().map(|h| h.stop())).await;
     }
 
@@ -148,9 +162,9 @@ impl Supervisor {
             .values()
             .map(|(name, p)| (name.clone(), p.phase, p.source_connected))
             .collect();
-        let ready = detail
-            .iter()
-            .all(|(_, phase, connected)| matches!(phase, Phase::Running | Phase::Paused) && *connected);
+        let ready = detail.iter().all(|(_, phase, connected)| {
+            matches!(phase, Phase::Running | Phase::Paused) && *connected
+        });
         (ready, detail)
     }
 }
@@ -199,21 +213,48 @@ mod tests {
     fn plans() {
         let run = config();
         let running = Some(Running { config: &run });
-        assert_eq!(plan(Some((&run, DesiredState::Running)), None), Action::Start);
-        assert_eq!(plan(Some((&run, DesiredState::Running)), running), Action::Nothing);
-        assert_eq!(plan(Some((&run, DesiredState::Stopped)), running), Action::Stop);
-        assert_eq!(plan(Some((&run, DesiredState::Stopped)), None), Action::Nothing);
+        assert_eq!(
+            plan(Some((&run, DesiredState::Running)), None),
+            Action::Start
+        );
+        assert_eq!(
+            plan(Some((&run, DesiredState::Running)), running),
+            Action::Nothing
+        );
+        assert_eq!(
+            plan(Some((&run, DesiredState::Stopped)), running),
+            Action::Stop
+        );
+        assert_eq!(
+            plan(Some((&run, DesiredState::Stopped)), None),
+            Action::Nothing
+        );
         assert_eq!(plan(None, running), Action::Stop);
         assert_eq!(plan(None, None), Action::Nothing);
         let mut paused = config();
         paused.delivery = Delivery::Paused;
-        assert_eq!(plan(Some((&paused, DesiredState::Paused)), running), Action::Pause);
-        assert_eq!(plan(Some((&run, DesiredState::Running)), Some(Running { config: &paused })), Action::Resume);
+        assert_eq!(
+            plan(Some((&paused, DesiredState::Paused)), running),
+            Action::Pause
+        );
+        assert_eq!(
+            plan(
+                Some((&run, DesiredState::Running)),
+                Some(Running { config: &paused })
+            ),
+            Action::Resume
+        );
         let mut bigger = config();
         bigger.batch_size = 500;
-        assert_eq!(plan(Some((&bigger, DesiredState::Running)), running), Action::Restart);
+        assert_eq!(
+            plan(Some((&bigger, DesiredState::Running)), running),
+            Action::Restart
+        );
         let mut moved = config();
         moved.sink = ConnString::parse("postgres://u:other@h:5432/d").unwrap();
-        assert_eq!(plan(Some((&moved, DesiredState::Running)), running), Action::Restart);
+        assert_eq!(
+            plan(Some((&moved, DesiredState::Running)), running),
+            Action::Restart
+        );
     }
 }

@@ -6,7 +6,9 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::crd::{CdcPipelineSpec, DesiredState, SecretKeyRef};
-use crate::engine::config::{ConnString, Delivery, PipelineConfig, RetryPolicy, TableName, derived_name};
+use crate::engine::config::{
+    ConnString, Delivery, PipelineConfig, RetryPolicy, TableName, derived_name,
+};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpecError {
@@ -37,7 +39,12 @@ struct Check {
 }
 
 impl Check {
-    fn err(&mut self, field: impl Into<String>, problem: impl Into<String>, fix: impl Into<String>) {
+    fn err(
+        &mut self,
+        field: impl Into<String>,
+        problem: impl Into<String>,
+        fix: impl Into<String>,
+    ) {
         self.errors.push(SpecError {
             field: field.into(),
             problem: problem.into(),
@@ -49,18 +56,31 @@ impl Check {
         match humantime::parse_duration(text) {
             Ok(d) => d,
             Err(e) => {
-                self.err(field, format!("{text:?} is not a duration ({e})"), "write a duration like 500ms, 1s, 5m or 168h");
+                self.err(
+                    field,
+                    format!("{text:?} is not a duration ({e})"),
+                    "write a duration like 500ms, 1s, 5m or 168h",
+                );
                 Duration::from_secs(1)
             }
         }
     }
 
-    fn secret(&mut self, field: &str, r: &SecretKeyRef, secrets: &Secrets, namespace: &str) -> Option<ConnString> {
+    fn secret(
+        &mut self,
+        field: &str,
+        r: &SecretKeyRef,
+        secrets: &Secrets,
+        namespace: &str,
+    ) -> Option<ConnString> {
         let Some(data) = secrets.get(&r.name) else {
             self.err(
                 format!("{field}.name"),
                 format!("Secret {:?} not found in namespace {namespace}", r.name),
-                format!("create Secret {:?} with key {:?} holding a postgres:// URI", r.name, r.key),
+                format!(
+                    "create Secret {:?} with key {:?} holding a postgres:// URI",
+                    r.name, r.key
+                ),
             );
             return None;
         };
@@ -92,7 +112,10 @@ fn valid_identifier(s: &str) -> bool {
 }
 
 fn valid_slot_name(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 63 && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    !s.is_empty()
+        && s.len() <= 63
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
 pub fn parse_table(entry: &str) -> Option<TableName> {
@@ -117,8 +140,18 @@ pub fn validate(
     let mut c = Check { errors: Vec::new() };
     let ns = id.namespace.as_str();
 
-    let source = c.secret("spec.source.connectionSecretRef", &spec.source.connection_secret_ref, secrets, ns);
-    let sink = c.secret("spec.sink.postgres.connectionSecretRef", &spec.sink.postgres.connection_secret_ref, secrets, ns);
+    let source = c.secret(
+        "spec.source.connectionSecretRef",
+        &spec.source.connection_secret_ref,
+        secrets,
+        ns,
+    );
+    let sink = c.secret(
+        "spec.sink.postgres.connectionSecretRef",
+        &spec.sink.postgres.connection_secret_ref,
+        secrets,
+        ns,
+    );
     let buffer = match (&spec.buffer.connection_secret_ref, default_buffer) {
         (Some(r), _) => c.secret("spec.buffer.connectionSecretRef", r, secrets, ns),
         (None, Some(r)) => c.secret("operator --default-buffer-secret", r, secrets, ns),
@@ -127,11 +160,19 @@ pub fn validate(
 
     let mut tables = Vec::new();
     if spec.source.tables.is_empty() {
-        c.err("spec.source.tables", "no tables listed", "list at least one table as schema.table, e.g. [public.orders]");
+        c.err(
+            "spec.source.tables",
+            "no tables listed",
+            "list at least one table as schema.table, e.g. [public.orders]",
+        );
     }
     for (i, t) in spec.source.tables.iter().enumerate() {
         match parse_table(t) {
-            Some(tn) if tables.contains(&tn) => c.err(format!("spec.source.tables[{i}]"), format!("{tn} is listed twice"), "list each table once"),
+            Some(tn) if tables.contains(&tn) => c.err(
+                format!("spec.source.tables[{i}]"),
+                format!("{tn} is listed twice"),
+                "list each table once",
+            ),
             Some(tn) => {
                 if let Some(other) = tables.iter().find(|o: &&TableName| o.name == tn.name) {
                     c.err(
@@ -142,16 +183,34 @@ pub fn validate(
                 }
                 tables.push(tn)
             }
-            None => c.err(format!("spec.source.tables[{i}]"), format!("{t:?} is not a table name"), "write schema.table, e.g. public.orders"),
+            None => c.err(
+                format!("spec.source.tables[{i}]"),
+                format!("{t:?} is not a table name"),
+                "write schema.table, e.g. public.orders",
+            ),
         }
     }
 
     let derived = derived_name(&id.uid);
-    let publication = spec.source.publication.clone().filter(|p| !p.is_empty()).unwrap_or_else(|| derived.clone());
+    let publication = spec
+        .source
+        .publication
+        .clone()
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| derived.clone());
     if !valid_identifier(&publication) {
-        c.err("spec.source.publication", format!("{publication:?} is not a valid publication name"), "use at most 63 characters, or leave it empty");
+        c.err(
+            "spec.source.publication",
+            format!("{publication:?} is not a valid publication name"),
+            "use at most 63 characters, or leave it empty",
+        );
     }
-    let slot = spec.source.slot.clone().filter(|s| !s.is_empty()).unwrap_or(derived);
+    let slot = spec
+        .source
+        .slot
+        .clone()
+        .filter(|s| !s.is_empty())
+        .unwrap_or(derived);
     if !valid_slot_name(&slot) {
         c.err(
             "spec.source.slot",
@@ -161,16 +220,28 @@ pub fn validate(
     }
     let sink_schema = spec.sink.postgres.schema.clone();
     if !valid_identifier(&sink_schema) {
-        c.err("spec.sink.postgres.schema", format!("{sink_schema:?} is not a valid schema name"), "name a schema of at most 63 characters");
+        c.err(
+            "spec.sink.postgres.schema",
+            format!("{sink_schema:?} is not a valid schema name"),
+            "name a schema of at most 63 characters",
+        );
     }
 
     let b = &spec.buffer;
     if b.batch_size == 0 || b.batch_size > 100_000 {
-        c.err("spec.buffer.batchSize", format!("{} is out of range", b.batch_size), "use 1 to 100000");
+        c.err(
+            "spec.buffer.batchSize",
+            format!("{} is out of range", b.batch_size),
+            "use 1 to 100000",
+        );
     }
     let flush_interval = c.duration("spec.buffer.flushInterval", &b.flush_interval);
     if flush_interval.is_zero() {
-        c.err("spec.buffer.flushInterval", "must be more than zero", "use e.g. 1s");
+        c.err(
+            "spec.buffer.flushInterval",
+            "must be more than zero",
+            "use e.g. 1s",
+        );
     }
     let retention = c.duration("spec.buffer.retention", &b.retention);
 
@@ -181,18 +252,30 @@ pub fn validate(
     let initial_interval = c.duration("spec.retry.initialInterval", &r.initial_interval);
     let max_interval = c.duration("spec.retry.maxInterval", &r.max_interval);
     if initial_interval > max_interval {
-        c.err("spec.retry.initialInterval", "is longer than spec.retry.maxInterval", "make initialInterval at most maxInterval");
+        c.err(
+            "spec.retry.initialInterval",
+            "is longer than spec.retry.maxInterval",
+            "make initialInterval at most maxInterval",
+        );
     }
     if !(1.0..=60.0).contains(&r.multiplier) {
-        c.err("spec.retry.multiplier", format!("{} is out of range", r.multiplier), "use 1.0 to 60.0, e.g. 2.0");
+        c.err(
+            "spec.retry.multiplier",
+            format!("{} is out of range", r.multiplier),
+            "use 1.0 to 60.0, e.g. 2.0",
+        );
     }
-    let dead_letter_retention = c.duration("spec.deadLetter.retention", &spec.dead_letter.retention);
+    let dead_letter_retention =
+        c.duration("spec.deadLetter.retention", &spec.dead_letter.retention);
 
     let bp = &spec.backpressure;
     if bp.low_watermark >= bp.high_watermark {
         c.err(
             "spec.backpressure.lowWatermark",
-            format!("{} is not below highWatermark {}", bp.low_watermark, bp.high_watermark),
+            format!(
+                "{} is not below highWatermark {}",
+                bp.low_watermark, bp.high_watermark
+            ),
             "make lowWatermark smaller than highWatermark",
         );
     }
@@ -247,8 +330,14 @@ mod tests {
 
     fn secrets() -> Secrets {
         let mut s = Secrets::new();
-        s.insert("src".into(), BTreeMap::from([("uri".into(), "postgres://u:topsecret@db:5432/shop".into())]));
-        s.insert("dst".into(), BTreeMap::from([("uri".into(), "postgres://u:p@wh:5432/wh".into())]));
+        s.insert(
+            "src".into(),
+            BTreeMap::from([("uri".into(), "postgres://u:topsecret@db:5432/shop".into())]),
+        );
+        s.insert(
+            "dst".into(),
+            BTreeMap::from([("uri".into(), "postgres://u:p@wh:5432/wh".into())]),
+        );
         s
     }
 
@@ -295,7 +384,9 @@ mod tests {
         }
         assert!(errs.iter().all(|e| !e.fix.is_empty()));
         let mut s = secrets();
-        s.get_mut("src").unwrap().insert("uri".into(), "mysql://topsecret".into());
+        s.get_mut("src")
+            .unwrap()
+            .insert("uri".into(), "mysql://topsecret".into());
         let errs = validate(&id(), &spec(GOOD), &s, None).unwrap_err();
         assert_eq!(errs[0].field, "spec.source.connectionSecretRef");
         assert!(!errs[0].to_string().contains("topsecret"), "{}", errs[0]);
@@ -303,8 +394,14 @@ mod tests {
 
     #[test]
     fn table_names_and_slot_names() {
-        assert_eq!(parse_table("a.b").map(|t| t.to_string()), Some("a.b".into()));
-        assert_eq!(parse_table("b").map(|t| t.to_string()), Some("public.b".into()));
+        assert_eq!(
+            parse_table("a.b").map(|t| t.to_string()),
+            Some("a.b".into())
+        );
+        assert_eq!(
+            parse_table("b").map(|t| t.to_string()),
+            Some("public.b".into())
+        );
         assert!(parse_table("").is_none());
         assert!(parse_table("a.b.c").is_none());
         let bad = format!("{GOOD}\n");

@@ -18,12 +18,12 @@ use serde::{Deserialize, Serialize};
     status = "CdcPipelineStatus",
     derive = "PartialEq",
     doc = "A PostgreSQL change-data-capture pipeline run by the Philotes operator",
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Lag", type_ = "integer", json_path = ".status.lagBytes", description = "bytes of WAL the slot retains beyond what is durably buffered"),
-    printcolumn(name = "Buffered", type_ = "integer", json_path = ".status.bufferDepth", priority = "1"),
-    printcolumn(name = "Delivered", type_ = "integer", json_path = ".status.eventsDelivered"),
-    printcolumn(name = "Message", type_ = "string", json_path = ".status.message", priority = "1"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Lag","type":"integer","jsonPath":".status.lagBytes","description":"bytes of WAL the slot retains beyond its confirmed position"}"#,
+    printcolumn = r#"{"name":"Buffered","type":"integer","jsonPath":".status.bufferDepth","priority":1}"#,
+    printcolumn = r#"{"name":"Delivered","type":"integer","jsonPath":".status.eventsDelivered"}"#,
+    printcolumn = r#"{"name":"Message","type":"string","jsonPath":".status.message","priority":1}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct CdcPipelineSpec {

@@ -38,10 +38,15 @@ pub async fn migrate(uri: &ConnString) -> Result<(), EngineError> {
             .execute(&mut conn)
             .await
             .map_err(err.clone())?;
-        MIGRATOR.run_direct(None, &mut conn, false).await.map_err(|e| err(e.into()))
+        MIGRATOR
+            .run_direct(None, &mut conn, false)
+            .await
+            .map_err(|e| err(e.into()))
     }
     .await;
-    let _ = sqlx::query("SELECT pg_advisory_unlock(7426001)").execute(&mut conn).await;
+    let _ = sqlx::query("SELECT pg_advisory_unlock(7426001)")
+        .execute(&mut conn)
+        .await;
     let _ = conn.close().await;
     result
 }
@@ -82,7 +87,11 @@ const EVENT_TYPES: [Type; 9] = [
 ];
 
 impl Buffer {
-    pub async fn connect(uri: &ConnString, pipeline_id: &str, purpose: &str) -> Result<Self, EngineError> {
+    pub async fn connect(
+        uri: &ConnString,
+        pipeline_id: &str,
+        purpose: &str,
+    ) -> Result<Self, EngineError> {
         Ok(Self {
             client: pg::connect(uri, purpose).await?,
             pipeline_id: pipeline_id.to_string(),
@@ -160,7 +169,9 @@ impl Buffer {
                 &[&self.pipeline_id, &(durable_lsn as i64)],
             )
             .await
-            .map_err(EngineError::pg("discarding an incomplete transaction from the buffer"))
+            .map_err(EngineError::pg(
+                "discarding an incomplete transaction from the buffer",
+            ))
     }
 
     /// Writes relations and events in one transaction with binary COPY, and moves the durable position
@@ -232,7 +243,12 @@ impl Buffer {
     }
 
     /// Events after `after`, up to the durable position, in order.
-    pub async fn read_batch(&self, after: Position, durable_lsn: u64, limit: usize) -> Result<Vec<Event>, EngineError> {
+    pub async fn read_batch(
+        &self,
+        after: Position,
+        durable_lsn: u64,
+        limit: usize,
+    ) -> Result<Vec<Event>, EngineError> {
         let rows = self
             .client
             .query(
@@ -253,8 +269,9 @@ impl Buffer {
                     },
                     commit_time: r.get(2),
                     rel_ver: r.get(3),
-                    op: Op::from_code(code)
-                        .ok_or_else(|| EngineError::Protocol(format!("unknown op code {code} in the buffer")))?,
+                    op: Op::from_code(code).ok_or_else(|| {
+                        EngineError::Protocol(format!("unknown op code {code} in the buffer"))
+                    })?,
                     old_key: r.get::<_, Option<Row>>(5),
                     vals: r.get::<_, Option<Row>>(6),
                     unchanged: r.get::<_, Option<Vec<i16>>>(7),
@@ -313,14 +330,23 @@ impl Buffer {
     }
 
     /// Deletes delivered events older than `retention`, and dead letters older than `dlq_retention`.
-    pub async fn cleanup(&self, retention: Duration, dlq_retention: Duration) -> Result<u64, EngineError> {
+    pub async fn cleanup(
+        &self,
+        retention: Duration,
+        dlq_retention: Duration,
+    ) -> Result<u64, EngineError> {
         let cp = self.checkpoint().await?;
         let n = self
             .client
             .execute(
                 "DELETE FROM philotes.events WHERE pipeline_id = $1 AND (lsn, ord) <= ($2, $3)
                    AND buffered_at < now() - make_interval(secs => $4)",
-                &[&self.pipeline_id, &(cp.processed.lsn as i64), &cp.processed.ord, &retention.as_secs_f64()],
+                &[
+                    &self.pipeline_id,
+                    &(cp.processed.lsn as i64),
+                    &cp.processed.ord,
+                    &retention.as_secs_f64(),
+                ],
             )
             .await
             .map_err(EngineError::pg("cleaning up processed events"))?;

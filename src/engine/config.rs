@@ -77,7 +77,9 @@ impl ConnString {
 
     /// Whether two URIs point at the same database (same host, port and database name).
     pub fn same_database(&self, other: &ConnString) -> bool {
-        self.host() == other.host() && self.port() == other.port() && self.dbname() == other.dbname()
+        self.host() == other.host()
+            && self.port() == other.port()
+            && self.dbname() == other.dbname()
     }
 }
 
@@ -89,7 +91,13 @@ impl fmt::Debug for ConnString {
 
 impl fmt::Display for ConnString {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "postgres://{}:{}/{}", self.host(), self.port(), self.dbname())
+        write!(
+            f,
+            "postgres://{}:{}/{}",
+            self.host(),
+            self.port(),
+            self.dbname()
+        )
     }
 }
 

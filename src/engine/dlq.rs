@@ -50,7 +50,11 @@ pub struct DeadLetter {
 }
 
 /// Dead letters of one pipeline (all when `pipeline_id` is None), oldest first.
-pub async fn list(client: &Client, pipeline_id: Option<&str>, limit: i64) -> Result<Vec<DeadLetter>, EngineError> {
+pub async fn list(
+    client: &Client,
+    pipeline_id: Option<&str>,
+    limit: i64,
+) -> Result<Vec<DeadLetter>, EngineError> {
     let rows = client
         .query(
             "SELECT pipeline_id, lsn, ord, rel_ver, table_name, op, old_key, vals, unchanged, error, attempts, dead_at::text
@@ -71,7 +75,8 @@ pub async fn list(client: &Client, pipeline_id: Option<&str>, limit: i64) -> Res
                     },
                     commit_time: 0,
                     rel_ver: r.get(3),
-                    op: Op::from_code(code).ok_or_else(|| EngineError::Protocol(format!("unknown op code {code}")))?,
+                    op: Op::from_code(code)
+                        .ok_or_else(|| EngineError::Protocol(format!("unknown op code {code}")))?,
                     old_key: r.get::<_, Option<Row>>(6),
                     vals: r.get::<_, Option<Row>>(7),
                     unchanged: r.get::<_, Option<Vec<i16>>>(8),
@@ -114,13 +119,19 @@ pub fn to_json(d: &DeadLetter, rel: Option<&RelationInfo>) -> Value {
             return json!(row);
         };
         let names: Vec<&String> = if key_only {
-            rel.key_indexes().into_iter().map(|i| &rel.columns[i]).collect()
+            rel.key_indexes()
+                .into_iter()
+                .map(|i| &rel.columns[i])
+                .collect()
         } else {
             rel.columns.iter().collect()
         };
         let mut m = Map::new();
         for (n, v) in names.into_iter().zip(row) {
-            m.insert(n.clone(), v.clone().map(Value::String).unwrap_or(Value::Null));
+            m.insert(
+                n.clone(),
+                v.clone().map(Value::String).unwrap_or(Value::Null),
+            );
         }
         Value::Object(m)
     };

@@ -23,7 +23,7 @@ impl ErrorClass {
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("{context}: {source}")]
+    #[error("{context}: {}", describe_pg(source))]
     Postgres {
         context: String,
         #[source]
@@ -87,16 +87,40 @@ impl EngineError {
     }
 }
 
+/// The server's own words for a database error (severity, SQLSTATE, message, detail); otherwise the
+/// error with its causes.
+pub fn describe_pg(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut s = format!("{} {}: {}", db.severity(), db.code().code(), db.message());
+        if let Some(d) = db.detail() {
+            s.push_str(&format!(" ({d})"));
+        }
+        return s;
+    }
+    let mut s = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        s.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    s
+}
+
 fn config_fix(e: &EngineError) -> String {
     let code = match e {
         EngineError::Postgres { source, .. } => source.code().cloned(),
         _ => None,
     };
     match code {
-        Some(c) if c == SqlState::INVALID_PASSWORD || c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION => {
+        Some(c)
+            if c == SqlState::INVALID_PASSWORD
+                || c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION =>
+        {
             "correct the user or password in the connection Secret".into()
         }
-        Some(c) if c == SqlState::INVALID_CATALOG_NAME => "correct the database name in the connection URI".into(),
+        Some(c) if c == SqlState::INVALID_CATALOG_NAME => {
+            "correct the database name in the connection URI".into()
+        }
         Some(c) if c == SqlState::INSUFFICIENT_PRIVILEGE => {
             "grant the user REPLICATION and the needed privileges on the tables and schemas".into()
         }
@@ -118,7 +142,9 @@ fn classify_pg(e: &tokio_postgres::Error) -> ErrorClass {
 /// Classifies a SQLSTATE by its class (first two characters) and a few exact codes.
 pub fn classify_sqlstate(code: &str) -> ErrorClass {
     match code {
-        "40001" | "40P01" | "55P03" | "57014" | "53300" | "53200" | "53100" => ErrorClass::Transient,
+        "40001" | "40P01" | "55P03" | "57014" | "53300" | "53200" | "53100" => {
+            ErrorClass::Transient
+        }
         "57P01" | "57P02" | "57P03" | "57P04" => ErrorClass::Connection,
         "55006" => ErrorClass::Transient, // object in use, e.g. slot active in another session
         _ => match &code[..code.len().min(2)] {

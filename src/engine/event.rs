@@ -79,7 +79,13 @@ pub struct RelationInfo {
 }
 
 impl RelationInfo {
-    pub fn new(schema: String, name: String, columns: Vec<String>, types: Vec<String>, key: Vec<bool>) -> Self {
+    pub fn new(
+        schema: String,
+        name: String,
+        columns: Vec<String>,
+        types: Vec<String>,
+        key: Vec<bool>,
+    ) -> Self {
         let mut h = Sha256::new();
         for part in [&schema, &name] {
             h.update(part.as_bytes());
@@ -105,7 +111,12 @@ impl RelationInfo {
     }
 
     pub fn key_indexes(&self) -> Vec<usize> {
-        self.key.iter().enumerate().filter(|(_, k)| **k).map(|(i, _)| i).collect()
+        self.key
+            .iter()
+            .enumerate()
+            .filter(|(_, k)| **k)
+            .map(|(i, _)| i)
+            .collect()
     }
 
     pub fn qualified(&self) -> String {
@@ -119,9 +130,27 @@ mod tests {
 
     #[test]
     fn relation_version_is_stable_and_layout_sensitive() {
-        let a = RelationInfo::new("public".into(), "t".into(), vec!["id".into()], vec!["bigint".into()], vec![true]);
-        let b = RelationInfo::new("public".into(), "t".into(), vec!["id".into()], vec!["bigint".into()], vec![true]);
-        let c = RelationInfo::new("public".into(), "t".into(), vec!["id".into()], vec!["integer".into()], vec![true]);
+        let a = RelationInfo::new(
+            "public".into(),
+            "t".into(),
+            vec!["id".into()],
+            vec!["bigint".into()],
+            vec![true],
+        );
+        let b = RelationInfo::new(
+            "public".into(),
+            "t".into(),
+            vec!["id".into()],
+            vec!["bigint".into()],
+            vec![true],
+        );
+        let c = RelationInfo::new(
+            "public".into(),
+            "t".into(),
+            vec!["id".into()],
+            vec!["integer".into()],
+            vec![true],
+        );
         assert_eq!(a.rel_ver, b.rel_ver);
         assert_ne!(a.rel_ver, c.rel_ver);
         assert_eq!(Op::from_code(Op::Update.code()), Some(Op::Update));

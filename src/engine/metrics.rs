@@ -79,15 +79,51 @@ impl Metrics {
             delivery_latency_seconds: Family::new_with_constructor(seconds_histogram),
         };
         if let Ok(mut r) = m.registry.lock() {
-            r.register("events_read", "Changes read from the replication slot", m.events_read.clone());
-            r.register("events_delivered", "Changes applied to the sink", m.events_delivered.clone());
-            r.register("events_dead_lettered", "Changes sent to the dead-letter queue", m.events_dead_lettered.clone());
-            r.register("sink_retries", "Failed sink attempts that were retried", m.retries.clone());
-            r.register("lag_bytes", "WAL bytes the slot retains beyond its confirmed position", m.lag_bytes.clone());
-            r.register("buffer_depth", "Durably buffered changes not yet delivered", m.buffer_depth.clone());
-            r.register("backpressured", "1 while the reader is held back by backpressure", m.backpressured.clone());
-            r.register("pipeline_phase", "1 for the pipeline's current phase", m.phase.clone());
-            r.register("batch_seconds", "Time to apply one batch to the sink", m.batch_seconds.clone());
+            r.register(
+                "events_read",
+                "Changes read from the replication slot",
+                m.events_read.clone(),
+            );
+            r.register(
+                "events_delivered",
+                "Changes applied to the sink",
+                m.events_delivered.clone(),
+            );
+            r.register(
+                "events_dead_lettered",
+                "Changes sent to the dead-letter queue",
+                m.events_dead_lettered.clone(),
+            );
+            r.register(
+                "sink_retries",
+                "Failed sink attempts that were retried",
+                m.retries.clone(),
+            );
+            r.register(
+                "lag_bytes",
+                "WAL bytes the slot retains beyond its confirmed position",
+                m.lag_bytes.clone(),
+            );
+            r.register(
+                "buffer_depth",
+                "Durably buffered changes not yet delivered",
+                m.buffer_depth.clone(),
+            );
+            r.register(
+                "backpressured",
+                "1 while the reader is held back by backpressure",
+                m.backpressured.clone(),
+            );
+            r.register(
+                "pipeline_phase",
+                "1 for the pipeline's current phase",
+                m.phase.clone(),
+            );
+            r.register(
+                "batch_seconds",
+                "Time to apply one batch to the sink",
+                m.batch_seconds.clone(),
+            );
             r.register(
                 "delivery_latency_seconds",
                 "Time from source commit to sink commit, per change",
@@ -145,7 +181,9 @@ impl Metrics {
         self.backpressured.remove(&l);
         self.batch_seconds.remove(&l);
         self.delivery_latency_seconds.remove(&l);
-        for p in ["Starting", "Running", "Paused", "Stopping", "Stopped", "Failed"] {
+        for p in [
+            "Starting", "Running", "Paused", "Stopping", "Stopped", "Failed",
+        ] {
             self.phase.remove(&PhaseLabel {
                 pipeline: name.to_string(),
                 phase: p.to_string(),

@@ -259,7 +259,10 @@ impl PipelineHandle {
         self.shared.set_phase(Phase::Stopping);
         self.cancel.cancel();
         let mut task = self.task;
-        if tokio::time::timeout(Duration::from_secs(30), &mut task).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(30), &mut task)
+            .await
+            .is_err()
+        {
             tracing::warn!(pipeline = %self.config.name, "worker did not stop within 30s; aborting it");
             task.abort();
             self.shared.set_phase(Phase::Stopped);
@@ -298,7 +301,10 @@ async fn supervise(
         let delay = restarts.next().unwrap_or(cfg.retry.max_interval);
         tracing::warn!(pipeline = %cfg.name, error = %e, ?delay, "pipeline failed; restarting");
         shared.fail(&e, true);
-        shared.set_message(format!("{e}; retrying in {}", humantime::format_duration(round(delay))));
+        shared.set_message(format!(
+            "{e}; retrying in {}",
+            humantime::format_duration(round(delay))
+        ));
         tokio::select! {
             _ = cancel.cancelled() => break,
             _ = tokio::time::sleep(delay) => {}
@@ -345,8 +351,8 @@ async fn run_session(
     cancel: CancellationToken,
 ) -> Result<(), EngineError> {
     shared.set_message("connecting");
-    buffer::migrate(&cfg.buffer).await?;
     let source = pg::connect(&cfg.source, "source").await?;
+    buffer::migrate(&cfg.buffer).await?;
     catalog::check_wal_level(&source).await?;
     let layouts = catalog::table_layouts(&source, &cfg.tables).await?;
     let control = Buffer::connect(&cfg.buffer, &cfg.id, "buffer").await?;
@@ -354,7 +360,9 @@ async fn run_session(
     let owned_publication = previous
         .as_ref()
         .is_some_and(|o| o.publication_created && o.publication_name == cfg.publication);
-    let publication_created = catalog::ensure_publication(&source, &cfg.publication, &cfg.tables, owned_publication).await?;
+    let publication_created =
+        catalog::ensure_publication(&source, &cfg.publication, &cfg.tables, owned_publication)
+            .await?;
     let slot_created = catalog::ensure_slot(&source, &cfg.slot).await?;
     let own = control
         .register(
@@ -400,8 +408,18 @@ async fn run_session(
     let mut tasks = JoinSet::new();
     tasks.spawn(reader.run(cp.durable_lsn));
     tasks.spawn(processor.run());
-    tasks.spawn(housekeeping(cfg.clone(), shared.clone(), control, monitor, session.clone()));
-    tasks.spawn(follow_delivery(shared.clone(), delivery_rx, session.clone()));
+    tasks.spawn(housekeeping(
+        cfg.clone(),
+        shared.clone(),
+        control,
+        monitor,
+        session.clone(),
+    ));
+    tasks.spawn(follow_delivery(
+        shared.clone(),
+        delivery_rx,
+        session.clone(),
+    ));
 
     let mut first_error = None;
     while let Some(res) = tasks.join_next().await {
@@ -439,7 +457,10 @@ async fn follow_delivery(
         let d = *delivery_rx.borrow_and_update();
         let (phase, msg) = match d {
             Delivery::Running => (Phase::Running, "streaming"),
-            Delivery::Paused => (Phase::Paused, "paused: delivery to the sink stopped; the slot still drains into the buffer"),
+            Delivery::Paused => (
+                Phase::Paused,
+                "paused: delivery to the sink stopped; the slot still drains into the buffer",
+            ),
         };
         shared.set_phase(phase);
         shared.set_message(msg);
@@ -458,7 +479,9 @@ async fn housekeeping(
     monitor: tokio_postgres::Client,
     cancel: CancellationToken,
 ) -> Result<(), EngineError> {
-    let every = cfg.check_interval.clamp(Duration::from_millis(200), Duration::from_secs(10));
+    let every = cfg
+        .check_interval
+        .clamp(Duration::from_millis(200), Duration::from_secs(10));
     let mut last_cleanup = tokio::time::Instant::now();
     loop {
         match catalog::slot_lag(&monitor, &cfg.slot).await? {
@@ -468,14 +491,19 @@ async fn housekeeping(
             }
             None => {
                 return Err(EngineError::invalid(
-                    format!("replication slot {} was dropped outside Philotes; changes since then are lost to this pipeline", cfg.slot),
+                    format!(
+                        "replication slot {} was dropped outside Philotes; changes since then are lost to this pipeline",
+                        cfg.slot
+                    ),
                     "delete and re-create the pipeline (and re-sync the sink), or restore the slot",
                 ));
             }
         }
         if last_cleanup.elapsed() >= Duration::from_secs(60) {
             last_cleanup = tokio::time::Instant::now();
-            let n = control.cleanup(cfg.retention, cfg.dead_letter_retention).await?;
+            let n = control
+                .cleanup(cfg.retention, cfg.dead_letter_retention)
+                .await?;
             if n > 0 {
                 tracing::debug!(pipeline = %cfg.name, rows = n, "buffer cleanup");
             }
@@ -519,10 +547,12 @@ pub async fn reclaim(cfg: &PipelineConfig) -> Result<Vec<String>, EngineError> {
 async fn forget(b: &Buffer) -> Result<(), EngineError> {
     for table in ["events", "relations", "pipelines"] {
         b.client()
-            .execute(&format!("DELETE FROM philotes.{table} WHERE pipeline_id = $1"), &[&b.pipeline_id()])
+            .execute(
+                &format!("DELETE FROM philotes.{table} WHERE pipeline_id = $1"),
+                &[&b.pipeline_id()],
+            )
             .await
             .map_err(EngineError::pg("removing the pipeline from the buffer"))?;
     }
     Ok(())
 }
-

@@ -19,7 +19,9 @@ pub async fn connect(uri: &ConnString, purpose: &str) -> Result<Client, EngineEr
     let (client, connection) = config
         .connect(NoTls)
         .await
-        .map_err(EngineError::pg(format!("connecting to {purpose} database {uri}")))?;
+        .map_err(EngineError::pg(format!(
+            "connecting to {purpose} database {uri}"
+        )))?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "postgres connection ended");

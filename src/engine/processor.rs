@@ -55,7 +55,10 @@ impl<S: Sink> Processor<S> {
                 continue;
             }
             let durable = *self.durable_rx.borrow_and_update();
-            let batch = self.buffer.read_batch(processed, durable, self.cfg.batch_size).await?;
+            let batch = self
+                .buffer
+                .read_batch(processed, durable, self.cfg.batch_size)
+                .await?;
             if batch.is_empty() {
                 tokio::select! {
                     _ = self.cancel.cancelled() => return Ok(()),
@@ -94,12 +97,19 @@ impl<S: Sink> Processor<S> {
             let lat = (now - PG_EPOCH_MICROS - e.commit_time).max(0) as f64 / 1e6;
             stats.delivery_latency_seconds.observe(lat);
         }
-        self.shared.processed_lsn.store(batch.last().map(|e| e.pos.lsn).unwrap_or(0), Ordering::Relaxed);
+        self.shared.processed_lsn.store(
+            batch.last().map(|e| e.pos.lsn).unwrap_or(0),
+            Ordering::Relaxed,
+        );
     }
 
     /// Applies one batch, retrying as its errors call for. Returns only when the batch is in the sink
     /// (or its refused changes are dead letters), or on shutdown.
-    async fn deliver(&mut self, batch: &[Event], rels: &HashMap<i64, RelationInfo>) -> Result<Outcome, EngineError> {
+    async fn deliver(
+        &mut self,
+        batch: &[Event],
+        rels: &HashMap<i64, RelationInfo>,
+    ) -> Result<Outcome, EngineError> {
         let mut outage = retry::backoff(&self.cfg.retry, None);
         let mut data_delays = retry::backoff(&self.cfg.retry, Some(self.cfg.retry.max_attempts));
         let mut data_attempts = 0u32;
@@ -125,7 +135,10 @@ impl<S: Sink> Processor<S> {
                 ErrorClass::Data => {
                     data_attempts += 1;
                     tracing::warn!(pipeline = %self.cfg.name, error = %err, attempt = data_attempts, "sink refused a batch");
-                    if let Some(delay) = data_delays.next().filter(|_| data_attempts < self.cfg.retry.max_attempts) {
+                    if let Some(delay) = data_delays
+                        .next()
+                        .filter(|_| data_attempts < self.cfg.retry.max_attempts)
+                    {
                         if self.pause(delay).await {
                             return Ok(Outcome::Cancelled);
                         }
@@ -151,7 +164,12 @@ impl<S: Sink> Processor<S> {
     }
 
     /// Applies the batch change by change; refused changes become dead letters.
-    async fn isolate(&mut self, batch: &[Event], rels: &HashMap<i64, RelationInfo>, attempts: u32) -> Result<(), EngineError> {
+    async fn isolate(
+        &mut self,
+        batch: &[Event],
+        rels: &HashMap<i64, RelationInfo>,
+        attempts: u32,
+    ) -> Result<(), EngineError> {
         let rejected = self.sink.apply_isolated(batch, rels).await?;
         if rejected.is_empty() {
             return Ok(());
@@ -159,7 +177,10 @@ impl<S: Sink> Processor<S> {
         if !self.cfg.dead_letter_enabled {
             let first = &rejected[0];
             return Err(EngineError::invalid(
-                format!("the sink refused a change and the dead-letter queue is disabled: {}", first.error),
+                format!(
+                    "the sink refused a change and the dead-letter queue is disabled: {}",
+                    first.error
+                ),
                 "fix the sink table or the data, or set spec.deadLetter.enabled: true",
             ));
         }
@@ -172,8 +193,17 @@ impl<S: Sink> Processor<S> {
                 }
             }
         }
-        dlq::write(self.buffer.client(), self.buffer.pipeline_id(), &dead, attempts as i32).await?;
-        self.shared.stats.events_dead_lettered.inc_by(dead.len() as u64);
+        dlq::write(
+            self.buffer.client(),
+            self.buffer.pipeline_id(),
+            &dead,
+            attempts as i32,
+        )
+        .await?;
+        self.shared
+            .stats
+            .events_dead_lettered
+            .inc_by(dead.len() as u64);
         for (e, rel, error) in &dead {
             tracing::warn!(pipeline = %self.cfg.name, table = %rel.qualified(), lsn = %super::pg::lsn_text(e.pos.lsn), ord = e.pos.ord, %error, "event dead-lettered");
         }

@@ -7,7 +7,10 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use super::config::RetryPolicy;
 
 /// Delays for successive retries; `max_times` None never runs out.
-pub fn backoff(policy: &RetryPolicy, max_times: Option<u32>) -> impl Iterator<Item = Duration> + Send + use<> {
+pub fn backoff(
+    policy: &RetryPolicy,
+    max_times: Option<u32>,
+) -> impl Iterator<Item = Duration> + Send + use<> {
     let mut b = ExponentialBuilder::default()
         .with_min_delay(policy.initial_interval)
         .with_max_delay(policy.max_interval)
@@ -47,7 +50,10 @@ mod tests {
     #[test]
     fn jitter_stays_within_one_more_delay() {
         for d in backoff(&policy(true), Some(20)) {
-            assert!(d >= Duration::from_millis(100) && d <= Duration::from_millis(1000), "{d:?}");
+            assert!(
+                d >= Duration::from_millis(100) && d <= Duration::from_millis(1000),
+                "{d:?}"
+            );
         }
     }
 }

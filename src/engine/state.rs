@@ -78,7 +78,10 @@ mod tests {
         assert!(transition(Failed, Starting).is_ok());
         assert_eq!(
             transition(Stopped, Running),
-            Err(InvalidTransition { from: Stopped, to: Running })
+            Err(InvalidTransition {
+                from: Stopped,
+                to: Running
+            })
         );
         assert!(transition(Running, Starting).is_err());
         assert!(transition(Stopped, Paused).is_err());

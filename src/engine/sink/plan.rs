@@ -8,11 +8,20 @@ use crate::engine::event::{Event, Op, RelationInfo, Row};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Change {
-    Delete { key: Row },
+    Delete {
+        key: Row,
+    },
     /// `unchanged` lists columns to leave as they are in the sink (an UPDATE of the other columns).
-    Upsert { vals: Row, unchanged: Vec<i16> },
+    Upsert {
+        vals: Row,
+        unchanged: Vec<i16>,
+    },
     /// Key change with unchanged TOASTed columns: must move the row in place.
-    Rekey { old_key: Row, vals: Row, unchanged: Vec<i16> },
+    Rekey {
+        old_key: Row,
+        vals: Row,
+        unchanged: Vec<i16>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -36,12 +45,19 @@ pub struct UnknownRelation {
     pub rel_ver: i64,
 }
 
-pub fn plan(batch: &[Event], rels: &HashMap<i64, RelationInfo>) -> Result<Vec<Step>, UnknownRelation> {
+pub fn plan(
+    batch: &[Event],
+    rels: &HashMap<i64, RelationInfo>,
+) -> Result<Vec<Step>, UnknownRelation> {
     let mut steps = Vec::new();
     let mut actions: Vec<Action> = Vec::new();
     let mut slot: HashMap<(String, Row), usize> = HashMap::new();
 
-    fn flush(steps: &mut Vec<Step>, actions: &mut Vec<Action>, slot: &mut HashMap<(String, Row), usize>) {
+    fn flush(
+        steps: &mut Vec<Step>,
+        actions: &mut Vec<Action>,
+        slot: &mut HashMap<(String, Row), usize>,
+    ) {
         if !actions.is_empty() {
             steps.push(Step::Apply(std::mem::take(actions)));
         }
@@ -54,7 +70,12 @@ pub fn plan(batch: &[Event], rels: &HashMap<i64, RelationInfo>) -> Result<Vec<St
             rel_ver: e.rel_ver,
         })?;
         let table = rel.qualified();
-        let key_of = |row: &Row| -> Row { rel.key_indexes().into_iter().map(|k| row.get(k).cloned().flatten()).collect() };
+        let key_of = |row: &Row| -> Row {
+            rel.key_indexes()
+                .into_iter()
+                .map(|k| row.get(k).cloned().flatten())
+                .collect()
+        };
         match e.op {
             Op::Truncate => {
                 flush(&mut steps, &mut actions, &mut slot);
@@ -65,7 +86,14 @@ pub fn plan(batch: &[Event], rels: &HashMap<i64, RelationInfo>) -> Result<Vec<St
             }
             Op::Delete => {
                 let key = e.old_key.clone().unwrap_or_default();
-                put(&mut actions, &mut slot, (table, key.clone()), e.rel_ver, Change::Delete { key }, i);
+                put(
+                    &mut actions,
+                    &mut slot,
+                    (table, key.clone()),
+                    e.rel_ver,
+                    Change::Delete { key },
+                    i,
+                );
             }
             Op::Insert | Op::Update => {
                 let vals = e.vals.clone().unwrap_or_default();
@@ -86,7 +114,14 @@ pub fn plan(batch: &[Event], rels: &HashMap<i64, RelationInfo>) -> Result<Vec<St
                         }]));
                         continue;
                     }
-                    put(&mut actions, &mut slot, (table.clone(), old_key.clone()), e.rel_ver, Change::Delete { key: old_key }, i);
+                    put(
+                        &mut actions,
+                        &mut slot,
+                        (table.clone(), old_key.clone()),
+                        e.rel_ver,
+                        Change::Delete { key: old_key },
+                        i,
+                    );
                 }
                 let mut vals = vals;
                 if !unchanged.is_empty() {
@@ -94,7 +129,11 @@ pub fn plan(batch: &[Event], rels: &HashMap<i64, RelationInfo>) -> Result<Vec<St
                     if let Some(&at) = slot.get(&(table.clone(), new_key.clone()))
                         && let Action {
                             rel_ver,
-                            change: Change::Upsert { vals: prev, unchanged: prev_unchanged },
+                            change:
+                                Change::Upsert {
+                                    vals: prev,
+                                    unchanged: prev_unchanged,
+                                },
                             ..
                         } = &actions[at]
                         && *rel_ver == e.rel_ver
@@ -110,7 +149,14 @@ pub fn plan(batch: &[Event], rels: &HashMap<i64, RelationInfo>) -> Result<Vec<St
                         unchanged = still;
                     }
                 }
-                put(&mut actions, &mut slot, (table, new_key), e.rel_ver, Change::Upsert { vals, unchanged }, i);
+                put(
+                    &mut actions,
+                    &mut slot,
+                    (table, new_key),
+                    e.rel_ver,
+                    Change::Upsert { vals, unchanged },
+                    i,
+                );
             }
         }
     }
@@ -159,7 +205,13 @@ mod tests {
         )
     }
 
-    fn ev(i: i32, op: Op, old_key: Option<&str>, vals: Option<[&str; 3]>, unchanged: Option<Vec<i16>>) -> Event {
+    fn ev(
+        i: i32,
+        op: Op,
+        old_key: Option<&str>,
+        vals: Option<[&str; 3]>,
+        unchanged: Option<Vec<i16>>,
+    ) -> Event {
         Event {
             pos: Position { lsn: 1, ord: i },
             commit_time: 0,
@@ -189,7 +241,9 @@ mod tests {
         ];
         let steps = plan(&batch, &rels).unwrap();
         assert_eq!(steps.len(), 3);
-        let Step::Apply(first) = &steps[0] else { panic!("{steps:?}") };
+        let Step::Apply(first) = &steps[0] else {
+            panic!("{steps:?}")
+        };
         assert_eq!(first.len(), 3);
         assert_eq!(first[0].change, Change::Delete { key: vec![s("1")] });
         assert_eq!(first[0].events, vec![0, 1, 4]);
@@ -210,7 +264,14 @@ mod tests {
         let rels = HashMap::from([(rel().rel_ver, rel())]);
         let mut u = ev(1, Op::Update, None, Some(["1", "b", ""]), Some(vec![2]));
         u.vals.as_mut().unwrap()[2] = None;
-        let steps = plan(&[ev(0, Op::Insert, None, Some(["1", "a", "big"]), None), u.clone()], &rels).unwrap();
+        let steps = plan(
+            &[
+                ev(0, Op::Insert, None, Some(["1", "a", "big"]), None),
+                u.clone(),
+            ],
+            &rels,
+        )
+        .unwrap();
         let Step::Apply(a) = &steps[0] else { panic!() };
         assert_eq!(
             a[0].change,

@@ -55,11 +55,20 @@ impl PostgresSink {
     }
 
     async fn prepare_inner(&mut self, rels: &[RelationInfo]) -> Result<(), EngineError> {
-        let client = self.client.as_ref().ok_or_else(|| EngineError::Protocol("sink not connected".into()))?;
+        let client = self
+            .client
+            .as_ref()
+            .ok_or_else(|| EngineError::Protocol("sink not connected".into()))?;
         client
-            .batch_execute(&format!("CREATE SCHEMA IF NOT EXISTS {}", pg::ident(&self.schema)))
+            .batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS {}",
+                pg::ident(&self.schema)
+            ))
             .await
-            .map_err(EngineError::pg(format!("creating sink schema {}", self.schema)))?;
+            .map_err(EngineError::pg(format!(
+                "creating sink schema {}",
+                self.schema
+            )))?;
         for rel in rels {
             if self.ensured.contains(&rel.rel_ver) {
                 continue;
@@ -67,12 +76,18 @@ impl PostgresSink {
             client
                 .batch_execute(&sql::create_table(&self.schema, rel))
                 .await
-                .map_err(EngineError::pg(format!("creating sink table for {}", rel.qualified())))?;
+                .map_err(EngineError::pg(format!(
+                    "creating sink table for {}",
+                    rel.qualified()
+                )))?;
             for stmt in sql::add_columns(&self.schema, rel) {
                 client
                     .batch_execute(&stmt)
                     .await
-                    .map_err(EngineError::pg(format!("adding columns to the sink table for {}", rel.qualified())))?;
+                    .map_err(EngineError::pg(format!(
+                        "adding columns to the sink table for {}",
+                        rel.qualified()
+                    )))?;
             }
             self.ensured.insert(rel.rel_ver);
         }
@@ -127,9 +142,14 @@ async fn execute_rows<C: GenericClient>(
     what: &str,
 ) -> Result<(), EngineError> {
     let columns: Vec<Vec<Option<&str>>> = (0..width)
-        .map(|i| rows.iter().map(|r| r.get(i).and_then(|v| v.as_deref())).collect())
+        .map(|i| {
+            rows.iter()
+                .map(|r| r.get(i).and_then(|v| v.as_deref()))
+                .collect()
+        })
         .collect();
-    let params: Vec<&(dyn ToSql + Sync)> = columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
+    let params: Vec<&(dyn ToSql + Sync)> =
+        columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
     let stmt = statement(cache, client, sql).await?;
     client
         .execute(&stmt, &params)
@@ -138,7 +158,7 @@ async fn execute_rows<C: GenericClient>(
     Ok(())
 }
 
-fn rel<'a>(rels: &'a HashMap<i64, RelationInfo>, v: i64) -> Result<&'a RelationInfo, EngineError> {
+fn rel(rels: &HashMap<i64, RelationInfo>, v: i64) -> Result<&RelationInfo, EngineError> {
     rels.get(&v)
         .ok_or_else(|| EngineError::Protocol(format!("relation {v:x} unknown to the sink")))
 }
@@ -160,44 +180,94 @@ async fn run_actions<C: GenericClient>(
             Change::Upsert { vals, unchanged } if unchanged.is_empty() => {
                 upserts.entry(a.rel_ver).or_default().push(vals.clone())
             }
-            Change::Upsert { vals, unchanged } => partial.entry((a.rel_ver, unchanged.clone())).or_default().push(vals.clone()),
-            Change::Rekey { old_key, vals, unchanged } => {
+            Change::Upsert { vals, unchanged } => partial
+                .entry((a.rel_ver, unchanged.clone()))
+                .or_default()
+                .push(vals.clone()),
+            Change::Rekey {
+                old_key,
+                vals,
+                unchanged,
+            } => {
                 let r = rel(rels, a.rel_ver)?;
                 let mut row = vals.clone();
                 row.extend(old_key.iter().cloned());
                 let width = row.len();
                 let what = format!("moving a row of {} to a new key", r.qualified());
-                execute_rows(cache, client, sql::update_partial(schema, r, unchanged, true), &[row], width, &what).await?;
+                execute_rows(
+                    cache,
+                    client,
+                    sql::update_partial(schema, r, unchanged, true),
+                    &[row],
+                    width,
+                    &what,
+                )
+                .await?;
             }
         }
     }
     for (v, rows) in deletes {
         let r = rel(rels, v)?;
         let what = format!("deleting from {}", sql::table(schema, r));
-        execute_rows(cache, client, sql::delete(schema, r), &rows, r.key_indexes().len(), &what).await?;
+        execute_rows(
+            cache,
+            client,
+            sql::delete(schema, r),
+            &rows,
+            r.key_indexes().len(),
+            &what,
+        )
+        .await?;
     }
     for (v, rows) in upserts {
         let r = rel(rels, v)?;
         let what = format!("upserting into {}", sql::table(schema, r));
-        execute_rows(cache, client, sql::upsert(schema, r), &rows, r.columns.len(), &what).await?;
+        execute_rows(
+            cache,
+            client,
+            sql::upsert(schema, r),
+            &rows,
+            r.columns.len(),
+            &what,
+        )
+        .await?;
     }
     for ((v, unchanged), rows) in partial {
         let r = rel(rels, v)?;
         let what = format!("updating {}", sql::table(schema, r));
-        execute_rows(cache, client, sql::update_partial(schema, r, &unchanged, false), &rows, r.columns.len(), &what).await?;
+        execute_rows(
+            cache,
+            client,
+            sql::update_partial(schema, r, &unchanged, false),
+            &rows,
+            r.columns.len(),
+            &what,
+        )
+        .await?;
     }
     Ok(())
 }
 
-async fn run_truncate<C: GenericClient>(client: &C, schema: &str, r: &RelationInfo) -> Result<(), EngineError> {
+async fn run_truncate<C: GenericClient>(
+    client: &C,
+    schema: &str,
+    r: &RelationInfo,
+) -> Result<(), EngineError> {
     client
         .batch_execute(&sql::truncate(schema, r))
         .await
-        .map_err(EngineError::pg(format!("truncating {}", sql::table(schema, r))))
+        .map_err(EngineError::pg(format!(
+            "truncating {}",
+            sql::table(schema, r)
+        )))
 }
 
 impl Sink for PostgresSink {
-    async fn apply(&mut self, batch: &[Event], rels: &HashMap<i64, RelationInfo>) -> Result<(), EngineError> {
+    async fn apply(
+        &mut self,
+        batch: &[Event],
+        rels: &HashMap<i64, RelationInfo>,
+    ) -> Result<(), EngineError> {
         let steps = self.plan_and_prepare(batch, rels).await?;
         let result = async {
             let client = self
@@ -214,10 +284,14 @@ impl Sink for PostgresSink {
                         let refs: Vec<&Action> = actions.iter().collect();
                         run_actions(&mut self.statements, &tx, &self.schema, &refs, rels).await?
                     }
-                    Step::Truncate { rel_ver, .. } => run_truncate(&tx, &self.schema, rel(rels, *rel_ver)?).await?,
+                    Step::Truncate { rel_ver, .. } => {
+                        run_truncate(&tx, &self.schema, rel(rels, *rel_ver)?).await?
+                    }
                 }
             }
-            tx.commit().await.map_err(EngineError::pg("committing a sink transaction"))
+            tx.commit()
+                .await
+                .map_err(EngineError::pg("committing a sink transaction"))
         }
         .await;
         result.map_err(|e| self.on_error(e))
@@ -241,7 +315,10 @@ impl Sink for PostgresSink {
             let mut rejected = Vec::new();
             for step in &steps {
                 let singles: Vec<(Vec<usize>, Option<&Action>, Option<i64>)> = match step {
-                    Step::Apply(actions) => actions.iter().map(|a| (a.events.clone(), Some(a), None)).collect(),
+                    Step::Apply(actions) => actions
+                        .iter()
+                        .map(|a| (a.events.clone(), Some(a), None))
+                        .collect(),
                     Step::Truncate { rel_ver, event } => vec![(vec![*event], None, Some(*rel_ver))],
                 };
                 for (events, action, truncate) in singles {
@@ -250,14 +327,21 @@ impl Sink for PostgresSink {
                         .await
                         .map_err(EngineError::pg("starting a savepoint"))?;
                     let r = match (action, truncate) {
-                        (Some(a), _) => run_actions(&mut self.statements, &sp, &self.schema, &[a], rels).await,
+                        (Some(a), _) => {
+                            run_actions(&mut self.statements, &sp, &self.schema, &[a], rels).await
+                        }
                         (None, Some(v)) => run_truncate(&sp, &self.schema, rel(rels, v)?).await,
                         (None, None) => Ok(()),
                     };
                     match r {
-                        Ok(()) => sp.commit().await.map_err(EngineError::pg("releasing a savepoint"))?,
+                        Ok(()) => sp
+                            .commit()
+                            .await
+                            .map_err(EngineError::pg("releasing a savepoint"))?,
                         Err(e) if e.class() == ErrorClass::Data => {
-                            sp.rollback().await.map_err(EngineError::pg("rolling back a savepoint"))?;
+                            sp.rollback()
+                                .await
+                                .map_err(EngineError::pg("rolling back a savepoint"))?;
                             rejected.push(Rejected {
                                 events,
                                 error: e.to_string(),
@@ -267,7 +351,9 @@ impl Sink for PostgresSink {
                     }
                 }
             }
-            tx.commit().await.map_err(EngineError::pg("committing a sink transaction"))?;
+            tx.commit()
+                .await
+                .map_err(EngineError::pg("committing a sink transaction"))?;
             Ok(rejected)
         }
         .await;

@@ -16,7 +16,11 @@ pub fn create_table(schema: &str, rel: &RelationInfo) -> String {
         .zip(&rel.key)
         .map(|((c, t), k)| format!("{} {}{}", ident(c), t, if *k { " NOT NULL" } else { "" }))
         .collect();
-    let keys: Vec<String> = rel.key_indexes().into_iter().map(|i| ident(&rel.columns[i])).collect();
+    let keys: Vec<String> = rel
+        .key_indexes()
+        .into_iter()
+        .map(|i| ident(&rel.columns[i]))
+        .collect();
     format!(
         "CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))",
         table(schema, rel),
@@ -29,7 +33,14 @@ pub fn add_columns(schema: &str, rel: &RelationInfo) -> Vec<String> {
     rel.columns
         .iter()
         .zip(&rel.types)
-        .map(|(c, t)| format!("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}", table(schema, rel), ident(c), t))
+        .map(|(c, t)| {
+            format!(
+                "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}",
+                table(schema, rel),
+                ident(c),
+                t
+            )
+        })
         .collect()
 }
 
@@ -42,8 +53,17 @@ fn unnest(n: usize) -> String {
 /// Upsert of whole rows: every column, in relation order.
 pub fn upsert(schema: &str, rel: &RelationInfo) -> String {
     let cols: Vec<String> = rel.columns.iter().map(|c| ident(c)).collect();
-    let casts: Vec<String> = rel.types.iter().enumerate().map(|(i, t)| format!("u.c{i}::{t}")).collect();
-    let keys: Vec<String> = rel.key_indexes().into_iter().map(|i| ident(&rel.columns[i])).collect();
+    let casts: Vec<String> = rel
+        .types
+        .iter()
+        .enumerate()
+        .map(|(i, t)| format!("u.c{i}::{t}"))
+        .collect();
+    let keys: Vec<String> = rel
+        .key_indexes()
+        .into_iter()
+        .map(|i| ident(&rel.columns[i]))
+        .collect();
     let sets: Vec<String> = rel
         .columns
         .iter()
@@ -54,7 +74,11 @@ pub fn upsert(schema: &str, rel: &RelationInfo) -> String {
     let on_conflict = if sets.is_empty() {
         format!("ON CONFLICT ({}) DO NOTHING", keys.join(", "))
     } else {
-        format!("ON CONFLICT ({}) DO UPDATE SET {}", keys.join(", "), sets.join(", "))
+        format!(
+            "ON CONFLICT ({}) DO UPDATE SET {}",
+            keys.join(", "),
+            sets.join(", ")
+        )
     };
     format!(
         "INSERT INTO {} ({}) SELECT {} FROM {} {}",
@@ -80,14 +104,22 @@ pub fn update_partial(schema: &str, rel: &RelationInfo, unchanged: &[i16], rekey
         .iter()
         .enumerate()
         .map(|(j, &i)| {
-            let src = if rekey { format!("c{}", n + j) } else { format!("c{i}") };
+            let src = if rekey {
+                format!("c{}", n + j)
+            } else {
+                format!("c{i}")
+            };
             format!("t.{} = u.{src}::{}", ident(&rel.columns[i]), rel.types[i])
         })
         .collect();
     format!(
         "UPDATE {} AS t SET {} FROM {} WHERE {}",
         table(schema, rel),
-        if sets.is_empty() { format!("{0} = t.{0}", ident(&rel.columns[keys[0]])) } else { sets.join(", ") },
+        if sets.is_empty() {
+            format!("{0} = t.{0}", ident(&rel.columns[keys[0]]))
+        } else {
+            sets.join(", ")
+        },
         unnest(total),
         cond.join(" AND ")
     )
@@ -101,7 +133,12 @@ pub fn delete(schema: &str, rel: &RelationInfo) -> String {
         .enumerate()
         .map(|(j, &i)| format!("t.{} = u.c{j}::{}", ident(&rel.columns[i]), rel.types[i]))
         .collect();
-    format!("DELETE FROM {} AS t USING {} WHERE {}", table(schema, rel), unnest(keys.len()), cond.join(" AND "))
+    format!(
+        "DELETE FROM {} AS t USING {} WHERE {}",
+        table(schema, rel),
+        unnest(keys.len()),
+        cond.join(" AND ")
+    )
 }
 
 pub fn truncate(schema: &str, rel: &RelationInfo) -> String {

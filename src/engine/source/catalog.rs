@@ -15,7 +15,9 @@ pub async fn check_wal_level(client: &Client) -> Result<(), EngineError> {
     let level: String = row.get(0);
     if level != "logical" {
         return Err(EngineError::invalid(
-            format!("spec.source: the source database has wal_level={level}, logical replication needs wal_level=logical"),
+            format!(
+                "spec.source: the source database has wal_level={level}, logical replication needs wal_level=logical"
+            ),
             "set wal_level=logical in postgresql.conf (or ALTER SYSTEM SET wal_level = logical) and restart PostgreSQL",
         ));
     }
@@ -28,7 +30,10 @@ const LAYOUT_SQL: &str = "SELECT a.attname::text, format_type(a.atttypid, a.attt
      WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' ORDER BY a.attnum";
 
 /// Layouts of the spec's tables as the catalog has them now; errors name the spec field.
-pub async fn table_layouts(client: &Client, tables: &[TableName]) -> Result<Vec<RelationInfo>, EngineError> {
+pub async fn table_layouts(
+    client: &Client,
+    tables: &[TableName],
+) -> Result<Vec<RelationInfo>, EngineError> {
     let mut out = Vec::with_capacity(tables.len());
     let db: String = client
         .query_one("SELECT current_database()::text", &[])
@@ -46,7 +51,9 @@ pub async fn table_layouts(client: &Client, tables: &[TableName]) -> Result<Vec<
             .map_err(EngineError::pg("looking up a source table"))?;
         let Some(oid) = oid else {
             return Err(EngineError::invalid(
-                format!("spec.source.tables[{i}]: table {t} does not exist in source database {db}"),
+                format!(
+                    "spec.source.tables[{i}]: table {t} does not exist in source database {db}"
+                ),
                 "create the table, or correct or remove the entry in spec.source.tables",
             ));
         };
@@ -55,7 +62,9 @@ pub async fn table_layouts(client: &Client, tables: &[TableName]) -> Result<Vec<
         if !rel.key.iter().any(|k| *k) {
             return Err(EngineError::invalid(
                 format!("spec.source.tables[{i}]: table {t} has no primary key"),
-                format!("add a primary key (ALTER TABLE {t} ADD PRIMARY KEY (...)) or remove the table from spec.source.tables"),
+                format!(
+                    "add a primary key (ALTER TABLE {t} ADD PRIMARY KEY (...)) or remove the table from spec.source.tables"
+                ),
             ));
         }
         out.push(rel);
@@ -75,8 +84,13 @@ pub async fn layout_of(
     let rows = client
         .query(LAYOUT_SQL, &[&oid])
         .await
-        .map_err(EngineError::pg(format!("reading the layout of {schema}.{name}")))?;
-    let catalog: Vec<(String, String, bool)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+        .map_err(EngineError::pg(format!(
+            "reading the layout of {schema}.{name}"
+        )))?;
+    let catalog: Vec<(String, String, bool)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
     let (names, types, key) = match columns {
         None => (
             catalog.iter().map(|c| c.0.clone()).collect(),
@@ -101,7 +115,13 @@ pub async fn layout_of(
             (cols.iter().map(|c| c.0.clone()).collect(), types, key)
         }
     };
-    Ok(RelationInfo::new(schema.to_string(), name.to_string(), names, types, key))
+    Ok(RelationInfo::new(
+        schema.to_string(),
+        name.to_string(),
+        names,
+        types,
+        key,
+    ))
 }
 
 fn table_list(tables: &[TableName]) -> String {
@@ -121,22 +141,35 @@ pub async fn ensure_publication(
     owned: bool,
 ) -> Result<bool, EngineError> {
     let exists = client
-        .query_opt("SELECT puballtables FROM pg_publication WHERE pubname = $1", &[&name])
+        .query_opt(
+            "SELECT puballtables FROM pg_publication WHERE pubname = $1",
+            &[&name],
+        )
         .await
         .map_err(EngineError::pg("looking up the publication"))?;
     match exists {
         None => {
             client
-                .batch_execute(&format!("CREATE PUBLICATION {} FOR TABLE {}", ident(name), table_list(tables)))
+                .batch_execute(&format!(
+                    "CREATE PUBLICATION {} FOR TABLE {}",
+                    ident(name),
+                    table_list(tables)
+                ))
                 .await
                 .map_err(EngineError::pg(format!("creating publication {name}")))?;
             Ok(true)
         }
         Some(_) if owned => {
             client
-                .batch_execute(&format!("ALTER PUBLICATION {} SET TABLE {}", ident(name), table_list(tables)))
+                .batch_execute(&format!(
+                    "ALTER PUBLICATION {} SET TABLE {}",
+                    ident(name),
+                    table_list(tables)
+                ))
                 .await
-                .map_err(EngineError::pg(format!("updating the tables of publication {name}")))?;
+                .map_err(EngineError::pg(format!(
+                    "updating the tables of publication {name}"
+                )))?;
             Ok(false)
         }
         Some(_) => {
@@ -148,10 +181,18 @@ pub async fn ensure_publication(
                 .await
                 .map_err(EngineError::pg("reading the publication's tables"))?;
             let have: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-            if let Some(t) = tables.iter().find(|t| !have.contains(&(t.schema.clone(), t.name.clone()))) {
+            if let Some(t) = tables
+                .iter()
+                .find(|t| !have.contains(&(t.schema.clone(), t.name.clone())))
+            {
                 return Err(EngineError::invalid(
-                    format!("spec.source.publication: publication {name} does not include table {t}"),
-                    format!("ALTER PUBLICATION {} ADD TABLE {t}, or leave spec.source.publication empty so Philotes manages its own", ident(name)),
+                    format!(
+                        "spec.source.publication: publication {name} does not include table {t}"
+                    ),
+                    format!(
+                        "ALTER PUBLICATION {} ADD TABLE {t}, or leave spec.source.publication empty so Philotes manages its own",
+                        ident(name)
+                    ),
                 ));
             }
             Ok(false)
@@ -191,7 +232,10 @@ pub async fn ensure_slot(client: &Client, name: &str) -> Result<bool, EngineErro
         }
         None => {
             client
-                .query_one("SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')", &[&name])
+                .query_one(
+                    "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+                    &[&name],
+                )
                 .await
                 .map_err(EngineError::pg(format!("creating replication slot {name}")))?;
             Ok(true)
@@ -217,16 +261,24 @@ pub async fn slot_lag(client: &Client, slot: &str) -> Result<Option<(String, i64
 pub async fn drop_slot(client: &Client, slot: &str) -> Result<bool, EngineError> {
     for _ in 0..10 {
         let row = client
-            .query_opt("SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+            .query_opt(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
             .await
             .map_err(EngineError::pg("looking up the replication slot"))?;
         let Some(row) = row else { return Ok(false) };
         if let Some(pid) = row.get::<_, Option<i32>>(0) {
-            let _ = client.execute("SELECT pg_terminate_backend($1)", &[&pid]).await;
+            let _ = client
+                .execute("SELECT pg_terminate_backend($1)", &[&pid])
+                .await;
             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             continue;
         }
-        match client.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await {
+        match client
+            .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+            .await
+        {
             Ok(_) => return Ok(true),
             Err(e) if e.code().map(|c| c.code()) == Some("42704") => return Ok(false),
             Err(e) if e.code().map(|c| c.code()) == Some("55006") => {

@@ -78,21 +78,31 @@ fn key_of(rel: &RelationInfo, values: &[Value]) -> Result<Row, EngineError> {
 impl Reader {
     fn replication_config(&self, start: u64) -> ReplicationConfig {
         let s = &self.cfg.source;
-        ReplicationConfig::new(s.host(), s.user(), s.password(), s.dbname(), &self.cfg.slot, self.cfg.publication.as_str())
-            .with_port(s.port())
-            .with_start_lsn(Lsn(start))
-            .with_ack_lsn(Lsn(start))
-            .with_status_interval(Duration::from_millis(500))
-            .with_wakeup_interval(Duration::from_secs(5))
-            .with_buffer_size(16384)
-            .with_application_name("philotes-reader")
+        ReplicationConfig::new(
+            s.host(),
+            s.user(),
+            s.password(),
+            s.dbname(),
+            &self.cfg.slot,
+            self.cfg.publication.as_str(),
+        )
+        .with_port(s.port())
+        .with_start_lsn(Lsn(start))
+        .with_ack_lsn(Lsn(start))
+        .with_status_interval(Duration::from_millis(500))
+        .with_wakeup_interval(Duration::from_secs(5))
+        .with_buffer_size(16384)
+        .with_application_name("philotes-reader")
     }
 
     pub async fn run(mut self, start: u64) -> Result<(), EngineError> {
         let mut client = ReplicationClient::connect(self.replication_config(start))
             .await
             .map_err(|source| EngineError::Replication {
-                context: format!("starting replication from slot {} on {}", self.cfg.slot, self.cfg.source),
+                context: format!(
+                    "starting replication from slot {} on {}",
+                    self.cfg.slot, self.cfg.source
+                ),
                 source,
             })?;
         self.shared.source_connected.store(true, Ordering::Relaxed);
@@ -102,7 +112,11 @@ impl Reader {
         result
     }
 
-    async fn stream(&mut self, client: &mut ReplicationClient, start: u64) -> Result<(), EngineError> {
+    async fn stream(
+        &mut self,
+        client: &mut ReplicationClient,
+        start: u64,
+    ) -> Result<(), EngineError> {
         let mut st = State {
             relations: HashMap::new(),
             written_rels: HashSet::new(),
@@ -151,13 +165,18 @@ impl Reader {
                 match client.recv().now_or_never() {
                     Some(r) => match r.map_err(wire)? {
                         Some(ev) => next = Some(ev),
-                        None => return Err(EngineError::Protocol("the replication stream ended".into())),
+                        None => {
+                            return Err(EngineError::Protocol(
+                                "the replication stream ended".into(),
+                            ));
+                        }
                     },
                     None => self.flush(client, &mut st, &mut durable).await?,
                 }
             }
             if st.txn.is_none() && next.is_none() {
-                self.obey_backpressure(&mut watermarks, client, &mut st, &mut durable).await?;
+                self.obey_backpressure(&mut watermarks, client, &mut st, &mut durable)
+                    .await?;
             }
         }
     }
@@ -223,7 +242,11 @@ impl Reader {
             ReplicationEvent::KeepAlive { wal_end, .. } => {
                 // Nothing in flight: everything before wal_end is durable or not ours, so the slot may
                 // move on and release WAL written by other tables.
-                if st.txn.is_none() && st.pending.is_empty() && st.committed.is_none() && wal_end.0 > durable {
+                if st.txn.is_none()
+                    && st.pending.is_empty()
+                    && st.committed.is_none()
+                    && wal_end.0 > durable
+                {
                     client.update_applied_lsn(wal_end);
                 }
             }
@@ -234,17 +257,27 @@ impl Reader {
 
     async fn change(&mut self, data: Bytes, st: &mut State) -> Result<(), EngineError> {
         let msg = pgoutput::decode(data)?;
-        let (rel_id, op, old_key, vals, unchanged): (u32, Op, Option<Row>, Option<Row>, Option<Vec<i16>>) = match msg {
+        let (rel_id, op, old_key, vals, unchanged): (
+            u32,
+            Op,
+            Option<Row>,
+            Option<Row>,
+            Option<Vec<i16>>,
+        ) = match msg {
             Message::Relation(r) => {
                 let cols: Vec<(String, u32, i32)> = r
                     .columns
                     .iter()
                     .map(|c| (c.name.clone(), c.type_oid, c.type_modifier))
                     .collect();
-                let info = catalog::layout_of(&self.sql, r.id, &r.namespace, &r.name, Some(&cols)).await?;
+                let info =
+                    catalog::layout_of(&self.sql, r.id, &r.namespace, &r.name, Some(&cols)).await?;
                 if info.key_indexes().is_empty() {
                     return Err(EngineError::invalid(
-                        format!("spec.source.tables: table {}.{} has no primary key", r.namespace, r.name),
+                        format!(
+                            "spec.source.tables: table {}.{} has no primary key",
+                            r.namespace, r.name
+                        ),
                         "add a primary key to the table",
                     ));
                 }
@@ -267,7 +300,13 @@ impl Reader {
                     .filter(|(_, v)| matches!(v, Value::UnchangedToast))
                     .map(|(i, _)| i as i16)
                     .collect();
-                (rel, Op::Update, old_key, Some(row(&new)?), (!unchanged.is_empty()).then_some(unchanged))
+                (
+                    rel,
+                    Op::Update,
+                    old_key,
+                    Some(row(&new)?),
+                    (!unchanged.is_empty()).then_some(unchanged),
+                )
             }
             Message::Delete { rel, old } => {
                 let key = key_of(self.relation(st, rel)?, &old)?;
@@ -289,9 +328,11 @@ impl Reader {
     }
 
     fn relation<'a>(&self, st: &'a State, rel: u32) -> Result<&'a RelationInfo, EngineError> {
-        st.relations
-            .get(&rel)
-            .ok_or_else(|| EngineError::Protocol(format!("change for relation {rel} before its Relation message")))
+        st.relations.get(&rel).ok_or_else(|| {
+            EngineError::Protocol(format!(
+                "change for relation {rel} before its Relation message"
+            ))
+        })
     }
 
     fn push(
@@ -328,7 +369,12 @@ impl Reader {
 
     /// Writes pending events and moves the durable position to the last complete transaction, then
     /// acknowledges that position to the source.
-    async fn flush(&mut self, client: &ReplicationClient, st: &mut State, durable: &mut u64) -> Result<(), EngineError> {
+    async fn flush(
+        &mut self,
+        client: &ReplicationClient,
+        st: &mut State,
+        durable: &mut u64,
+    ) -> Result<(), EngineError> {
         if st.pending.is_empty() && st.new_rels.is_empty() && st.committed.is_none() {
             return Ok(());
         }

@@ -1,0 +1,123 @@
+//! `philotes run` as a process, killed with SIGKILL in the middle of a 100k-row stream.
+
+mod support;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{Pg, count, eventually, wait_same};
+
+fn start(file: &std::path::Path, log: &std::path::Path) -> Child {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_philotes"))
+        .args(["run", "-f"])
+        .arg(file)
+        .args(["--health-addr", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn,philotes=info")
+        .stdout(Stdio::from(out.try_clone().unwrap()))
+        .stderr(Stdio::from(out))
+        .spawn()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_loses_nothing() {
+    let pg = Pg::start();
+    pg.create_db("shop").await;
+    pg.create_db("warehouse").await;
+    let src = pg.client("shop").await;
+    let dst = pg.client("warehouse").await;
+    src.batch_execute("CREATE TABLE t (id bigint PRIMARY KEY, v text, n int)")
+        .await
+        .unwrap();
+    let file = pg.dir().join("pipeline.yaml");
+    let log = pg.dir().join("philotes.log");
+    std::fs::write(
+        &file,
+        format!(
+            r#"apiVersion: v1
+kind: Secret
+metadata: {{name: db}}
+stringData: {{source: "{}", sink: "{}"}}
+---
+apiVersion: philotes.io/v1alpha1
+kind: CdcPipeline
+metadata: {{name: crash}}
+spec:
+  source: {{connectionSecretRef: {{name: db, key: source}}, tables: [public.t]}}
+  sink: {{postgres: {{connectionSecretRef: {{name: db, key: sink}}, schema: replica}}}}
+  buffer: {{batchSize: 1000, flushInterval: 200ms}}
+  backpressure: {{highWatermark: 20000, lowWatermark: 10000, checkInterval: 100ms}}
+"#,
+            pg.uri("shop"),
+            pg.uri("warehouse")
+        ),
+    )
+    .unwrap();
+
+    let mut child = start(&file, &log);
+    eventually(
+        "the sink table to be created",
+        Duration::from_secs(60),
+        || async { count(&dst, "replica.t").await >= 0 },
+    )
+    .await;
+
+    // 100k rows in 100 transactions, with updates and deletes mixed in.
+    let load_client = pg.client("shop").await;
+    let load = tokio::spawn(async move {
+        for k in 0..100i64 {
+            load_client
+                .batch_execute(&format!(
+                    "BEGIN; INSERT INTO t SELECT i, md5(i::text), 0 FROM generate_series({}, {}) i;
+                     UPDATE t SET n = n + 1 WHERE id % 7 = 0 AND id > {}; DELETE FROM t WHERE id % 100 = 99 AND id > {}; COMMIT;",
+                    k * 1000 + 1,
+                    k * 1000 + 1000,
+                    k * 1000 - 2000,
+                    k * 1000 - 1000
+                ))
+                .await
+                .unwrap();
+        }
+    });
+
+    let started = Instant::now();
+    eventually(
+        "part of the stream to reach the sink",
+        Duration::from_secs(120),
+        || async { count(&dst, "replica.t").await >= 10_000 },
+    )
+    .await;
+    let at_kill = count(&dst, "replica.t").await;
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    println!(
+        "killed after {:?} with {at_kill} rows in the sink",
+        started.elapsed()
+    );
+    load.await.unwrap();
+    assert!(
+        at_kill < 99_000,
+        "the kill should land mid-stream, but the sink already had {at_kill} rows"
+    );
+
+    let mut child = start(&file, &log);
+    wait_same(&src, "t", &dst, "replica.t", "id", Duration::from_secs(180)).await;
+    assert_eq!(count(&dst, "replica.t").await, 99_000);
+
+    // A graceful stop (SIGTERM) exits 0.
+    let pid = child.id().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let status = child.wait().unwrap();
+    let output = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "exit {status:?}; log:\n{output}");
+    assert!(output.contains("stopped"), "{output}");
+    assert!(
+        !output.contains(support::PASSWORD),
+        "the password leaked into the output"
+    );
+}
