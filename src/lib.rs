@@ -4,6 +4,7 @@ pub mod crd;
 pub mod dead_letters;
 pub mod engine;
 pub mod health;
+pub mod operator;
 pub mod standalone;
 pub mod supervisor;
 pub mod validate;

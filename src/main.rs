@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use philotes::engine::config::PipelineConfig;
-use philotes::{crd, dead_letters, standalone};
+use philotes::{crd, dead_letters, operator, standalone};
 
 /// Philotes: PostgreSQL change-data-capture pipelines on Kubernetes.
 #[derive(Parser)]
@@ -24,6 +24,23 @@ enum Command {
         file: String,
         #[arg(long, default_value = "0.0.0.0:8081", env = "PHILOTES_HEALTH_ADDR")]
         health_addr: SocketAddr,
+    },
+    /// Run the Kubernetes operator: reconcile CdcPipeline resources into pipeline workers.
+    Operator {
+        /// Watch only this namespace (default: all namespaces).
+        #[arg(long, env = "PHILOTES_NAMESPACE")]
+        namespace: Option<String>,
+        #[arg(long, default_value = "0.0.0.0:8081", env = "PHILOTES_HEALTH_ADDR")]
+        health_addr: SocketAddr,
+        /// Secret (in each pipeline's namespace) holding the buffer database URI for pipelines that name none.
+        #[arg(long, env = "PHILOTES_DEFAULT_BUFFER_SECRET")]
+        default_buffer_secret: Option<String>,
+        #[arg(
+            long,
+            default_value = "uri",
+            env = "PHILOTES_DEFAULT_BUFFER_SECRET_KEY"
+        )]
+        default_buffer_secret_key: String,
     },
     /// Print the CdcPipeline CustomResourceDefinition as YAML.
     Crd,
@@ -100,6 +117,28 @@ fn shutdown_on_signal() -> CancellationToken {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Operator {
+            namespace,
+            health_addr,
+            default_buffer_secret,
+            default_buffer_secret_key,
+        } => {
+            let client = kube::Client::try_default()
+                .await
+                .context("no Kubernetes configuration (in-cluster or KUBECONFIG)")?;
+            let cfg = operator::OperatorConfig {
+                namespace: namespace.filter(|n| !n.is_empty()),
+                default_buffer: default_buffer_secret.filter(|n| !n.is_empty()).map(|name| {
+                    crd::SecretKeyRef {
+                        name,
+                        key: default_buffer_secret_key,
+                    }
+                }),
+                health_addr: Some(health_addr),
+                instance: std::env::var("POD_NAME").ok(),
+            };
+            operator::run(client, cfg, shutdown_on_signal()).await?;
+        }
         Command::Crd => {
             print!("{}", crd::crd_yaml()?);
         }

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::Mutex;
 
@@ -27,7 +28,13 @@ pub enum Action {
 #[derive(Debug, Clone, Copy)]
 pub struct Running<'a> {
     pub config: &'a PipelineConfig,
+    /// How long ago the worker gave up on an error that needs a person, if it did.
+    pub failed_for: Option<Duration>,
 }
+
+/// A worker that gave up on a configuration error is tried again this long after, in case the
+/// cause (a missing table, a password) was fixed outside the spec.
+pub const RETRY_FAILED_AFTER: Duration = Duration::from_secs(60);
 
 pub fn plan(
     desired: Option<(&PipelineConfig, DesiredState)>,
@@ -38,7 +45,9 @@ pub fn plan(
         (None, Some(_)) | (Some((_, DesiredState::Stopped)), Some(_)) => Action::Stop,
         (Some(_), None) => Action::Start,
         (Some((want, _)), Some(run)) => {
-            if !want.same_except_delivery(run.config) {
+            if !want.same_except_delivery(run.config)
+                || run.failed_for.is_some_and(|d| d >= RETRY_FAILED_AFTER)
+            {
                 Action::Restart
             } else if want.delivery != run.config.delivery {
                 match want.delivery {
@@ -76,7 +85,10 @@ impl Supervisor {
         let mut map = self.pipelines.lock().await;
         let action = plan(
             desired.as_ref().map(|(c, s)| (c, *s)),
-            map.get(id).map(|h| Running { config: h.config() }),
+            map.get(id).map(|h| Running {
+                config: h.config(),
+                failed_for: h.failed_for(),
+            }),
         );
         match action {
             Action::Nothing => {}
@@ -173,7 +185,6 @@ impl Supervisor {
 mod tests {
     use super::*;
     use crate::engine::config::{ConnString, RetryPolicy, TableName};
-    use std::time::Duration;
 
     fn config() -> PipelineConfig {
         let c = ConnString::parse("postgres://u:p@h:5432/d").unwrap();
@@ -212,7 +223,10 @@ mod tests {
     #[test]
     fn plans() {
         let run = config();
-        let running = Some(Running { config: &run });
+        let running = Some(Running {
+            config: &run,
+            failed_for: None,
+        });
         assert_eq!(
             plan(Some((&run, DesiredState::Running)), None),
             Action::Start
@@ -240,7 +254,10 @@ mod tests {
         assert_eq!(
             plan(
                 Some((&run, DesiredState::Running)),
-                Some(Running { config: &paused })
+                Some(Running {
+                    config: &paused,
+                    failed_for: None
+                })
             ),
             Action::Resume
         );

@@ -74,7 +74,6 @@ pub struct SourceSpec {
     /// Secret key holding a connection URI `postgres://user:password@host:port/database`.
     pub connection_secret_ref: SecretKeyRef,
     /// Tables to capture, as `schema.table` (or `table` for `public`). Each needs a primary key.
-    #[serde(default)]
     #[schemars(length(min = 1))]
     pub tables: Vec<String>,
     /// Publication name; default derived from the resource uid. Created when missing.
@@ -239,6 +238,7 @@ fn default_check_interval() -> String {
 #[serde(rename_all = "camelCase")]
 pub struct CdcPipelineStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "phase_schema")]
     pub phase: Option<Phase>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
@@ -275,6 +275,15 @@ pub struct CdcPipelineStatus {
 
 pub use crate::engine::state::Phase;
 
+/// A plain string enum (schemars would add `null` to the enum of an Option, which kubectl rejects).
+fn phase_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "string",
+        "enum": ["Starting", "Running", "Paused", "Stopping", "Stopped", "Failed"],
+        "description": "Phase of the pipeline's worker."
+    })
+}
+
 /// A standard Kubernetes condition.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -284,7 +293,6 @@ pub struct Condition {
     /// True, False or Unknown.
     pub status: String,
     pub reason: String,
-    #[serde(default)]
     pub message: String,
     /// RFC 3339 time of the last change of `status`.
     pub last_transition_time: String,

@@ -78,6 +78,8 @@ pub struct Shared {
     pub processed_lsn: AtomicU64,
     texts: Mutex<Texts>,
     changed: Notify,
+    /// When the worker ended by itself (failed for good).
+    ended_at: Mutex<Option<std::time::Instant>>,
 }
 
 impl Shared {
@@ -93,8 +95,12 @@ impl Shared {
             backpressured: AtomicBool::new(false),
             durable_lsn: AtomicU64::new(0),
             processed_lsn: AtomicU64::new(0),
-            texts: Mutex::new(Texts::default()),
+            texts: Mutex::new(Texts {
+                message: "starting".into(),
+                ..Texts::default()
+            }),
             changed: Notify::new(),
+            ended_at: Mutex::new(None),
         }
     }
 
@@ -254,6 +260,16 @@ impl PipelineHandle {
         self.task.is_finished()
     }
 
+    /// How long ago the worker gave up by itself (a failure that needs a person), if it did.
+    pub fn failed_for(&self) -> Option<Duration> {
+        (*self
+            .shared
+            .ended_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()))
+        .map(|t| t.elapsed())
+    }
+
     /// Stops the worker: the reader flushes what it holds, the processor finishes its batch.
     pub async fn stop(self) -> Progress {
         self.shared.set_phase(Phase::Stopping);
@@ -281,11 +297,11 @@ async fn supervise(
     let done = CancellationToken::new();
     let publisher = tokio::spawn(publish(shared.clone(), progress_tx, done.clone()));
     let mut restarts = retry::backoff(&cfg.retry, None);
-    loop {
+    let failed_for_good = loop {
         shared.set_phase(Phase::Starting);
         let result = run_session(&cfg, &shared, delivery_rx.clone(), cancel.clone()).await;
         if cancel.is_cancelled() {
-            break;
+            break false;
         }
         let e = match result {
             Ok(()) => EngineError::Protocol("the pipeline's tasks ended unexpectedly".into()),
@@ -295,8 +311,7 @@ async fn supervise(
             tracing::error!(pipeline = %cfg.name, error = %e, fix = %e.fix(), "pipeline failed; not retrying");
             shared.fail(&e, false);
             shared.set_message(format!("{e}; fix: {}", e.fix()));
-            cancel.cancelled().await;
-            break;
+            break true;
         }
         let delay = restarts.next().unwrap_or(cfg.retry.max_interval);
         tracing::warn!(pipeline = %cfg.name, error = %e, ?delay, "pipeline failed; restarting");
@@ -306,13 +321,19 @@ async fn supervise(
             humantime::format_duration(round(delay))
         ));
         tokio::select! {
-            _ = cancel.cancelled() => break,
+            _ = cancel.cancelled() => break false,
             _ = tokio::time::sleep(delay) => {}
         }
+    };
+    if failed_for_good {
+        *shared.ended_at.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(std::time::Instant::now());
+    } else {
+        shared.set_phase(Phase::Stopping);
+        shared.set_phase(Phase::Stopped);
+        shared
+            .set_message("stopped; the slot is kept and retains WAL until the pipeline runs again");
     }
-    shared.set_phase(Phase::Stopping);
-    shared.set_phase(Phase::Stopped);
-    shared.set_message("stopped; the slot is kept and retains WAL until the pipeline runs again");
     done.cancel();
     let _ = publisher.await;
 }

@@ -2,6 +2,8 @@
 //! free port on 127.0.0.1, SCRAM passwords), and helpers to compare tables.
 #![allow(dead_code)]
 
+pub mod k8s;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::Command;

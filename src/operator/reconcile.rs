@@ -1,0 +1,240 @@
+//! Reconcile: finalizer first, then dereference (Secrets) → validate (pure) → plan and apply to the
+//! supervisor → hand the status inputs to the pipeline's status writer. Never streams.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::Api;
+use kube::runtime::controller::Action;
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::{Resource, ResourceExt};
+
+use super::reporter::{self, Input, Target};
+use super::status::Inputs;
+use super::{Context, Error};
+use crate::crd::{CdcPipeline, CdcPipelineSpec, ReclaimPolicy, SecretKeyRef};
+use crate::supervisor::Action as Planned;
+use crate::validate::{Identity, Secrets, validate};
+
+pub const FINALIZER: &str = "philotes.io/cleanup";
+
+pub async fn reconcile(obj: Arc<CdcPipeline>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = obj.namespace().unwrap_or_default();
+    let api: Api<CdcPipeline> = Api::namespaced(ctx.client.clone(), &ns);
+    finalizer(&api, FINALIZER, obj, |event| async {
+        match event {
+            Finalizer::Apply(o) => apply(o, &ctx).await,
+            Finalizer::Cleanup(o) => cleanup(o, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+pub fn error_policy(obj: Arc<CdcPipeline>, err: &Error, _ctx: Arc<Context>) -> Action {
+    tracing::warn!(pipeline = %obj.name_any(), error = %err, "reconcile failed; retrying in 10s");
+    Action::requeue(Duration::from_secs(10))
+}
+
+/// The Secrets a spec refers to.
+pub fn secret_refs<'a>(
+    spec: &'a CdcPipelineSpec,
+    default_buffer: Option<&'a SecretKeyRef>,
+) -> Vec<&'a SecretKeyRef> {
+    let mut refs = vec![
+        &spec.source.connection_secret_ref,
+        &spec.sink.postgres.connection_secret_ref,
+    ];
+    match (&spec.buffer.connection_secret_ref, default_buffer) {
+        (Some(r), _) => refs.push(r),
+        (None, Some(r)) => refs.push(r),
+        (None, None) => {}
+    }
+    refs
+}
+
+/// Reads the referenced Secrets; a missing one is left out (validation names it).
+async fn dereference(ctx: &Context, ns: &str, spec: &CdcPipelineSpec) -> Result<Secrets, Error> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
+    let mut out = Secrets::new();
+    for r in secret_refs(spec, ctx.default_buffer.as_ref()) {
+        if out.contains_key(&r.name) {
+            continue;
+        }
+        if let Some(s) = api.get_opt(&r.name).await? {
+            let mut data: BTreeMap<String, String> = BTreeMap::new();
+            for (k, v) in s.data.unwrap_or_default() {
+                if let Ok(text) = String::from_utf8(v.0) {
+                    data.insert(k, text);
+                }
+            }
+            data.extend(s.string_data.unwrap_or_default());
+            out.insert(r.name.clone(), data);
+        }
+    }
+    Ok(out)
+}
+
+fn identity(obj: &CdcPipeline) -> Identity {
+    Identity {
+        uid: obj.uid().unwrap_or_default(),
+        namespace: obj.namespace().unwrap_or_default(),
+        name: obj.name_any(),
+    }
+}
+
+fn target(ctx: &Context, obj: &CdcPipeline) -> Target {
+    Target {
+        client: ctx.client.clone(),
+        recorder: ctx.recorder.clone(),
+        namespace: obj.namespace().unwrap_or_default(),
+        name: obj.name_any(),
+        reference: obj.object_ref(&()),
+        current: obj.status.clone(),
+    }
+}
+
+async fn apply(obj: Arc<CdcPipeline>, ctx: &Context) -> Result<Action, Error> {
+    let id = identity(&obj);
+    let secrets = dereference(ctx, &id.namespace, &obj.spec).await?;
+    let reference = obj.object_ref(&());
+    match validate(&id, &obj.spec, &secrets, ctx.default_buffer.as_ref()) {
+        Err(errors) => {
+            if ctx.supervisor.apply(&id.uid, None).await == Planned::Stop {
+                reporter::publish(
+                    &ctx.recorder,
+                    &reference,
+                    true,
+                    "Stopped",
+                    "stopped: the spec became invalid".into(),
+                )
+                .await;
+            }
+            let text = errors
+                .iter()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("; ");
+            let inputs = Inputs {
+                generation: obj.meta().generation,
+                desired: obj.spec.state,
+                invalid: Some(errors),
+                slot: None,
+                publication: None,
+            };
+            if obj.status.as_ref().and_then(|s| s.observed_generation) != obj.meta().generation {
+                reporter::publish(&ctx.recorder, &reference, true, "InvalidSpec", text).await;
+            }
+            ctx.reporters
+                .update(
+                    &id.uid,
+                    target(ctx, &obj),
+                    Input {
+                        inputs,
+                        progress: None,
+                    },
+                )
+                .await;
+            // A fix comes as a spec or Secret change, which triggers a reconcile.
+            Ok(Action::requeue(Duration::from_secs(300)))
+        }
+        Ok((config, desired)) => {
+            let inputs = Inputs {
+                generation: obj.meta().generation,
+                desired,
+                invalid: None,
+                slot: Some(config.slot.clone()),
+                publication: Some(config.publication.clone()),
+            };
+            let planned = ctx.supervisor.apply(&id.uid, Some((config, desired))).await;
+            let note = match planned {
+                Planned::Start => Some(("Started", "worker started".to_string())),
+                Planned::Restart => Some((
+                    "Restarted",
+                    "worker restarted: its configuration or a referenced Secret changed".into(),
+                )),
+                Planned::Pause => Some((
+                    "Pausing",
+                    "delivery to the sink pauses (spec.state: Paused)".into(),
+                )),
+                Planned::Resume => Some(("Resuming", "delivery to the sink resumes".into())),
+                Planned::Stop => Some((
+                    "Stopping",
+                    "worker stops (spec.state: Stopped); the slot is kept and retains WAL".into(),
+                )),
+                Planned::Nothing => None,
+            };
+            if let Some((reason, note)) = note {
+                tracing::info!(pipeline = %format!("{}/{}", id.namespace, id.name), action = ?planned, "reconciled");
+                reporter::publish(
+                    &ctx.recorder,
+                    &reference,
+                    planned == Planned::Stop,
+                    reason,
+                    note,
+                )
+                .await;
+            }
+            let progress = ctx.supervisor.progress(&id.uid).await;
+            ctx.reporters
+                .update(&id.uid, target(ctx, &obj), Input { inputs, progress })
+                .await;
+            Ok(Action::requeue(
+                crate::supervisor::RETRY_FAILED_AFTER + Duration::from_secs(5),
+            ))
+        }
+    }
+}
+
+/// Deletion: stop the worker; with `reclaimPolicy: Delete`, drop the slot and publication this
+/// pipeline created, tolerating that they or the source are gone already.
+async fn cleanup(obj: Arc<CdcPipeline>, ctx: &Context) -> Result<Action, Error> {
+    let id = identity(&obj);
+    ctx.supervisor.apply(&id.uid, None).await;
+    ctx.reporters.remove(&id.uid).await;
+    let reference = obj.object_ref(&());
+    let slot = obj
+        .status
+        .as_ref()
+        .and_then(|s| s.slot_name.clone())
+        .unwrap_or_default();
+    if obj.spec.reclaim_policy == ReclaimPolicy::Retain {
+        reporter::publish(
+            &ctx.recorder,
+            &reference,
+            true,
+            "SlotRetained",
+            format!("reclaimPolicy Retain: replication slot {slot} stays and retains WAL until dropped (SELECT pg_drop_replication_slot('{slot}'))"),
+        )
+        .await;
+        return Ok(Action::await_change());
+    }
+    let secrets = dereference(ctx, &id.namespace, &obj.spec).await?;
+    let outcome = match validate(&id, &obj.spec, &secrets, ctx.default_buffer.as_ref()) {
+        Ok((config, _)) => match tokio::time::timeout(Duration::from_secs(60), crate::engine::reclaim(&config)).await {
+            Ok(Ok(dropped)) if dropped.is_empty() => Ok("nothing to drop: the slot and publication were not created by Philotes or are gone".to_string()),
+            Ok(Ok(dropped)) => Ok(format!("dropped {}", dropped.join(" and "))),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("the source did not answer within 60s".into()),
+        },
+        Err(errors) => Err(errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")),
+    };
+    match outcome {
+        Ok(note) => reporter::publish(&ctx.recorder, &reference, false, "Reclaimed", note).await,
+        Err(e) => {
+            // Deletion goes on: a pipeline must not be stuck because its source is gone.
+            tracing::warn!(pipeline = %id.name, error = %e, "could not drop the slot and publication");
+            reporter::publish(
+                &ctx.recorder,
+                &reference,
+                true,
+                "ReclaimFailed",
+                format!("could not drop slot {slot}: {e}; drop it by hand if it still exists"),
+            )
+            .await;
+        }
+    }
+    Ok(Action::await_change())
+}

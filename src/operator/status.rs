@@ -1,0 +1,313 @@
+//! Pure status computation: what the resource's status should say, from the spec, the validation
+//! result and the worker's progress. Conditions keep their `lastTransitionTime` while their status
+//! stays the same, so an unchanged pipeline computes an identical status and nothing is written.
+
+use crate::crd::{CdcPipelineStatus, Condition, DesiredState, Phase};
+use crate::engine::Progress;
+use crate::validate::SpecError;
+
+/// What status is computed from, besides the worker's progress.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Inputs {
+    pub generation: Option<i64>,
+    pub desired: DesiredState,
+    /// Problems found in the spec (or its Secrets): the pipeline cannot run.
+    pub invalid: Option<Vec<SpecError>>,
+    pub slot: Option<String>,
+    pub publication: Option<String>,
+}
+
+/// A condition; an empty message becomes the reason (the 1.20 API server turns "" into null in
+/// server-side apply and then refuses it).
+fn cond(
+    type_: &str,
+    ok: Option<bool>,
+    reason: &str,
+    message: impl Into<String>,
+    generation: Option<i64>,
+) -> Condition {
+    let message = message.into();
+    Condition {
+        type_: type_.into(),
+        status: match ok {
+            Some(true) => "True",
+            Some(false) => "False",
+            None => "Unknown",
+        }
+        .into(),
+        reason: reason.into(),
+        message: if message.is_empty() {
+            reason.to_string()
+        } else {
+            message
+        },
+        last_transition_time: String::new(),
+        observed_generation: generation,
+    }
+}
+
+/// Status for `inputs` and `progress` (None: no worker runs), keeping transition times from `prev`.
+pub fn compute(
+    inputs: &Inputs,
+    progress: Option<&Progress>,
+    prev: Option<&CdcPipelineStatus>,
+    now: &str,
+) -> CdcPipelineStatus {
+    let g = inputs.generation;
+    let mut s = CdcPipelineStatus {
+        observed_generation: g,
+        slot_name: inputs.slot.clone(),
+        publication_name: inputs.publication.clone(),
+        ..Default::default()
+    };
+    let mut conditions = Vec::new();
+    if let Some(errors) = &inputs.invalid {
+        let text = errors
+            .iter()
+            .map(|e| e.to_string())
+            .collect::<Vec<_>>()
+            .join("; ");
+        s.phase = Some(Phase::Failed);
+        s.last_error = Some(text.clone());
+        s.message = Some(format!("invalid spec: {text}"));
+        conditions.push(cond("Ready", Some(false), "InvalidSpec", text, g));
+        conditions.push(cond("SourceConnected", None, "InvalidSpec", "", g));
+        conditions.push(cond("SinkHealthy", None, "InvalidSpec", "", g));
+        conditions.push(cond("Backpressured", Some(false), "NotRunning", "", g));
+    } else if let Some(p) = progress {
+        s.phase = Some(p.phase);
+        if !p.ownership.slot_name.is_empty() {
+            s.slot_name = Some(p.ownership.slot_name.clone());
+            s.publication_name = Some(p.ownership.publication_name.clone());
+            s.slot_created = Some(p.ownership.slot_created);
+            s.publication_created = Some(p.ownership.publication_created);
+        }
+        s.confirmed_lsn = p.confirmed_lsn.clone();
+        s.lag_bytes = Some(p.lag_bytes);
+        s.buffer_depth = Some(p.buffer_depth);
+        s.events_read = Some(p.events_read as i64);
+        s.events_delivered = Some(p.events_delivered as i64);
+        s.events_dead_lettered = Some(p.events_dead_lettered as i64);
+        s.last_error = p.last_error.clone();
+        s.message = Some(match (&p.last_error, &p.fix) {
+            (Some(e), Some(fix)) if p.phase == Phase::Failed => {
+                format!(
+                    "{e}; fix: {fix}{}",
+                    if p.retrying { " (retrying)" } else { "" }
+                )
+            }
+            _ => p.message.clone(),
+        });
+        let (ready, reason, msg) = match p.phase {
+            Phase::Running if p.source_connected && p.sink_healthy => {
+                (true, "Streaming", "changes flow to the sink".to_string())
+            }
+            Phase::Running if !p.sink_healthy => (
+                false,
+                "SinkUnavailable",
+                p.last_error.clone().unwrap_or_default(),
+            ),
+            Phase::Running => (
+                false,
+                "SourceDisconnected",
+                p.last_error.clone().unwrap_or_default(),
+            ),
+            Phase::Paused => (
+                false,
+                "Paused",
+                "delivery to the sink is paused (spec.state: Paused)".into(),
+            ),
+            Phase::Failed => (false, "Failed", p.last_error.clone().unwrap_or_default()),
+            other => (false, other.as_str(), p.message.clone()),
+        };
+        conditions.push(cond("Ready", Some(ready), reason, msg, g));
+        conditions.push(cond(
+            "SourceConnected",
+            Some(p.source_connected),
+            if p.source_connected {
+                "Streaming"
+            } else {
+                "NotConnected"
+            },
+            "",
+            g,
+        ));
+        conditions.push(cond(
+            "SinkHealthy",
+            Some(p.sink_healthy),
+            if p.sink_healthy {
+                "Healthy"
+            } else {
+                "Unavailable"
+            },
+            if p.sink_healthy {
+                String::new()
+            } else {
+                p.last_error.clone().unwrap_or_default()
+            },
+            g,
+        ));
+        conditions.push(cond(
+            "Backpressured",
+            Some(p.backpressured),
+            if p.backpressured { "BufferFull" } else { "BelowWatermark" },
+            if p.backpressured { "the buffer holds more undelivered changes than highWatermark; reading is paused and the slot retains WAL" } else { "" },
+            g,
+        ));
+    } else {
+        // No worker: stopped on purpose (or not started yet).
+        let stopped = inputs.desired == DesiredState::Stopped;
+        s.phase = Some(if stopped {
+            Phase::Stopped
+        } else {
+            Phase::Starting
+        });
+        s.lag_bytes = prev.and_then(|p| p.lag_bytes);
+        s.confirmed_lsn = prev.and_then(|p| p.confirmed_lsn.clone());
+        s.slot_created = prev.and_then(|p| p.slot_created);
+        s.publication_created = prev.and_then(|p| p.publication_created);
+        s.message = Some(if stopped {
+            "stopped (spec.state: Stopped); the slot is kept and retains WAL".into()
+        } else {
+            "starting".into()
+        });
+        conditions.push(cond(
+            "Ready",
+            Some(false),
+            if stopped { "Stopped" } else { "Starting" },
+            "",
+            g,
+        ));
+        conditions.push(cond("SourceConnected", Some(false), "NotRunning", "", g));
+        conditions.push(cond("SinkHealthy", None, "NotRunning", "", g));
+        conditions.push(cond("Backpressured", Some(false), "NotRunning", "", g));
+    }
+    if inputs.desired == DesiredState::Stopped && inputs.invalid.is_none() {
+        let slot = s.slot_name.clone().unwrap_or_default();
+        conditions.push(cond(
+            "WalRetained",
+            Some(true),
+            "Stopped",
+            format!("slot {slot} is kept while the pipeline is stopped, so the source retains WAL from its position on; set spec.state to Running, or delete the pipeline with reclaimPolicy: Delete"),
+            g,
+        ));
+    }
+    for c in &mut conditions {
+        c.last_transition_time = prev
+            .and_then(|p| {
+                p.conditions
+                    .iter()
+                    .find(|o| o.type_ == c.type_ && o.status == c.status)
+            })
+            .map(|o| o.last_transition_time.clone())
+            .unwrap_or_else(|| now.to_string());
+    }
+    s.conditions = conditions;
+    s.message = s.message.filter(|m| !m.is_empty());
+    s.last_error = s.last_error.filter(|m| !m.is_empty());
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::buffer::Ownership;
+
+    fn inputs(desired: DesiredState) -> Inputs {
+        Inputs {
+            generation: Some(3),
+            desired,
+            invalid: None,
+            slot: Some("s".into()),
+            publication: Some("p".into()),
+        }
+    }
+
+    fn progress(phase: Phase) -> Progress {
+        Progress {
+            phase,
+            source_connected: true,
+            sink_healthy: true,
+            backpressured: false,
+            ownership: Ownership {
+                slot_name: "s".into(),
+                publication_name: "p".into(),
+                slot_created: true,
+                publication_created: true,
+            },
+            confirmed_lsn: Some("0/1".into()),
+            lag_bytes: 10,
+            buffer_depth: 0,
+            events_read: 5,
+            events_delivered: 5,
+            events_dead_lettered: 0,
+            last_error: None,
+            fix: None,
+            retrying: false,
+            message: "streaming".into(),
+        }
+    }
+
+    fn find<'a>(s: &'a CdcPipelineStatus, t: &str) -> &'a Condition {
+        s.conditions.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    #[test]
+    fn running_is_ready_and_unchanged_status_is_identical() {
+        let a = compute(
+            &inputs(DesiredState::Running),
+            Some(&progress(Phase::Running)),
+            None,
+            "T1",
+        );
+        assert_eq!(a.phase, Some(Phase::Running));
+        assert_eq!(a.observed_generation, Some(3));
+        assert_eq!(find(&a, "Ready").status, "True");
+        assert_eq!(find(&a, "Ready").last_transition_time, "T1");
+        let b = compute(
+            &inputs(DesiredState::Running),
+            Some(&progress(Phase::Running)),
+            Some(&a),
+            "T2",
+        );
+        assert_eq!(a, b, "nothing changed, so nothing to write");
+        let mut p = progress(Phase::Running);
+        p.sink_healthy = false;
+        p.last_error = Some("sink down".into());
+        let c = compute(&inputs(DesiredState::Running), Some(&p), Some(&b), "T3");
+        assert_eq!(find(&c, "Ready").status, "False");
+        assert_eq!(find(&c, "Ready").reason, "SinkUnavailable");
+        assert_eq!(find(&c, "Ready").last_transition_time, "T3");
+        assert_eq!(find(&c, "SourceConnected").last_transition_time, "T1");
+    }
+
+    #[test]
+    fn invalid_paused_and_stopped() {
+        let mut i = inputs(DesiredState::Running);
+        i.invalid = Some(vec![SpecError {
+            field: "spec.buffer.flushInterval".into(),
+            problem: "\"soon\" is not a duration".into(),
+            fix: "write 1s".into(),
+        }]);
+        let s = compute(&i, None, None, "T");
+        assert_eq!(s.phase, Some(Phase::Failed));
+        assert_eq!(find(&s, "Ready").reason, "InvalidSpec");
+        assert!(
+            find(&s, "Ready")
+                .message
+                .contains("spec.buffer.flushInterval")
+        );
+
+        let s = compute(
+            &inputs(DesiredState::Paused),
+            Some(&progress(Phase::Paused)),
+            None,
+            "T",
+        );
+        assert_eq!(find(&s, "Ready").reason, "Paused");
+
+        let s = compute(&inputs(DesiredState::Stopped), None, None, "T");
+        assert_eq!(s.phase, Some(Phase::Stopped));
+        assert_eq!(find(&s, "WalRetained").status, "True");
+    }
+}

@@ -1,0 +1,498 @@
+//! The operator end to end: a real kube-apiserver (scripts/envtest.sh), a real PostgreSQL, the
+//! operator's controller running in the test process. Each test has its own namespace and servers.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::Client;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use philotes::crd::{CdcPipeline, Phase};
+use philotes::operator::{self, OperatorConfig};
+use serde_json::json;
+use support::k8s::{ApiServer, install_crd};
+use support::{Pg, count, dump, eventually, wait_same};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(90);
+
+struct Operator {
+    stop: CancellationToken,
+    task: JoinHandle<Result<(), operator::Error>>,
+}
+
+fn start_operator(client: &Client, ns: &str) -> Operator {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,philotes=info".into()),
+        )
+        .with_test_writer()
+        .try_init();
+    let stop = CancellationToken::new();
+    let cfg = OperatorConfig {
+        namespace: Some(ns.to_string()),
+        default_buffer: None,
+        health_addr: None,
+        instance: Some("test".into()),
+    };
+    let task = tokio::spawn(operator::run(client.clone(), cfg, stop.clone()));
+    Operator { stop, task }
+}
+
+impl Operator {
+    async fn shutdown(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(60), self.task)
+            .await
+            .expect("operator did not stop")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+async fn namespace(client: &Client, ns: &str) {
+    let api: Api<Namespace> = Api::all(client.clone());
+    api.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
+    )
+    .await
+    .unwrap();
+}
+
+async fn secret(client: &Client, ns: &str, name: &str, uri: &str) {
+    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let s: Secret =
+        serde_json::from_value(json!({"metadata": {"name": name}, "stringData": {"uri": uri}}))
+            .unwrap();
+    api.patch(name, &PatchParams::apply("test").force(), &Patch::Apply(&s))
+        .await
+        .unwrap();
+}
+
+async fn pipeline(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    spec: serde_json::Value,
+) -> Api<CdcPipeline> {
+    let api: Api<CdcPipeline> = Api::namespaced(client.clone(), ns);
+    let p: CdcPipeline = serde_json::from_value(json!({
+        "apiVersion": "philotes.io/v1alpha1", "kind": "CdcPipeline",
+        "metadata": {"name": name}, "spec": spec
+    }))
+    .unwrap();
+    api.create(&PostParams::default(), &p).await.unwrap();
+    api
+}
+
+fn spec(tables: &[&str], extra: serde_json::Value) -> serde_json::Value {
+    let mut s = json!({
+        "source": {"connectionSecretRef": {"name": "source-db", "key": "uri"}, "tables": tables},
+        "sink": {"postgres": {"connectionSecretRef": {"name": "sink-db", "key": "uri"}, "schema": "replica"}},
+        "buffer": {"batchSize": 500, "flushInterval": "200ms"},
+        "retry": {"maxAttempts": 2, "initialInterval": "100ms", "maxInterval": "1s"},
+    });
+    if let (Some(o), Some(e)) = (s.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            o.insert(k.clone(), v.clone());
+        }
+    }
+    s
+}
+
+async fn wait_status(
+    api: &Api<CdcPipeline>,
+    name: &str,
+    what: &str,
+    f: impl Fn(&CdcPipeline) -> bool,
+) -> CdcPipeline {
+    let start = Instant::now();
+    loop {
+        let p = api.get(name).await.unwrap();
+        if f(&p) {
+            return p;
+        }
+        assert!(
+            start.elapsed() < WAIT,
+            "timed out waiting for {what}; status: {:#?}",
+            p.status
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn phase(p: &CdcPipeline) -> Option<Phase> {
+    p.status.as_ref().and_then(|s| s.phase)
+}
+
+fn condition<'a>(p: &'a CdcPipeline, t: &str) -> Option<&'a philotes::crd::Condition> {
+    p.status.as_ref()?.conditions.iter().find(|c| c.type_ == t)
+}
+
+async fn set_state(api: &Api<CdcPipeline>, name: &str, state: &str) {
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"state": state}})),
+    )
+    .await
+    .unwrap();
+}
+
+async fn slot_exists(src: &tokio_postgres::Client, slot: &str) -> bool {
+    src.query_one(
+        "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+        &[&slot],
+    )
+    .await
+    .unwrap()
+    .get::<_, i64>(0)
+        == 1
+}
+
+async fn publication_exists(src: &tokio_postgres::Client, name: &str) -> bool {
+    src.query_one(
+        "SELECT count(*) FROM pg_publication WHERE pubname = $1",
+        &[&name],
+    )
+    .await
+    .unwrap()
+    .get::<_, i64>(0)
+        == 1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_pause_resume_secret_change_and_retain() {
+    let pg = Pg::start();
+    pg.create_db("shop").await;
+    pg.create_db("warehouse").await;
+    pg.create_db("warehouse2").await;
+    let src = pg.client("shop").await;
+    src.batch_execute(
+        "CREATE TABLE orders (id int PRIMARY KEY, status text, amount numeric(10,2))",
+    )
+    .await
+    .unwrap();
+    let dst = pg.client("warehouse").await;
+
+    let k8s = ApiServer::start();
+    let client = k8s.client().await;
+    install_crd(&client).await;
+    let ns = "lifecycle";
+    namespace(&client, ns).await;
+    secret(&client, ns, "source-db", &pg.uri("shop")).await;
+    secret(&client, ns, "sink-db", &pg.uri("warehouse")).await;
+    let op = start_operator(&client, ns);
+    let api = pipeline(&client, ns, "orders", spec(&["public.orders"], json!({}))).await;
+
+    let p = wait_status(&api, "orders", "phase Running", |p| {
+        phase(p) == Some(Phase::Running)
+    })
+    .await;
+    let status = p.status.clone().unwrap();
+    let uid = p.metadata.uid.clone().unwrap();
+    let slot = format!("philotes_{}", uid.replace('-', ""));
+    assert_eq!(
+        status.slot_name.as_deref(),
+        Some(slot.as_str()),
+        "slot name derived from the uid"
+    );
+    assert_eq!(status.publication_name.as_deref(), Some(slot.as_str()));
+    assert_eq!(status.observed_generation, p.metadata.generation);
+    assert!(
+        p.metadata
+            .finalizers
+            .unwrap_or_default()
+            .contains(&"philotes.io/cleanup".to_string())
+    );
+    assert!(slot_exists(&src, &slot).await);
+
+    src.batch_execute(
+        "INSERT INTO orders SELECT i, 'new', i * 1.5 FROM generate_series(1, 200) i;
+         UPDATE orders SET status = 'paid' WHERE id % 3 = 0; DELETE FROM orders WHERE id % 10 = 0;",
+    )
+    .await
+    .unwrap();
+    wait_same(&src, "orders", &dst, "replica.orders", "id", WAIT).await;
+    let p = wait_status(&api, "orders", "delivered count in status", |p| {
+        p.status
+            .as_ref()
+            .and_then(|s| s.events_delivered)
+            .unwrap_or(0)
+            >= 200
+            && condition(p, "Ready").is_some_and(|c| c.status == "True")
+    })
+    .await;
+    let ready_since = condition(&p, "Ready").unwrap().last_transition_time.clone();
+
+    // kubectl get shows the printer columns.
+    let table = k8s.kubectl(&["get", "cdcpipelines", "-n", ns]);
+    let header = table.lines().next().unwrap_or_default().to_string();
+    for col in ["NAME", "PHASE", "LAG", "DELIVERED", "AGE"] {
+        assert!(header.contains(col), "{table}");
+    }
+    assert!(table.contains("Running"), "{table}");
+
+    // Pause: phase Paused within 2 seconds, and the sink stops changing.
+    let asked = Instant::now();
+    set_state(&api, "orders", "Paused").await;
+    wait_status(&api, "orders", "phase Paused", |p| {
+        phase(p) == Some(Phase::Paused)
+    })
+    .await;
+    let took = asked.elapsed();
+    assert!(
+        took <= Duration::from_secs(2),
+        "Paused showed after {took:?}"
+    );
+    let frozen = dump(&dst, "replica.orders", "id").await;
+    src.batch_execute("INSERT INTO orders SELECT i, 'late', 1 FROM generate_series(201, 300) i; UPDATE orders SET amount = 0 WHERE id = 1")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        dump(&dst, "replica.orders", "id").await,
+        frozen,
+        "the sink changed while paused"
+    );
+    let p = api.get("orders").await.unwrap();
+    assert_eq!(condition(&p, "Ready").unwrap().reason, "Paused");
+
+    // Resume: catches up.
+    set_state(&api, "orders", "Running").await;
+    wait_status(&api, "orders", "phase Running again", |p| {
+        phase(p) == Some(Phase::Running)
+    })
+    .await;
+    wait_same(&src, "orders", &dst, "replica.orders", "id", WAIT).await;
+
+    // A Secret change restarts the pipeline with the new value: new changes go to the new sink.
+    secret(&client, ns, "sink-db", &pg.uri("warehouse2")).await;
+    let dst2 = pg.client("warehouse2").await;
+    eventually(
+        "the restarted pipeline to create tables in the new sink",
+        WAIT,
+        || async { count(&dst2, "replica.orders").await >= 0 },
+    )
+    .await;
+    src.batch_execute("INSERT INTO orders VALUES (1000, 'after secret change', 9)")
+        .await
+        .unwrap();
+    eventually("the new row in the new sink", WAIT, || async {
+        count(&dst2, "replica.orders").await == 1
+    })
+    .await;
+    assert_eq!(
+        count(&dst, "replica.orders").await,
+        count(&src, "orders").await - 1,
+        "the old sink got no more rows"
+    );
+    let p = wait_status(&api, "orders", "Running after restart", |p| {
+        phase(p) == Some(Phase::Running)
+    })
+    .await;
+    // The condition keeps its transition time when it did not change in between... or moved forward on the restart.
+    assert!(condition(&p, "Ready").unwrap().last_transition_time >= ready_since);
+
+    // Stopped: the worker ends, the slot is kept, and a condition warns about WAL.
+    set_state(&api, "orders", "Stopped").await;
+    let p = wait_status(&api, "orders", "phase Stopped", |p| {
+        phase(p) == Some(Phase::Stopped)
+    })
+    .await;
+    assert_eq!(condition(&p, "WalRetained").unwrap().status, "True");
+    assert!(slot_exists(&src, &slot).await);
+
+    // Delete with Retain: the slot and publication stay.
+    api.delete("orders", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually("the resource to be gone", WAIT, || async {
+        api.get_opt("orders").await.unwrap().is_none()
+    })
+    .await;
+    assert!(slot_exists(&src, &slot).await, "Retain keeps the slot");
+    assert!(
+        publication_exists(&src, &slot).await,
+        "Retain keeps the publication"
+    );
+    op.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_specs_fail_with_a_clear_condition_and_delete_reclaims() {
+    let pg = Pg::start();
+    pg.create_db("shop").await;
+    pg.create_db("warehouse").await;
+    let src = pg.client("shop").await;
+    src.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+
+    let k8s = ApiServer::start();
+    let client = k8s.client().await;
+    install_crd(&client).await;
+    let ns = "invalid";
+    namespace(&client, ns).await;
+    secret(&client, ns, "source-db", &pg.uri("shop")).await;
+    let op = start_operator(&client, ns);
+
+    // The sink Secret does not exist yet, and the flush interval is not a duration.
+    let api = pipeline(
+        &client,
+        ns,
+        "bad",
+        spec(
+            &["public.t"],
+            json!({"buffer": {"flushInterval": "soon"}, "reclaimPolicy": "Delete"}),
+        ),
+    )
+    .await;
+    let p = wait_status(&api, "bad", "phase Failed", |p| {
+        phase(p) == Some(Phase::Failed)
+    })
+    .await;
+    let ready = condition(&p, "Ready").unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "InvalidSpec")
+    );
+    assert!(
+        ready.message.contains("spec.buffer.flushInterval"),
+        "{ready:?}"
+    );
+    assert!(
+        ready
+            .message
+            .contains("spec.sink.postgres.connectionSecretRef.name"),
+        "{ready:?}"
+    );
+    assert!(ready.message.contains("fix:"), "{ready:?}");
+
+    // Fixing both makes it run.
+    secret(&client, ns, "sink-db", &pg.uri("warehouse")).await;
+    api.patch(
+        "bad",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"buffer": {"flushInterval": "200ms"}}})),
+    )
+    .await
+    .unwrap();
+    let p = wait_status(&api, "bad", "phase Running after the fix", |p| {
+        phase(p) == Some(Phase::Running)
+    })
+    .await;
+    let slot = p.status.unwrap().slot_name.unwrap();
+    assert!(slot_exists(&src, &slot).await && publication_exists(&src, &slot).await);
+
+    // A table that does not exist: Failed at start, naming the table.
+    let api2 = pipeline(&client, ns, "missing", spec(&["public.nope"], json!({}))).await;
+    let p = wait_status(&api2, "missing", "phase Failed", |p| {
+        phase(p) == Some(Phase::Failed)
+    })
+    .await;
+    let msg = p.status.unwrap().message.unwrap_or_default();
+    assert!(
+        msg.contains("spec.source.tables[0]") && msg.contains("public.nope does not exist"),
+        "{msg}"
+    );
+
+    // Delete with Delete: the slot and publication it created are dropped.
+    api.delete("bad", &DeleteParams::default()).await.unwrap();
+    eventually("the resource to be gone", WAIT, || async {
+        api.get_opt("bad").await.unwrap().is_none()
+    })
+    .await;
+    assert!(!slot_exists(&src, &slot).await, "slot dropped");
+    assert!(
+        !publication_exists(&src, &slot).await,
+        "publication dropped"
+    );
+
+    // Deleting when the source is gone does not hang.
+    api2.patch(
+        "missing",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"reclaimPolicy": "Delete"}})),
+    )
+    .await
+    .unwrap();
+    drop(src);
+    pg.stop_server();
+    api2.delete("missing", &DeleteParams::default())
+        .await
+        .unwrap();
+    eventually(
+        "the resource to be gone although its source is down",
+        WAIT,
+        || async { api2.get_opt("missing").await.unwrap().is_none() },
+    )
+    .await;
+    op.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_restart_resumes_with_nothing_lost() {
+    let pg = Pg::start();
+    pg.create_db("shop").await;
+    pg.create_db("warehouse").await;
+    let src = pg.client("shop").await;
+    let dst = pg.client("warehouse").await;
+    src.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+
+    let k8s = ApiServer::start();
+    let client = k8s.client().await;
+    install_crd(&client).await;
+    let ns = "restart";
+    namespace(&client, ns).await;
+    secret(&client, ns, "source-db", &pg.uri("shop")).await;
+    secret(&client, ns, "sink-db", &pg.uri("warehouse")).await;
+    let op = start_operator(&client, ns);
+    let api = pipeline(&client, ns, "p", spec(&["t"], json!({}))).await;
+    wait_status(&api, "p", "phase Running", |p| {
+        phase(p) == Some(Phase::Running)
+    })
+    .await;
+
+    let load_client = pg.client("shop").await;
+    let load = tokio::spawn(async move {
+        for k in 0..60 {
+            load_client
+                .batch_execute(&format!(
+                    "INSERT INTO t SELECT i, 'x' FROM generate_series({}, {}) i",
+                    k * 500 + 1,
+                    k * 500 + 500
+                ))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    eventually("some rows in the sink", WAIT, || async {
+        count(&dst, "replica.t").await >= 2000
+    })
+    .await;
+    op.shutdown().await;
+    let p = api.get("p").await.unwrap();
+    assert_eq!(
+        phase(&p),
+        Some(Phase::Stopped),
+        "the last status says the worker stopped"
+    );
+    load.await.unwrap();
+
+    let op = start_operator(&client, ns);
+    wait_status(&api, "p", "phase Running after the restart", |p| {
+        phase(p) == Some(Phase::Running)
+    })
+    .await;
+    wait_same(&src, "t", &dst, "replica.t", "id", WAIT).await;
+    assert_eq!(count(&dst, "replica.t").await, 30_000);
+    op.shutdown().await;
+}

@@ -1,0 +1,109 @@
+//! A real kube-apiserver + etcd per test, started by `scripts/envtest.sh` (built once by the test
+//! command into the cache), and the generated CRD applied to it.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config, CustomResourceExt};
+use philotes::crd::CdcPipeline;
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/envtest.sh")
+}
+
+pub struct ApiServer {
+    pub dir: PathBuf,
+}
+
+impl ApiServer {
+    pub fn start() -> ApiServer {
+        let dir = tempfile::Builder::new()
+            .prefix("philotes-k8s-")
+            .tempdir()
+            .unwrap()
+            .keep();
+        let out = Command::new("bash")
+            .arg(script())
+            .arg("start")
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "scripts/envtest.sh start failed (run scripts/envtest.sh build first): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ApiServer { dir }
+    }
+
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.join("kubeconfig")
+    }
+
+    pub async fn client(&self) -> Client {
+        let kc = Kubeconfig::read_from(self.kubeconfig()).unwrap();
+        let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+            .await
+            .unwrap();
+        Client::try_from(config).unwrap()
+    }
+
+    /// `kubectl` (the one built with the server) against this server.
+    pub fn kubectl(&self, args: &[&str]) -> String {
+        let cache = std::env::var("PHILOTES_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| {
+                PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/philotes")
+            });
+        let bin = cache.join("k8s-1.20.2/bin/kubectl");
+        let out = Command::new(bin)
+            .env("KUBECONFIG", self.kubeconfig())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(script())
+            .arg("stop")
+            .arg(&self.dir)
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Applies the generated CRD and waits until it is Established.
+pub async fn install_crd(client: &Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.create(&PostParams::default(), &CdcPipeline::crd())
+        .await
+        .unwrap();
+    for _ in 0..100 {
+        let crd = crds.get("cdcpipelines.philotes.io").await.unwrap();
+        let established = crd
+            .status
+            .and_then(|s| s.conditions)
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True");
+        if established {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("CRD not established");
+}
