@@ -24,6 +24,14 @@ struct Operator {
 }
 
 fn start_operator(client: &Client, ns: &str) -> Operator {
+    start_operator_serving(client, ns, None)
+}
+
+fn start_operator_serving(
+    client: &Client,
+    ns: &str,
+    health_addr: Option<std::net::SocketAddr>,
+) -> Operator {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -35,7 +43,7 @@ fn start_operator(client: &Client, ns: &str) -> Operator {
     let cfg = OperatorConfig {
         namespace: Some(ns.to_string()),
         default_buffer: None,
-        health_addr: None,
+        health_addr,
         instance: Some("test".into()),
     };
     let task = tokio::spawn(operator::run(client.clone(), cfg, stop.clone()));
@@ -51,6 +59,29 @@ impl Operator {
             .unwrap()
             .unwrap();
     }
+}
+
+/// A plain HTTP GET: status code and body.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+        return (0, String::new());
+    };
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    let code = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
 }
 
 async fn namespace(client: &Client, ns: &str) {

@@ -53,16 +53,21 @@ impl ApiServer {
         Client::try_from(config).unwrap()
     }
 
-    /// `kubectl` (the one built with the server) against this server.
-    pub fn kubectl(&self, args: &[&str]) -> String {
+    /// The `kubectl` built with the server.
+    pub fn kubectl_path(&self) -> PathBuf {
         let cache = std::env::var("PHILOTES_CACHE")
             .map(PathBuf::from)
             .unwrap_or_else(|_| {
                 PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/philotes")
             });
-        let bin = cache.join("k8s-1.20.2/bin/kubectl");
-        let out = Command::new(bin)
+        cache.join("k8s-1.20.2/bin/kubectl")
+    }
+
+    /// Runs `kubectl` against this server, in the repository's folder.
+    pub fn kubectl(&self, args: &[&str]) -> String {
+        let out = Command::new(self.kubectl_path())
             .env("KUBECONFIG", self.kubeconfig())
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
             .args(args)
             .output()
             .unwrap();
