@@ -103,9 +103,20 @@ pub async fn run(
 
     let ready_flag = synced.clone();
     tokio::spawn(async move {
-        if store.wait_until_ready().await.is_ok() {
-            ready_flag.store(true, Ordering::Relaxed);
-            tracing::info!("controller synced");
+        // Polled again every second: the store's readiness future wakes only one of its waiters, and
+        // the controller's own runner waits on it too.
+        loop {
+            match tokio::time::timeout(std::time::Duration::from_secs(1), store.wait_until_ready())
+                .await
+            {
+                Ok(Ok(())) => {
+                    ready_flag.store(true, Ordering::Relaxed);
+                    tracing::info!("controller synced");
+                    return;
+                }
+                Ok(Err(_)) => return,
+                Err(_) => {}
+            }
         }
     });
 
