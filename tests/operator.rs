@@ -484,12 +484,27 @@ async fn operator_restart_resumes_with_nothing_lost() {
     namespace(&client, ns).await;
     secret(&client, ns, "source-db", &pg.uri("shop")).await;
     secret(&client, ns, "sink-db", &pg.uri("warehouse")).await;
-    let op = start_operator(&client, ns);
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let op = start_operator_serving(&client, ns, Some(addr));
     let api = pipeline(&client, ns, "p", spec(&["t"], json!({}))).await;
     wait_status(&api, "p", "phase Running", |p| {
         phase(p) == Some(Phase::Running)
     })
     .await;
+    // The health server reports the controller and the pipeline.
+    eventually("/health/ready to answer 200", WAIT, || async {
+        http_get(addr, "/health/ready").await.0 == 200
+    })
+    .await;
+    let (_, body) = http_get(addr, "/health/ready").await;
+    assert!(
+        body.contains("\"controllerSynced\":true") && body.contains("restart/p"),
+        "{body}"
+    );
+    assert_eq!(http_get(addr, "/health/live").await.0, 200);
 
     let load_client = pg.client("shop").await;
     let load = tokio::spawn(async move {
@@ -509,6 +524,14 @@ async fn operator_restart_resumes_with_nothing_lost() {
         count(&dst, "replica.t").await >= 2000
     })
     .await;
+    let (code, metrics) = http_get(addr, "/metrics").await;
+    assert_eq!(code, 200);
+    for series in [
+        "philotes_events_delivered_total{pipeline=\"restart/p\"}",
+        "philotes_lag_bytes{pipeline=\"restart/p\"}",
+    ] {
+        assert!(metrics.contains(series), "{series} missing from {metrics}");
+    }
     op.shutdown().await;
     let p = api.get("p").await.unwrap();
     assert_eq!(
