@@ -67,14 +67,25 @@ pub fn parse(text: &str) -> Result<Manifests, StandaloneError> {
             .to_string();
         match kind.as_str() {
             "CdcPipeline" => {
-                // The path names the field, e.g. `spec.sink: missing field `postgres``.
-                let p: CdcPipeline = serde_path_to_error::deserialize(value).map_err(|e| {
+                // The path names the field, e.g. `spec.sink: missing field `postgres``. Unknown
+                // fields (typos such as `retyr:`) are refused rather than silently ignored.
+                let mut unknown = Vec::new();
+                let mut track = serde_path_to_error::Track::new();
+                let de = serde_path_to_error::Deserializer::new(value, &mut track);
+                let parsed: Result<CdcPipeline, _> =
+                    serde_ignored::deserialize(de, |path| unknown.push(path.to_string()));
+                let p = parsed.map_err(|e| {
                     StandaloneError::Manifest(format!(
-                        "document {n} (CdcPipeline): {}: {}",
-                        e.path(),
-                        e.inner()
+                        "document {n} (CdcPipeline): {}: {e}",
+                        track.path()
                     ))
                 })?;
+                // apiVersion and kind are checked by kind above, not by the type.
+                if let Some(field) = unknown.iter().find(|f| *f != "apiVersion" && *f != "kind") {
+                    return Err(StandaloneError::Manifest(format!(
+                        "document {n} (CdcPipeline): {field}: unknown field; fix: check its spelling against crds/cdcpipeline.yaml"
+                    )));
+                }
                 if p.metadata.name.as_deref().unwrap_or_default().is_empty() {
                     return Err(StandaloneError::Manifest(format!(
                         "document {n} (CdcPipeline): metadata.name is required"
@@ -295,6 +306,15 @@ spec:
             .to_string();
         assert!(
             e.contains("document 1 (CdcPipeline): spec.sink: missing field `postgres`"),
+            "{e}"
+        );
+        let typo = FILE.replace(
+            "  state: Paused",
+            "  state: Paused\n  retry: {maxAtempts: 5}",
+        );
+        let e = parse(&typo).unwrap_err().to_string();
+        assert!(
+            e.contains("document 3 (CdcPipeline): spec.retry.maxAtempts: unknown field"),
             "{e}"
         );
         let wrong_ns = FILE.replace("namespace: shop}\nspec", "namespace: other}\nspec");
