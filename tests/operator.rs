@@ -196,27 +196,54 @@ async fn publication_exists(src: &tokio_postgres::Client, name: &str) -> bool {
         == 1
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn run_pause_resume_secret_change_and_retain() {
+/// What each test starts from: PostgreSQL with databases shop (where `ddl` runs) and warehouse, a
+/// kube-apiserver with the CRD, namespace `ns`, and Secret source-db (and sink-db when `sink`).
+struct World {
+    pg: Pg,
+    /// Stops the API server when dropped: keep it bound.
+    k8s: ApiServer,
+    client: Client,
+    src: tokio_postgres::Client,
+}
+
+async fn world(ns: &str, ddl: &str, sink: bool) -> World {
     let pg = Pg::start();
     pg.create_db("shop").await;
     pg.create_db("warehouse").await;
-    pg.create_db("warehouse2").await;
     let src = pg.client("shop").await;
-    src.batch_execute(
-        "CREATE TABLE orders (id int PRIMARY KEY, status text, amount numeric(10,2))",
-    )
-    .await
-    .unwrap();
-    let dst = pg.client("warehouse").await;
-
+    src.batch_execute(ddl).await.unwrap();
     let k8s = ApiServer::start();
     let client = k8s.client().await;
     install_crd(&client).await;
-    let ns = "lifecycle";
     namespace(&client, ns).await;
     secret(&client, ns, "source-db", &pg.uri("shop")).await;
-    secret(&client, ns, "sink-db", &pg.uri("warehouse")).await;
+    if sink {
+        secret(&client, ns, "sink-db", &pg.uri("warehouse")).await;
+    }
+    World {
+        pg,
+        k8s,
+        client,
+        src,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_pause_resume_secret_change_and_retain() {
+    let ns = "lifecycle";
+    let World {
+        pg,
+        k8s,
+        client,
+        src,
+    } = world(
+        ns,
+        "CREATE TABLE orders (id int PRIMARY KEY, status text, amount numeric(10,2))",
+        true,
+    )
+    .await;
+    pg.create_db("warehouse2").await;
+    let dst = pg.client("warehouse").await;
     let op = start_operator(&client, ns);
     let api = pipeline(&client, ns, "orders", spec(&["public.orders"], json!({}))).await;
 
@@ -356,20 +383,13 @@ async fn run_pause_resume_secret_change_and_retain() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_specs_fail_with_a_clear_condition_and_delete_reclaims() {
-    let pg = Pg::start();
-    pg.create_db("shop").await;
-    pg.create_db("warehouse").await;
-    let src = pg.client("shop").await;
-    src.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
-        .await
-        .unwrap();
-
-    let k8s = ApiServer::start();
-    let client = k8s.client().await;
-    install_crd(&client).await;
     let ns = "invalid";
-    namespace(&client, ns).await;
-    secret(&client, ns, "source-db", &pg.uri("shop")).await;
+    let World {
+        pg,
+        k8s: _k8s,
+        client,
+        src,
+    } = world(ns, "CREATE TABLE t (id int PRIMARY KEY, v text)", false).await;
     let op = start_operator(&client, ns);
 
     // The sink Secret does not exist yet, and the flush interval is not a duration.
@@ -468,22 +488,14 @@ async fn invalid_specs_fail_with_a_clear_condition_and_delete_reclaims() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_restart_resumes_with_nothing_lost() {
-    let pg = Pg::start();
-    pg.create_db("shop").await;
-    pg.create_db("warehouse").await;
-    let src = pg.client("shop").await;
-    let dst = pg.client("warehouse").await;
-    src.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
-        .await
-        .unwrap();
-
-    let k8s = ApiServer::start();
-    let client = k8s.client().await;
-    install_crd(&client).await;
     let ns = "restart";
-    namespace(&client, ns).await;
-    secret(&client, ns, "source-db", &pg.uri("shop")).await;
-    secret(&client, ns, "sink-db", &pg.uri("warehouse")).await;
+    let World {
+        pg,
+        k8s: _k8s,
+        client,
+        src,
+    } = world(ns, "CREATE TABLE t (id int PRIMARY KEY, v text)", true).await;
+    let dst = pg.client("warehouse").await;
     let addr = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
