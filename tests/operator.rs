@@ -365,6 +365,31 @@ async fn run_pause_resume_secret_change_and_retain() {
     assert_eq!(condition(&p, "WalRetained").unwrap().status, "True");
     assert!(slot_exists(&src, &slot).await);
 
+    // Events tell the story: phase changes and what the operator did.
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
+    let reasons: Vec<String> = events
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .filter_map(|e| e.reason.clone())
+        .collect();
+    for r in [
+        "Started",
+        "Running",
+        "Pausing",
+        "Paused",
+        "Resuming",
+        "Restarted",
+        "Stopped",
+    ] {
+        assert!(
+            reasons.iter().any(|x| x == r),
+            "no {r} event in {reasons:?}"
+        );
+    }
+
     // Delete with Retain: the slot and publication stay.
     api.delete("orders", &DeleteParams::default())
         .await
