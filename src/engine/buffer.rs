@@ -4,10 +4,10 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use futures::pin_mut;
-use tokio_postgres::Client;
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::Type;
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::{SinkExt, pin_mut};
+use tokio::sync::OnceCell;
+use tokio_postgres::{Client, Statement};
 
 use super::config::ConnString;
 use super::error::EngineError;
@@ -72,19 +72,133 @@ pub struct Ownership {
 pub struct Buffer {
     client: Client,
     pipeline_id: String,
+    /// `read_batch`'s statement, prepared on first use.
+    read_stmt: OnceCell<Statement>,
 }
 
-const EVENT_TYPES: [Type; 9] = [
-    Type::TEXT,
-    Type::INT8,
-    Type::INT4,
-    Type::INT8,
-    Type::INT8,
-    Type::CHAR,
-    Type::TEXT_ARRAY,
-    Type::TEXT_ARRAY,
-    Type::INT2_ARRAY,
-];
+/// Rows of `COPY philotes.events (...) FROM STDIN BINARY`, encoded straight from the values' bytes as
+/// they arrived from the source (no per-value allocation). Column order: pipeline_id, lsn, ord,
+/// commit_time, rel_ver, op, old_key, vals, unchanged.
+#[derive(Debug, Default)]
+pub struct CopyRows {
+    data: BytesMut,
+    rows: usize,
+}
+
+/// The binary COPY signature, flags and header extension length.
+const COPY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
+const TEXT_OID: i32 = 25;
+const INT2_OID: i32 = 21;
+
+impl CopyRows {
+    pub fn len(&self) -> usize {
+        self.rows
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+
+    /// Encoded size so far, bytes.
+    pub fn bytes(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Starts a row with its scalar columns; then exactly three array columns follow (old_key, vals,
+    /// unchanged), each with [`text_array`](Self::text_array), [`int2_array`](Self::int2_array) or
+    /// [`null`](Self::null).
+    pub fn begin_row(
+        &mut self,
+        pipeline_id: &str,
+        pos: Position,
+        commit_time: i64,
+        rel_ver: i64,
+        op: Op,
+    ) {
+        let d = &mut self.data;
+        d.reserve(64 + pipeline_id.len());
+        d.put_i16(9);
+        d.put_i32(pipeline_id.len() as i32);
+        d.put_slice(pipeline_id.as_bytes());
+        d.put_i32(8);
+        d.put_i64(pos.lsn as i64);
+        d.put_i32(4);
+        d.put_i32(pos.ord);
+        d.put_i32(8);
+        d.put_i64(commit_time);
+        d.put_i32(8);
+        d.put_i64(rel_ver);
+        d.put_i32(1);
+        d.put_u8(op.code() as u8);
+        self.rows += 1;
+    }
+
+    pub fn null(&mut self) {
+        self.data.put_i32(-1);
+    }
+
+    /// A one-dimensional `text[]` (`None` elements are NULL).
+    pub fn text_array<'a>(&mut self, items: impl IntoIterator<Item = Option<&'a [u8]>>) {
+        let d = &mut self.data;
+        let field = d.len();
+        d.put_i32(0); // field length, patched below
+        d.put_i32(1); // dimensions
+        let flags = d.len();
+        d.put_i32(0); // has NULLs, patched below
+        d.put_i32(TEXT_OID);
+        let dim = d.len();
+        d.put_i32(0); // elements, patched below
+        d.put_i32(1); // lower bound
+        let (mut n, mut nulls) = (0i32, false);
+        for item in items {
+            match item {
+                Some(v) => {
+                    d.put_i32(v.len() as i32);
+                    d.put_slice(v);
+                }
+                None => {
+                    d.put_i32(-1);
+                    nulls = true;
+                }
+            }
+            n += 1;
+        }
+        let len = (d.len() - field - 4) as i32;
+        d[field..field + 4].copy_from_slice(&len.to_be_bytes());
+        d[flags..flags + 4].copy_from_slice(&(nulls as i32).to_be_bytes());
+        d[dim..dim + 4].copy_from_slice(&n.to_be_bytes());
+    }
+
+    /// A one-dimensional `smallint[]`.
+    pub fn int2_array(&mut self, items: &[i16]) {
+        let d = &mut self.data;
+        d.put_i32(20 + 6 * items.len() as i32);
+        d.put_i32(1);
+        d.put_i32(0);
+        d.put_i32(INT2_OID);
+        d.put_i32(items.len() as i32);
+        d.put_i32(1);
+        for i in items {
+            d.put_i32(2);
+            d.put_i16(*i);
+        }
+    }
+
+    /// Encodes a whole [`Event`].
+    pub fn push_event(&mut self, pipeline_id: &str, e: &Event) {
+        self.begin_row(pipeline_id, e.pos, e.commit_time, e.rel_ver, e.op);
+        for row in [&e.old_key, &e.vals] {
+            match row {
+                Some(r) => self.text_array(r.iter().map(|v| v.as_deref().map(str::as_bytes))),
+                None => self.null(),
+            }
+        }
+        match &e.unchanged {
+            Some(u) => self.int2_array(u),
+            None => self.null(),
+        }
+    }
+}
 
 impl Buffer {
     pub async fn connect(
@@ -95,6 +209,7 @@ impl Buffer {
         Ok(Self {
             client: pg::connect(uri, purpose).await?,
             pipeline_id: pipeline_id.to_string(),
+            read_stmt: OnceCell::new(),
         })
     }
 
@@ -180,7 +295,7 @@ impl Buffer {
     pub async fn write(
         &mut self,
         relations: &[RelationInfo],
-        events: &[Event],
+        rows: CopyRows,
         durable_lsn: Option<u64>,
     ) -> Result<(), EngineError> {
         let tx = self
@@ -197,34 +312,30 @@ impl Buffer {
             .await
             .map_err(EngineError::pg("writing a relation to the buffer"))?;
         }
-        if !events.is_empty() {
+        if !rows.is_empty() {
             let sink = tx
-                .copy_in(
+                .copy_in::<_, Bytes>(
                     "COPY philotes.events (pipeline_id, lsn, ord, commit_time, rel_ver, op, old_key, vals, unchanged) FROM STDIN BINARY",
                 )
                 .await
                 .map_err(EngineError::pg("starting COPY into the buffer"))?;
-            let writer = BinaryCopyInWriter::new(sink, &EVENT_TYPES);
-            pin_mut!(writer);
-            for e in events {
-                let lsn = e.pos.lsn as i64;
-                writer
-                    .as_mut()
-                    .write(&[
-                        &self.pipeline_id,
-                        &lsn,
-                        &e.pos.ord,
-                        &e.commit_time,
-                        &e.rel_ver,
-                        &e.op.code(),
-                        &e.old_key,
-                        &e.vals,
-                        &e.unchanged,
-                    ])
+            pin_mut!(sink);
+            let err = |e| EngineError::pg("writing events to the buffer")(e);
+            let mut data = rows.data;
+            data.put_i16(-1);
+            sink.as_mut()
+                .feed(Bytes::from_static(COPY_HEADER))
+                .await
+                .map_err(err)?;
+            // Chunks, so that the server starts on the rows while the rest is on its way.
+            while !data.is_empty() {
+                let n = data.len().min(256 * 1024);
+                sink.as_mut()
+                    .feed(data.split_to(n).freeze())
                     .await
-                    .map_err(EngineError::pg("writing events to the buffer"))?;
+                    .map_err(err)?;
             }
-            writer
+            sink.as_mut()
                 .finish()
                 .await
                 .map_err(EngineError::pg("finishing COPY into the buffer"))?;
@@ -249,13 +360,36 @@ impl Buffer {
         durable_lsn: u64,
         limit: usize,
     ) -> Result<Vec<Event>, EngineError> {
+        // A custom plan for each call, with the table's statistics lagging behind a fast-growing
+        // backlog, turns to a bitmap scan that sorts the whole backlog for every batch. The generic
+        // plan walks the primary key in order and stops after `limit` rows.
+        let stmt = self
+            .read_stmt
+            .get_or_try_init(|| async {
+                self.client
+                    .batch_execute("SET plan_cache_mode = force_generic_plan")
+                    .await?;
+                self.client
+                    .prepare(
+                        "SELECT lsn, ord, commit_time, rel_ver, op, old_key, vals, unchanged FROM philotes.events
+                         WHERE pipeline_id = $1 AND (lsn, ord) > ($2, $3) AND lsn <= $4
+                         ORDER BY lsn, ord LIMIT $5",
+                    )
+                    .await
+            })
+            .await
+            .map_err(EngineError::pg("preparing to read events from the buffer"))?;
         let rows = self
             .client
             .query(
-                "SELECT lsn, ord, commit_time, rel_ver, op, old_key, vals, unchanged FROM philotes.events
-                 WHERE pipeline_id = $1 AND (lsn, ord) > ($2, $3) AND lsn <= $4
-                 ORDER BY lsn, ord LIMIT $5",
-                &[&self.pipeline_id, &(after.lsn as i64), &after.ord, &(durable_lsn as i64), &(limit as i64)],
+                stmt,
+                &[
+                    &self.pipeline_id,
+                    &(after.lsn as i64),
+                    &after.ord,
+                    &(durable_lsn as i64),
+                    &(limit as i64),
+                ],
             )
             .await
             .map_err(EngineError::pg("reading events from the buffer"))?;
@@ -362,5 +496,76 @@ impl Buffer {
 
     pub fn client(&self) -> &Client {
         &self.client
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_postgres::types::{ToSql, Type};
+
+    /// The field as postgres-types encodes it (what BinaryCopyInWriter sends): length, then bytes.
+    fn field<T: ToSql>(v: &T, ty: &Type) -> Vec<u8> {
+        let mut b = BytesMut::new();
+        match v.to_sql_checked(ty, &mut b).unwrap() {
+            tokio_postgres::types::IsNull::Yes => (-1i32).to_be_bytes().to_vec(),
+            tokio_postgres::types::IsNull::No => {
+                let mut out = (b.len() as i32).to_be_bytes().to_vec();
+                out.extend_from_slice(&b);
+                out
+            }
+        }
+    }
+
+    #[test]
+    fn copy_rows_match_postgres_types_encoding() {
+        let e = Event {
+            pos: Position {
+                lsn: 0x1_0000_0042,
+                ord: 7,
+            },
+            commit_time: 123_456_789,
+            rel_ver: -42,
+            op: Op::Update,
+            old_key: Some(vec![Some("1".into())]),
+            vals: Some(vec![
+                Some("2".into()),
+                None,
+                Some("é✓ \\ \"q\"".into()),
+                Some(String::new()),
+            ]),
+            unchanged: Some(vec![1, 3]),
+        };
+        let mut rows = CopyRows::default();
+        rows.push_event("pipe", &e);
+        assert_eq!(rows.len(), 1);
+
+        let mut want = 9i16.to_be_bytes().to_vec();
+        want.extend(field(&"pipe", &Type::TEXT));
+        want.extend(field(&(e.pos.lsn as i64), &Type::INT8));
+        want.extend(field(&e.pos.ord, &Type::INT4));
+        want.extend(field(&e.commit_time, &Type::INT8));
+        want.extend(field(&e.rel_ver, &Type::INT8));
+        want.extend(field(&e.op.code(), &Type::CHAR));
+        want.extend(field(&e.old_key, &Type::TEXT_ARRAY));
+        want.extend(field(&e.vals, &Type::TEXT_ARRAY));
+        want.extend(field(&e.unchanged, &Type::INT2_ARRAY));
+        assert_eq!(rows.data.to_vec(), want);
+
+        let mut rows = CopyRows::default();
+        let d = Event {
+            op: Op::Delete,
+            vals: None,
+            unchanged: None,
+            ..e.clone()
+        };
+        rows.push_event("pipe", &d);
+        let tail = [
+            field(&d.old_key, &Type::TEXT_ARRAY),
+            field(&d.vals, &Type::TEXT_ARRAY),
+            field(&d.unchanged, &Type::INT2_ARRAY),
+        ]
+        .concat();
+        assert!(rows.data.ends_with(&tail));
     }
 }

@@ -1,6 +1,8 @@
-//! The reader: streams the slot with `START_REPLICATION ... LOGICAL` (pgoutput), turns changes into
-//! events, writes them to the buffer in batches, and acknowledges a source LSN only after the buffer
-//! transaction holding everything up to it has committed.
+//! The reader: streams the slot with `START_REPLICATION ... LOGICAL` (pgoutput), encodes each change
+//! straight into buffer rows (values stay the bytes the source sent), and hands batches to a writer
+//! task that stores them in the buffer, one buffer transaction per batch. Decoding the next batch
+//! overlaps writing the previous one; while the writer is busy, the next batch grows. A source LSN is
+//! acknowledged only after the buffer transaction holding everything up to it has committed.
 
 pub mod catalog;
 pub mod pgoutput;
@@ -8,22 +10,28 @@ pub mod pgoutput;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::FutureExt;
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
-use self::pgoutput::{Message, Value};
+use self::pgoutput::{ChangeKind, Col, Message};
 use super::Shared;
 use super::backpressure::Watermarks;
-use super::buffer::Buffer;
+use super::buffer::{Buffer, CopyRows};
 use super::config::PipelineConfig;
 use super::error::EngineError;
-use super::event::{Event, Op, Position, RelationInfo, Row};
+use super::event::{Op, Position, RelationInfo};
+
+/// While the writer is busy the next batch grows up to this many bytes of encoded rows; then reading
+/// waits for the writer.
+const MAX_BATCH_BYTES: usize = 8 << 20;
+/// Received events handled in one go before the reader looks at the writer and at shutdown again.
+const DRAIN: usize = 1024;
 
 struct Txn {
     lsn: u64,
@@ -41,38 +49,99 @@ pub struct Reader {
     pub durable_tx: watch::Sender<u64>,
 }
 
-struct State {
-    relations: HashMap<u32, RelationInfo>,
-    written_rels: HashSet<i64>,
-    new_rels: Vec<RelationInfo>,
-    pending: Vec<Event>,
-    txn: Option<Txn>,
-    /// Events of the current transaction, flushed or not.
-    txn_events: i64,
-    /// End LSN of the last transaction whose commit was seen but is not yet durable, and its events.
-    committed: Option<u64>,
-    committed_events: i64,
-    first_unflushed: Option<Instant>,
+/// One buffer transaction's worth of changes, from the reader to the writer.
+#[derive(Default)]
+struct Batch {
+    relations: Vec<RelationInfo>,
+    rows: CopyRows,
+    /// End LSN of the last transaction whose commit is in this batch.
+    durable_lsn: Option<u64>,
+    /// Events of the transactions whose commit is in this batch.
+    completed_events: i64,
 }
 
-fn text(v: &Value) -> Result<Option<String>, EngineError> {
-    match v {
-        Value::Null | Value::UnchangedToast => Ok(None),
-        Value::Text(b) | Value::Binary(b) => String::from_utf8(b.to_vec())
-            .map(Some)
-            .map_err(|_| EngineError::Protocol("a column value is not valid UTF-8".into())),
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.rows.is_empty() && self.relations.is_empty() && self.durable_lsn.is_none()
+    }
+
+    /// Worth a buffer transaction now: a transaction completed, or `batch_size` rows (of a large
+    /// transaction) are waiting.
+    fn ready(&self, batch_size: usize) -> bool {
+        self.durable_lsn.is_some() || self.rows.len() >= batch_size
+    }
+
+    fn full(&self) -> bool {
+        self.rows.bytes() >= MAX_BATCH_BYTES
     }
 }
 
-fn row(values: &[Value]) -> Result<Row, EngineError> {
-    values.iter().map(text).collect()
+/// A relation as the reader needs it.
+struct Rel {
+    info: RelationInfo,
+    key: Vec<usize>,
 }
 
-fn key_of(rel: &RelationInfo, values: &[Value]) -> Result<Row, EngineError> {
-    rel.key_indexes()
-        .into_iter()
-        .map(|i| values.get(i).map(text).unwrap_or(Ok(None)))
-        .collect()
+struct State {
+    relations: HashMap<u32, Rel>,
+    written_rels: HashSet<i64>,
+    batch: Batch,
+    txn: Option<Txn>,
+    /// Events of the current transaction, handed over or not.
+    txn_events: i64,
+    /// Batches handed to the writer, and how many of them it has committed.
+    sent: u64,
+    acked: u64,
+    /// The durable position acknowledged to the source.
+    durable: u64,
+    backpressured: bool,
+    old: Vec<Col>,
+    new: Vec<Col>,
+    unchanged: Vec<i16>,
+}
+
+/// The writer's report after each batch: (batches committed, durable position).
+type Ack = (u64, u64);
+
+fn writer_gone() -> EngineError {
+    EngineError::Protocol("the buffer writer stopped".into())
+}
+
+fn values<'a>(msg: &'a [u8], cols: &'a [Col]) -> impl Iterator<Item = Option<&'a [u8]>> + 'a {
+    cols.iter().map(move |c| c.is_value().then(|| c.bytes(msg)))
+}
+
+fn key<'a>(
+    msg: &'a [u8],
+    cols: &'a [Col],
+    key: &'a [usize],
+) -> impl Iterator<Item = Option<&'a [u8]>> + 'a {
+    key.iter()
+        .map(move |&i| cols.get(i).filter(|c| c.is_value()).map(|c| c.bytes(msg)))
+}
+
+/// Stores the reader's batches in the buffer, each in one transaction, in order. After each commit it
+/// moves the durable position (for the processor and, through the reader, for the source).
+async fn write_batches(
+    mut buffer: Buffer,
+    mut rx: mpsc::Receiver<Batch>,
+    shared: Arc<Shared>,
+    durable_tx: watch::Sender<u64>,
+    ack_tx: watch::Sender<Ack>,
+) -> Result<(), EngineError> {
+    let (mut seq, mut durable) = *ack_tx.borrow();
+    while let Some(b) = rx.recv().await {
+        buffer.write(&b.relations, b.rows, b.durable_lsn).await?;
+        seq += 1;
+        if let Some(lsn) = b.durable_lsn {
+            durable = lsn;
+            shared.stats.buffer_depth.inc_by(b.completed_events);
+            shared.durable_lsn.store(lsn, Ordering::Relaxed);
+            durable_tx.send_replace(lsn);
+        }
+        ack_tx.send_replace((seq, durable));
+    }
+    Ok(())
 }
 
 impl Reader {
@@ -95,7 +164,7 @@ impl Reader {
         .with_application_name("philotes-reader")
     }
 
-    pub async fn run(mut self, start: u64) -> Result<(), EngineError> {
+    pub async fn run(self, start: u64) -> Result<(), EngineError> {
         let mut client = ReplicationClient::connect(self.replication_config(start))
             .await
             .map_err(|source| EngineError::Replication {
@@ -105,117 +174,204 @@ impl Reader {
                 ),
                 source,
             })?;
-        self.shared.source_connected.store(true, Ordering::Relaxed);
-        let result = self.stream(&mut client, start).await;
-        self.shared.source_connected.store(false, Ordering::Relaxed);
+        let Reader {
+            cfg,
+            sql,
+            buffer,
+            shared,
+            cancel,
+            durable_tx,
+        } = self;
+        shared.source_connected.store(true, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(1);
+        let (ack_tx, mut ack_rx) = watch::channel((0, start));
+        let mut writer = tokio::spawn(write_batches(
+            buffer,
+            rx,
+            shared.clone(),
+            durable_tx,
+            ack_tx,
+        ));
+        let mut decoder = Decoder {
+            pipeline_id: cfg.id.clone(),
+            cfg,
+            sql,
+            shared: shared.clone(),
+            cancel,
+        };
+        let result = decoder.stream(&mut client, &tx, &mut ack_rx, start).await;
+        // The writer finishes what it was handed: each batch is a buffer transaction of its own, and
+        // a transaction cut off mid-way is discarded on restart.
+        drop(tx);
+        let written = match tokio::time::timeout(Duration::from_secs(20), &mut writer).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(join)) => Err(EngineError::Protocol(format!(
+                "the buffer writer panicked: {join}"
+            ))),
+            Err(_) => {
+                writer.abort();
+                Err(EngineError::Protocol(
+                    "the buffer writer did not finish within 20s".into(),
+                ))
+            }
+        };
+        if written.is_ok() {
+            let (_, durable) = *ack_rx.borrow();
+            client.update_applied_lsn(Lsn(durable));
+        }
+        shared.source_connected.store(false, Ordering::Relaxed);
         let _ = tokio::time::timeout(Duration::from_secs(5), client.shutdown()).await;
-        result
+        // A writer failure is the cause of a reader's "writer stopped".
+        written.and(result)
     }
+}
 
+struct Decoder {
+    cfg: Arc<PipelineConfig>,
+    pipeline_id: String,
+    sql: Client,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+}
+
+impl Decoder {
     async fn stream(
         &mut self,
         client: &mut ReplicationClient,
+        tx: &mpsc::Sender<Batch>,
+        ack_rx: &mut watch::Receiver<Ack>,
         start: u64,
     ) -> Result<(), EngineError> {
         let mut st = State {
             relations: HashMap::new(),
             written_rels: HashSet::new(),
-            new_rels: Vec::new(),
-            pending: Vec::with_capacity(self.cfg.batch_size),
+            batch: Batch::default(),
             txn: None,
             txn_events: 0,
-            committed: None,
-            committed_events: 0,
-            first_unflushed: None,
+            sent: 0,
+            acked: 0,
+            durable: start,
+            backpressured: false,
+            old: Vec::new(),
+            new: Vec::new(),
+            unchanged: Vec::new(),
         };
-        let mut durable = start;
         let mut watermarks = Watermarks::new(self.cfg.high_watermark, self.cfg.low_watermark);
-        let mut next: Option<ReplicationEvent> = None;
+        // The depth is an in-process counter, so looking at it often costs nothing.
+        let backpressure_poll = self.cfg.check_interval.min(Duration::from_millis(10));
+        let batch_size = self.cfg.batch_size.max(1);
         let wire = |source| EngineError::Replication {
             context: "reading the replication stream".into(),
             source,
         };
+        let ended = || EngineError::Protocol("the replication stream ended".into());
         loop {
-            let ev = match next.take() {
-                Some(ev) => ev,
-                None => {
-                    let deadline = st.first_unflushed.map(|t| t + self.cfg.flush_interval);
-                    tokio::select! {
-                        biased;
-                        _ = self.cancel.cancelled() => {
-                            self.flush(client, &mut st, &mut durable).await?;
-                            return Ok(());
-                        }
-                        r = client.recv() => match r.map_err(wire)? {
-                            Some(ev) => ev,
-                            None => return Err(EngineError::Protocol("the replication stream ended".into())),
-                        },
-                        _ = sleep_until(deadline) => {
-                            self.flush(client, &mut st, &mut durable).await?;
-                            continue;
-                        }
+            self.take_ack(client, ack_rx, &mut st);
+            if st.batch.ready(batch_size) {
+                match tx.try_reserve() {
+                    Ok(permit) => {
+                        permit.send(std::mem::take(&mut st.batch));
+                        st.sent += 1;
                     }
-                }
-            };
-            let at_commit = self.handle(ev, &mut st, client, durable).await?;
-            if st.pending.len() >= self.cfg.batch_size {
-                self.flush(client, &mut st, &mut durable).await?;
-            } else if at_commit {
-                // Flush when nothing more is waiting: batches grow under load, latency stays low when idle.
-                match client.recv().now_or_never() {
-                    Some(r) => match r.map_err(wire)? {
-                        Some(ev) => next = Some(ev),
-                        None => {
-                            return Err(EngineError::Protocol(
-                                "the replication stream ended".into(),
-                            ));
-                        }
-                    },
-                    None => self.flush(client, &mut st, &mut durable).await?,
+                    Err(mpsc::error::TrySendError::Closed(())) => return Err(writer_gone()),
+                    Err(mpsc::error::TrySendError::Full(())) => {}
                 }
             }
-            if st.txn.is_none() && next.is_none() {
-                self.obey_backpressure(&mut watermarks, client, &mut st, &mut durable)
-                    .await?;
+            if st.txn.is_none() {
+                self.backpressure(&mut watermarks, &mut st);
+            }
+            let reading = !st.batch.full() && !st.backpressured;
+            if reading {
+                // Handle what has arrived already without waiting.
+                let mut handled = 0;
+                while handled < DRAIN {
+                    // Unconstrained: tokio's cooperative budget would report an empty channel
+                    // after 128 events.
+                    let Some(r) = tokio::task::unconstrained(client.recv()).now_or_never() else {
+                        break;
+                    };
+                    let ev = r.map_err(wire)?.ok_or_else(ended)?;
+                    self.handle(ev, &mut st, client).await?;
+                    handled += 1;
+                    if st.batch.full()
+                        || (st.batch.ready(batch_size) && tx.capacity() > 0)
+                        || (st.txn.is_none() && self.depth() > self.cfg.high_watermark)
+                    {
+                        break;
+                    }
+                }
+                if handled > 0 {
+                    // Let the writer and the connections run on this thread too.
+                    tokio::task::yield_now().await;
+                    continue;
+                }
+            }
+            let ready = st.batch.ready(batch_size);
+            tokio::select! {
+                biased;
+                _ = self.cancel.cancelled() => {
+                    if !st.batch.is_empty() {
+                        tx.send(std::mem::take(&mut st.batch)).await.map_err(|_| writer_gone())?;
+                    }
+                    return Ok(());
+                }
+                r = ack_rx.changed() => r.map_err(|_| writer_gone())?,
+                permit = tx.reserve(), if ready => {
+                    permit.map_err(|_| writer_gone())?.send(std::mem::take(&mut st.batch));
+                    st.sent += 1;
+                }
+                r = client.recv(), if reading => {
+                    let ev = r.map_err(wire)?.ok_or_else(ended)?;
+                    self.handle(ev, &mut st, client).await?;
+                }
+                _ = tokio::time::sleep(backpressure_poll), if st.backpressured => {}
+            }
+        }
+    }
+
+    fn depth(&self) -> u64 {
+        self.shared.stats.buffer_depth.get().max(0) as u64
+    }
+
+    /// Acknowledges to the source what the writer has committed.
+    fn take_ack(
+        &self,
+        client: &ReplicationClient,
+        ack_rx: &mut watch::Receiver<Ack>,
+        st: &mut State,
+    ) {
+        if ack_rx.has_changed().unwrap_or(false) {
+            let (seq, durable) = *ack_rx.borrow_and_update();
+            st.acked = seq;
+            if durable > st.durable {
+                st.durable = durable;
+                client.update_applied_lsn(Lsn(durable));
             }
         }
     }
 
     /// Between transactions: while the buffer holds more undelivered events than the high watermark,
     /// stop reading (the slot keeps the WAL) until it drains below the low watermark.
-    async fn obey_backpressure(
-        &mut self,
-        watermarks: &mut Watermarks,
-        client: &mut ReplicationClient,
-        st: &mut State,
-        durable: &mut u64,
-    ) -> Result<(), EngineError> {
-        let depth = |s: &Shared| s.stats.buffer_depth.get().max(0) as u64;
-        if !watermarks.update(depth(&self.shared)) {
-            return Ok(());
-        }
-        self.flush(client, st, durable).await?;
-        self.shared.set_backpressured(true);
-        tracing::info!(pipeline = %self.cfg.name, depth = depth(&self.shared), "backpressure: reading paused");
-        while watermarks.update(depth(&self.shared)) {
-            tokio::select! {
-                _ = self.cancel.cancelled() => break,
-                _ = tokio::time::sleep(self.cfg.check_interval) => {}
+    fn backpressure(&self, watermarks: &mut Watermarks, st: &mut State) {
+        let on = watermarks.update(self.depth());
+        if on != st.backpressured {
+            st.backpressured = on;
+            self.shared.set_backpressured(on);
+            if on {
+                tracing::info!(pipeline = %self.cfg.name, depth = self.depth(), "backpressure: reading paused");
+            } else {
+                tracing::info!(pipeline = %self.cfg.name, "backpressure released: reading resumed");
             }
         }
-        self.shared.set_backpressured(false);
-        tracing::info!(pipeline = %self.cfg.name, "backpressure released: reading resumed");
-        Ok(())
     }
 
-    /// Handles one replication event; returns true at a transaction's commit.
+    /// Handles one replication event.
     async fn handle(
         &mut self,
         ev: ReplicationEvent,
         st: &mut State,
         client: &ReplicationClient,
-        durable: u64,
-    ) -> Result<bool, EngineError> {
+    ) -> Result<(), EngineError> {
         match ev {
             ReplicationEvent::Begin {
                 final_lsn,
@@ -231,11 +387,9 @@ impl Reader {
             }
             ReplicationEvent::Commit { end_lsn, .. } => {
                 if st.txn.take().is_some() {
-                    st.committed = Some(end_lsn.0);
-                    st.committed_events += st.txn_events;
+                    st.batch.durable_lsn = Some(end_lsn.0);
+                    st.batch.completed_events += st.txn_events;
                     st.txn_events = 0;
-                    st.first_unflushed.get_or_insert_with(Instant::now);
-                    return Ok(true);
                 }
             }
             ReplicationEvent::XLogData { data, .. } => self.change(data, st).await?,
@@ -243,27 +397,99 @@ impl Reader {
                 // Nothing in flight: everything before wal_end is durable or not ours, so the slot may
                 // move on and release WAL written by other tables.
                 if st.txn.is_none()
-                    && st.pending.is_empty()
-                    && st.committed.is_none()
-                    && wal_end.0 > durable
+                    && st.batch.is_empty()
+                    && st.acked == st.sent
+                    && wal_end.0 > st.durable
                 {
                     client.update_applied_lsn(wal_end);
                 }
             }
             ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
         }
-        Ok(false)
+        Ok(())
     }
 
     async fn change(&mut self, data: Bytes, st: &mut State) -> Result<(), EngineError> {
-        let msg = pgoutput::decode(data)?;
-        let (rel_id, op, old_key, vals, unchanged): (
-            u32,
-            Op,
-            Option<Row>,
-            Option<Row>,
-            Option<Vec<i16>>,
-        ) = match msg {
+        let Some((kind, rel)) = pgoutput::parse_change(&data, &mut st.old, &mut st.new)? else {
+            return self.other(data, st).await;
+        };
+        let txn = st
+            .txn
+            .as_mut()
+            .ok_or_else(|| EngineError::Protocol("change outside a transaction".into()))?;
+        let r = st.relations.get(&rel).ok_or_else(|| {
+            EngineError::Protocol(format!(
+                "change for relation {rel} before its Relation message"
+            ))
+        })?;
+        let pos = Position {
+            lsn: txn.lsn,
+            ord: txn.next_ord,
+        };
+        let rows = &mut st.batch.rows;
+        let (msg, old, new) = (&data[..], &st.old[..], &st.new[..]);
+        match kind {
+            ChangeKind::Insert => {
+                rows.begin_row(
+                    &self.pipeline_id,
+                    pos,
+                    txn.commit_time,
+                    r.info.rel_ver,
+                    Op::Insert,
+                );
+                rows.null();
+                rows.text_array(values(msg, new));
+                rows.null();
+            }
+            ChangeKind::Update { has_old } => {
+                rows.begin_row(
+                    &self.pipeline_id,
+                    pos,
+                    txn.commit_time,
+                    r.info.rel_ver,
+                    Op::Update,
+                );
+                if has_old {
+                    rows.text_array(key(msg, old, &r.key));
+                } else {
+                    rows.null();
+                }
+                rows.text_array(values(msg, new));
+                st.unchanged.clear();
+                st.unchanged.extend(
+                    new.iter()
+                        .enumerate()
+                        .filter(|(_, c)| c.kind == b'u')
+                        .map(|(i, _)| i as i16),
+                );
+                if st.unchanged.is_empty() {
+                    rows.null();
+                } else {
+                    rows.int2_array(&st.unchanged);
+                }
+            }
+            ChangeKind::Delete => {
+                rows.begin_row(
+                    &self.pipeline_id,
+                    pos,
+                    txn.commit_time,
+                    r.info.rel_ver,
+                    Op::Delete,
+                );
+                rows.text_array(key(msg, old, &r.key));
+                rows.null();
+                rows.null();
+            }
+        }
+        txn.next_ord += 1;
+        st.txn_events += 1;
+        self.shared.stats.events_read.inc();
+        Ok(())
+    }
+
+    /// Messages other than row changes: relations, truncates, and the ones Philotes ignores.
+    async fn other(&mut self, data: Bytes, st: &mut State) -> Result<(), EngineError> {
+        match pgoutput::decode(data)? {
             Message::Relation(r) => {
                 let cols: Vec<(String, u32, i32)> = r
                     .columns
@@ -272,7 +498,8 @@ impl Reader {
                     .collect();
                 let info =
                     catalog::layout_of(&self.sql, r.id, &r.namespace, &r.name, Some(&cols)).await?;
-                if info.key_indexes().is_empty() {
+                let key = info.key_indexes();
+                if key.is_empty() {
                     return Err(EngineError::invalid(
                         format!(
                             "spec.source.tables: table {}.{} has no primary key",
@@ -282,122 +509,54 @@ impl Reader {
                     ));
                 }
                 if st.written_rels.insert(info.rel_ver) {
-                    st.new_rels.push(info.clone());
+                    st.batch.relations.push(info.clone());
                 }
-                st.relations.insert(r.id, info);
-                return Ok(());
-            }
-            Message::Insert { rel, new } => (rel, Op::Insert, None, Some(row(&new)?), None),
-            Message::Update { rel, old, new } => {
-                let info = self.relation(st, rel)?;
-                let old_key = match old {
-                    Some(old) => Some(key_of(info, &old)?),
-                    None => None,
-                };
-                let unchanged: Vec<i16> = new
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, v)| matches!(v, Value::UnchangedToast))
-                    .map(|(i, _)| i as i16)
-                    .collect();
-                (
-                    rel,
-                    Op::Update,
-                    old_key,
-                    Some(row(&new)?),
-                    (!unchanged.is_empty()).then_some(unchanged),
-                )
-            }
-            Message::Delete { rel, old } => {
-                let key = key_of(self.relation(st, rel)?, &old)?;
-                (rel, Op::Delete, Some(key), None, None)
+                st.relations.insert(r.id, Rel { info, key });
             }
             Message::Truncate { rels, .. } => {
                 for rel in rels {
-                    self.push(st, rel, Op::Truncate, None, None, None)?;
+                    let rel_ver = st
+                        .relations
+                        .get(&rel)
+                        .ok_or_else(|| {
+                            EngineError::Protocol(format!(
+                                "change for relation {rel} before its Relation message"
+                            ))
+                        })?
+                        .info
+                        .rel_ver;
+                    let txn = st.txn.as_mut().ok_or_else(|| {
+                        EngineError::Protocol("change outside a transaction".into())
+                    })?;
+                    let pos = Position {
+                        lsn: txn.lsn,
+                        ord: txn.next_ord,
+                    };
+                    let rows = &mut st.batch.rows;
+                    rows.begin_row(
+                        &self.pipeline_id,
+                        pos,
+                        txn.commit_time,
+                        rel_ver,
+                        Op::Truncate,
+                    );
+                    rows.null();
+                    rows.null();
+                    rows.null();
+                    txn.next_ord += 1;
+                    st.txn_events += 1;
+                    self.shared.stats.events_read.inc();
                 }
-                return Ok(());
             }
-            Message::Begin { .. }
+            Message::Insert { .. }
+            | Message::Update { .. }
+            | Message::Delete { .. }
+            | Message::Begin { .. }
             | Message::Commit { .. }
             | Message::Origin
             | Message::Type { .. }
-            | Message::LogicalMessage { .. } => return Ok(()),
-        };
-        self.push(st, rel_id, op, old_key, vals, unchanged)
-    }
-
-    fn relation<'a>(&self, st: &'a State, rel: u32) -> Result<&'a RelationInfo, EngineError> {
-        st.relations.get(&rel).ok_or_else(|| {
-            EngineError::Protocol(format!(
-                "change for relation {rel} before its Relation message"
-            ))
-        })
-    }
-
-    fn push(
-        &mut self,
-        st: &mut State,
-        rel: u32,
-        op: Op,
-        old_key: Option<Row>,
-        vals: Option<Row>,
-        unchanged: Option<Vec<i16>>,
-    ) -> Result<(), EngineError> {
-        let rel_ver = self.relation(st, rel)?.rel_ver;
-        let txn = st
-            .txn
-            .as_mut()
-            .ok_or_else(|| EngineError::Protocol("change outside a transaction".into()))?;
-        st.pending.push(Event {
-            pos: Position {
-                lsn: txn.lsn,
-                ord: txn.next_ord,
-            },
-            commit_time: txn.commit_time,
-            rel_ver,
-            op,
-            old_key,
-            vals,
-            unchanged,
-        });
-        txn.next_ord += 1;
-        st.txn_events += 1;
-        self.shared.stats.events_read.inc();
-        Ok(())
-    }
-
-    /// Writes pending events and moves the durable position to the last complete transaction, then
-    /// acknowledges that position to the source.
-    async fn flush(
-        &mut self,
-        client: &ReplicationClient,
-        st: &mut State,
-        durable: &mut u64,
-    ) -> Result<(), EngineError> {
-        if st.pending.is_empty() && st.new_rels.is_empty() && st.committed.is_none() {
-            return Ok(());
-        }
-        let lsn = st.committed.take();
-        self.buffer.write(&st.new_rels, &st.pending, lsn).await?;
-        st.new_rels.clear();
-        st.pending.clear();
-        st.first_unflushed = None;
-        if let Some(lsn) = lsn {
-            *durable = lsn;
-            self.shared.stats.buffer_depth.inc_by(st.committed_events);
-            st.committed_events = 0;
-            client.update_applied_lsn(Lsn(lsn));
-            self.shared.durable_lsn.store(lsn, Ordering::Relaxed);
-            self.durable_tx.send_replace(lsn);
+            | Message::LogicalMessage { .. } => {}
         }
         Ok(())
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d.into()).await,
-        None => std::future::pending().await,
     }
 }

@@ -169,6 +169,133 @@ impl Reader {
     }
 }
 
+/// One column of a tuple, as a range of the message it came from (nothing is copied): `kind` is `n`
+/// (NULL), `u` (unchanged TOAST), `t` (text) or `b` (binary); `start..start + len` holds the value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Col {
+    pub kind: u8,
+    pub start: u32,
+    pub len: u32,
+}
+
+impl Col {
+    pub fn is_value(&self) -> bool {
+        matches!(self.kind, b't' | b'b')
+    }
+
+    pub fn bytes<'a>(&self, msg: &'a [u8]) -> &'a [u8] {
+        &msg[self.start as usize..(self.start + self.len) as usize]
+    }
+}
+
+/// A row change read in place by [`parse_change`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeKind {
+    Insert,
+    /// `old` holds the old key ('K') or old row ('O') when it was sent.
+    Update {
+        has_old: bool,
+    },
+    Delete,
+}
+
+fn tuple_cols(buf: &[u8], pos: &mut usize, out: &mut Vec<Col>) -> Result<(), DecodeError> {
+    out.clear();
+    let take = |pos: &mut usize, n: usize, what: &'static str| -> Result<usize, DecodeError> {
+        let at = *pos;
+        if buf.len() < at + n {
+            return Err(DecodeError::Truncated(what));
+        }
+        *pos += n;
+        Ok(at)
+    };
+    let at = take(pos, 2, "tuple column count")?;
+    let n = i16::from_be_bytes([buf[at], buf[at + 1]]).max(0) as usize;
+    out.reserve(n);
+    for _ in 0..n {
+        let kind = buf[take(pos, 1, "column kind")?];
+        match kind {
+            b'n' | b'u' => out.push(Col {
+                kind,
+                start: 0,
+                len: 0,
+            }),
+            b't' | b'b' => {
+                let at = take(pos, 4, "column length")?;
+                let len = i32::from_be_bytes([buf[at], buf[at + 1], buf[at + 2], buf[at + 3]])
+                    .max(0) as usize;
+                let start = take(pos, len, "column value")?;
+                out.push(Col {
+                    kind,
+                    start: start as u32,
+                    len: len as u32,
+                });
+            }
+            other => return Err(DecodeError::UnknownColumnKind(other as char)),
+        }
+    }
+    Ok(())
+}
+
+/// Reads an Insert, Update or Delete message without copying or allocating (the column vectors are
+/// reused): the relation id and the tuples as ranges of `buf`. Delete's key or old row goes to `old`.
+/// Returns None for every other message type (use [`decode`] for those).
+pub fn parse_change(
+    buf: &[u8],
+    old: &mut Vec<Col>,
+    new: &mut Vec<Col>,
+) -> Result<Option<(ChangeKind, u32)>, DecodeError> {
+    let Some(&tag) = buf.first() else {
+        return Err(DecodeError::Truncated("message type"));
+    };
+    if !matches!(tag, b'I' | b'U' | b'D') {
+        return Ok(None);
+    }
+    if buf.len() < 6 {
+        return Err(DecodeError::Truncated(match tag {
+            b'I' => "insert relation",
+            b'U' => "update relation",
+            _ => "delete relation",
+        }));
+    }
+    let rel = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
+    let mut pos = 6;
+    let marker = buf[5];
+    Ok(Some(match tag {
+        b'I' => {
+            if marker != b'N' {
+                return Err(DecodeError::UnexpectedMarker(marker as char));
+            }
+            tuple_cols(buf, &mut pos, new)?;
+            (ChangeKind::Insert, rel)
+        }
+        b'U' => {
+            let mut marker = marker;
+            let mut has_old = false;
+            if marker == b'K' || marker == b'O' {
+                tuple_cols(buf, &mut pos, old)?;
+                has_old = true;
+                marker = *buf
+                    .get(pos)
+                    .ok_or(DecodeError::Truncated("update new marker"))?;
+                pos += 1;
+            }
+            if marker != b'N' {
+                return Err(DecodeError::UnexpectedMarker(marker as char));
+            }
+            tuple_cols(buf, &mut pos, new)?;
+            (ChangeKind::Update { has_old }, rel)
+        }
+        _ => {
+            if marker != b'K' && marker != b'O' {
+                return Err(DecodeError::UnexpectedMarker(marker as char));
+            }
+            tuple_cols(buf, &mut pos, old)?;
+            (ChangeKind::Delete, rel)
+        }
+    }))
+}
+
 /// Decodes one pgoutput message (the payload of an XLogData message).
 pub fn decode(buf: Bytes) -> Result<Message, DecodeError> {
     let mut r = Reader { buf };
@@ -355,6 +482,56 @@ mod tests {
                 cascade: true,
                 restart_identity: true
             }
+        );
+    }
+
+    #[test]
+    fn parse_change_reads_in_place_like_decode() {
+        let mut b = BytesMut::new();
+        b.put_u8(b'U');
+        b.put_u32(16384);
+        b.put_u8(b'K');
+        tuple(&mut b, &[Some("1"), None], &[]);
+        b.put_u8(b'N');
+        tuple(&mut b, &[Some("2"), None, Some("é✓")], &[1]);
+        let msg = b.freeze();
+        let (mut old, mut new) = (Vec::new(), Vec::new());
+        let (kind, rel) = parse_change(&msg, &mut old, &mut new).unwrap().unwrap();
+        assert_eq!((kind, rel), (ChangeKind::Update { has_old: true }, 16384));
+        assert_eq!(old.len(), 2);
+        assert_eq!(old[0].bytes(&msg), b"1");
+        assert_eq!(old[1].kind, b'n');
+        assert_eq!(new[0].bytes(&msg), b"2");
+        assert_eq!(new[1].kind, b'u');
+        assert_eq!(new[2].bytes(&msg), "é✓".as_bytes());
+
+        let mut b = BytesMut::new();
+        b.put_u8(b'D');
+        b.put_u32(7);
+        b.put_u8(b'K');
+        tuple(&mut b, &[Some("42")], &[]);
+        let msg = b.freeze();
+        let (kind, rel) = parse_change(&msg, &mut old, &mut new).unwrap().unwrap();
+        assert_eq!((kind, rel), (ChangeKind::Delete, 7));
+        assert_eq!(old.len(), 1);
+        assert_eq!(old[0].bytes(&msg), b"42");
+
+        assert_eq!(parse_change(b"B", &mut old, &mut new), Ok(None));
+        assert_eq!(
+            parse_change(b"I\0\0", &mut old, &mut new),
+            Err(DecodeError::Truncated("insert relation"))
+        );
+        let mut b = BytesMut::new();
+        b.put_u8(b'I');
+        b.put_u32(1);
+        b.put_u8(b'N');
+        b.put_i16(1);
+        b.put_u8(b't');
+        b.put_i32(10);
+        b.put_slice(b"abc");
+        assert_eq!(
+            parse_change(&b.freeze(), &mut old, &mut new),
+            Err(DecodeError::Truncated("column value"))
         );
     }
 
