@@ -16,7 +16,7 @@ use super::buffer::Buffer;
 use super::config::{Delivery, PipelineConfig};
 use super::dlq;
 use super::error::{EngineError, ErrorClass};
-use super::event::{Event, RelationInfo};
+use super::event::{Event, Position, RelationInfo};
 use super::retry;
 use super::sink::Sink;
 
@@ -43,6 +43,9 @@ impl<S: Sink> Processor<S> {
     pub async fn run(mut self) -> Result<(), EngineError> {
         let mut rels = self.buffer.relations().await?;
         let mut processed = self.buffer.checkpoint().await?.processed;
+        // The batch after `processed`, read while the previous one was being delivered.
+        let mut ahead: Option<(Position, Vec<Event>)> = None;
+        let limit = self.cfg.batch_size.max(1);
         loop {
             if self.cancel.is_cancelled() {
                 return Ok(());
@@ -54,11 +57,22 @@ impl<S: Sink> Processor<S> {
                 }
                 continue;
             }
-            let durable = *self.durable_rx.borrow_and_update();
-            let batch = self
-                .buffer
-                .read_batch(processed, durable, self.cfg.batch_size)
-                .await?;
+            let mut batch = match ahead.take() {
+                Some((after, b)) if after == processed => b,
+                _ => Vec::new(),
+            };
+            if batch.len() < limit {
+                // Top up with what became durable meanwhile.
+                let durable = *self.durable_rx.borrow_and_update();
+                let after = batch.last().map(|e| e.pos).unwrap_or(processed);
+                if durable > after.lsn {
+                    let more = self
+                        .buffer
+                        .read_batch(after, durable, limit - batch.len())
+                        .await?;
+                    batch.extend(more);
+                }
+            }
             if batch.is_empty() {
                 tokio::select! {
                     _ = self.cancel.cancelled() => return Ok(()),
@@ -72,14 +86,42 @@ impl<S: Sink> Processor<S> {
                 rels = self.buffer.relations().await?;
             }
             let started = Instant::now();
-            match self.deliver(&batch, &rels).await? {
+            let last = batch.last().map(|e| e.pos).unwrap_or(processed);
+            let durable = *self.durable_rx.borrow_and_update();
+            // Deliver this batch while the buffer reads the next one.
+            let (outcome, next) = {
+                let Processor {
+                    cfg,
+                    buffer,
+                    sink,
+                    shared,
+                    cancel,
+                    ..
+                } = &mut self;
+                let mut d = Deliver {
+                    cfg,
+                    buffer,
+                    sink,
+                    shared,
+                    cancel,
+                };
+                let read = async {
+                    if durable > last.lsn {
+                        buffer.read_batch(last, durable, limit).await
+                    } else {
+                        Ok(Vec::new())
+                    }
+                };
+                tokio::join!(d.deliver(&batch, &rels), read)
+            };
+            match outcome? {
                 Outcome::Cancelled => return Ok(()),
                 Outcome::Done => {}
             }
-            let last = batch.last().map(|e| e.pos).unwrap_or(processed);
             self.buffer.mark_processed(last).await?;
             processed = last;
             self.record(&batch, started);
+            ahead = Some((last, next?));
         }
     }
 
@@ -102,7 +144,19 @@ impl<S: Sink> Processor<S> {
             Ordering::Relaxed,
         );
     }
+}
 
+/// What delivering a batch needs, borrowed from the processor so that the buffer can read the next
+/// batch meanwhile.
+struct Deliver<'a, S: Sink> {
+    cfg: &'a PipelineConfig,
+    buffer: &'a Buffer,
+    sink: &'a mut S,
+    shared: &'a Shared,
+    cancel: &'a CancellationToken,
+}
+
+impl<S: Sink> Deliver<'_, S> {
     /// Applies one batch, retrying as its errors call for. Returns only when the batch is in the sink
     /// (or its refused changes are dead letters), or on shutdown.
     async fn deliver(

@@ -1,40 +1,46 @@
 //! Turns an ordered batch of events into the fewest sink statements that give the same end state:
 //! per table and key only the last change counts (an upsert of the final row, or a delete); a
 //! truncate, and an update that changes a key while some TOASTed values were not sent, are barriers.
+//! Values are borrowed from the batch; a row is copied only when unchanged TOASTed columns are filled
+//! in from an earlier change of the same batch.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 
-use crate::engine::event::{Event, Op, RelationInfo, Row};
+use crate::engine::event::{Event, Op, RelationInfo};
+
+/// Column values (text form, `None` for NULL), borrowed from the batch where possible.
+pub type Vals<'a> = Cow<'a, [Option<String>]>;
 
 #[derive(Debug, Clone, PartialEq)]
-pub enum Change {
+pub enum Change<'a> {
     Delete {
-        key: Row,
+        key: Vals<'a>,
     },
     /// `unchanged` lists columns to leave as they are in the sink (an UPDATE of the other columns).
     Upsert {
-        vals: Row,
+        vals: Vals<'a>,
         unchanged: Vec<i16>,
     },
     /// Key change with unchanged TOASTed columns: must move the row in place.
     Rekey {
-        old_key: Row,
-        vals: Row,
+        old_key: Vals<'a>,
+        vals: Vals<'a>,
         unchanged: Vec<i16>,
     },
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct Action {
+pub struct Action<'a> {
     pub rel_ver: i64,
-    pub change: Change,
+    pub change: Change<'a>,
     /// Indexes into the batch of the events this action stands for.
     pub events: Vec<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub enum Step {
-    Apply(Vec<Action>),
+pub enum Step<'a> {
+    Apply(Vec<Action<'a>>),
     Truncate { rel_ver: i64, event: usize },
 }
 
@@ -45,18 +51,26 @@ pub struct UnknownRelation {
     pub rel_ver: i64,
 }
 
-pub fn plan(
-    batch: &[Event],
-    rels: &HashMap<i64, RelationInfo>,
-) -> Result<Vec<Step>, UnknownRelation> {
-    let mut steps = Vec::new();
-    let mut actions: Vec<Action> = Vec::new();
-    let mut slot: HashMap<(String, Row), usize> = HashMap::new();
+/// A row of a table: (schema, table) and its key values.
+type SlotKey<'a> = ((&'a str, &'a str), Vec<Option<&'a str>>);
 
-    fn flush(
-        steps: &mut Vec<Step>,
-        actions: &mut Vec<Action>,
-        slot: &mut HashMap<(String, Row), usize>,
+fn key_view(row: &[Option<String>]) -> Vec<Option<&str>> {
+    row.iter().map(|v| v.as_deref()).collect()
+}
+
+pub fn plan<'a>(
+    batch: &'a [Event],
+    rels: &'a HashMap<i64, RelationInfo>,
+) -> Result<Vec<Step<'a>>, UnknownRelation> {
+    let mut steps = Vec::new();
+    let mut actions: Vec<Action<'a>> = Vec::new();
+    let mut slot: HashMap<SlotKey<'a>, usize> = HashMap::with_capacity(batch.len());
+    let mut key_indexes: HashMap<i64, Vec<usize>> = HashMap::new();
+
+    fn flush<'a>(
+        steps: &mut Vec<Step<'a>>,
+        actions: &mut Vec<Action<'a>>,
+        slot: &mut HashMap<SlotKey<'a>, usize>,
     ) {
         if !actions.is_empty() {
             steps.push(Step::Apply(std::mem::take(actions)));
@@ -69,13 +83,10 @@ pub fn plan(
             index: i,
             rel_ver: e.rel_ver,
         })?;
-        let table = rel.qualified();
-        let key_of = |row: &Row| -> Row {
-            rel.key_indexes()
-                .into_iter()
-                .map(|k| row.get(k).cloned().flatten())
-                .collect()
-        };
+        let table = (rel.schema.as_str(), rel.name.as_str());
+        let keys = key_indexes
+            .entry(e.rel_ver)
+            .or_insert_with(|| rel.key_indexes());
         match e.op {
             Op::Truncate => {
                 flush(&mut steps, &mut actions, &mut slot);
@@ -85,28 +96,37 @@ pub fn plan(
                 });
             }
             Op::Delete => {
-                let key = e.old_key.clone().unwrap_or_default();
+                let key: &[Option<String>] = e.old_key.as_deref().unwrap_or_default();
                 put(
                     &mut actions,
                     &mut slot,
-                    (table, key.clone()),
+                    (table, key_view(key)),
                     e.rel_ver,
-                    Change::Delete { key },
+                    Change::Delete {
+                        key: Cow::Borrowed(key),
+                    },
                     i,
                 );
             }
             Op::Insert | Op::Update => {
-                let vals = e.vals.clone().unwrap_or_default();
+                let row: &[Option<String>] = e.vals.as_deref().unwrap_or_default();
                 let mut unchanged = e.unchanged.clone().unwrap_or_default();
-                let new_key = key_of(&vals);
-                let old_key = e.old_key.clone().filter(|k| *k != new_key);
+                let new_key: Vec<Option<&str>> = keys
+                    .iter()
+                    .map(|&k| row.get(k).and_then(|v| v.as_deref()))
+                    .collect();
+                let old_key = e
+                    .old_key
+                    .as_deref()
+                    .filter(|k| k.len() != new_key.len() || key_view(k) != new_key);
+                let mut vals: Vals<'a> = Cow::Borrowed(row);
                 if let Some(old_key) = old_key {
                     if !unchanged.is_empty() {
                         flush(&mut steps, &mut actions, &mut slot);
                         steps.push(Step::Apply(vec![Action {
                             rel_ver: e.rel_ver,
                             change: Change::Rekey {
-                                old_key,
+                                old_key: Cow::Borrowed(old_key),
                                 vals,
                                 unchanged,
                             },
@@ -117,16 +137,18 @@ pub fn plan(
                     put(
                         &mut actions,
                         &mut slot,
-                        (table.clone(), old_key.clone()),
+                        (table, key_view(old_key)),
                         e.rel_ver,
-                        Change::Delete { key: old_key },
+                        Change::Delete {
+                            key: Cow::Borrowed(old_key),
+                        },
                         i,
                     );
                 }
-                let mut vals = vals;
+                let new_slot = (table, new_key);
                 if !unchanged.is_empty() {
                     // Fill unchanged columns from an earlier change of the same row in this batch.
-                    if let Some(&at) = slot.get(&(table.clone(), new_key.clone()))
+                    if let Some(&at) = slot.get(&new_slot)
                         && let Action {
                             rel_ver,
                             change:
@@ -142,8 +164,10 @@ pub fn plan(
                         for &c in &unchanged {
                             if prev_unchanged.contains(&c) {
                                 still.push(c);
-                            } else if let Some(v) = prev.get(c as usize) {
-                                vals[c as usize] = v.clone();
+                            } else if let Some(v) = prev.get(c as usize)
+                                && let Some(slot) = vals.to_mut().get_mut(c as usize)
+                            {
+                                *slot = v.clone();
                             }
                         }
                         unchanged = still;
@@ -152,7 +176,7 @@ pub fn plan(
                 put(
                     &mut actions,
                     &mut slot,
-                    (table, new_key),
+                    new_slot,
                     e.rel_ver,
                     Change::Upsert { vals, unchanged },
                     i,
@@ -164,12 +188,12 @@ pub fn plan(
     Ok(steps)
 }
 
-fn put(
-    actions: &mut Vec<Action>,
-    slot: &mut HashMap<(String, Row), usize>,
-    key: (String, Row),
+fn put<'a>(
+    actions: &mut Vec<Action<'a>>,
+    slot: &mut HashMap<SlotKey<'a>, usize>,
+    key: SlotKey<'a>,
     rel_ver: i64,
-    change: Change,
+    change: Change<'a>,
     event: usize,
 ) {
     match slot.get(&key) {
@@ -245,13 +269,23 @@ mod tests {
             panic!("{steps:?}")
         };
         assert_eq!(first.len(), 3);
-        assert_eq!(first[0].change, Change::Delete { key: vec![s("1")] });
+        assert_eq!(
+            first[0].change,
+            Change::Delete {
+                key: vec![s("1")].into()
+            }
+        );
         assert_eq!(first[0].events, vec![0, 1, 4]);
-        assert_eq!(first[1].change, Change::Delete { key: vec![s("2")] });
+        assert_eq!(
+            first[1].change,
+            Change::Delete {
+                key: vec![s("2")].into()
+            }
+        );
         assert_eq!(
             first[2].change,
             Change::Upsert {
-                vals: vec![s("3"), s("b"), s("x")],
+                vals: vec![s("3"), s("b"), s("x")].into(),
                 unchanged: vec![]
             }
         );
@@ -264,28 +298,26 @@ mod tests {
         let rels = HashMap::from([(rel().rel_ver, rel())]);
         let mut u = ev(1, Op::Update, None, Some(["1", "b", ""]), Some(vec![2]));
         u.vals.as_mut().unwrap()[2] = None;
-        let steps = plan(
-            &[
-                ev(0, Op::Insert, None, Some(["1", "a", "big"]), None),
-                u.clone(),
-            ],
-            &rels,
-        )
-        .unwrap();
+        let both = [
+            ev(0, Op::Insert, None, Some(["1", "a", "big"]), None),
+            u.clone(),
+        ];
+        let steps = plan(&both, &rels).unwrap();
         let Step::Apply(a) = &steps[0] else { panic!() };
         assert_eq!(
             a[0].change,
             Change::Upsert {
-                vals: vec![s("1"), s("b"), s("big")],
+                vals: vec![s("1"), s("b"), s("big")].into(),
                 unchanged: vec![]
             }
         );
-        let steps = plan(&[u], &rels).unwrap();
+        let alone = [u];
+        let steps = plan(&alone, &rels).unwrap();
         let Step::Apply(a) = &steps[0] else { panic!() };
         assert_eq!(
             a[0].change,
             Change::Upsert {
-                vals: vec![s("1"), s("b"), None],
+                vals: vec![s("1"), s("b"), None].into(),
                 unchanged: vec![2]
             }
         );

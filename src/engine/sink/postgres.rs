@@ -9,7 +9,7 @@ use super::plan::{Action, Change, Step, plan};
 use super::{Rejected, Sink, sql};
 use crate::engine::config::ConnString;
 use crate::engine::error::{EngineError, ErrorClass};
-use crate::engine::event::{Event, RelationInfo, Row};
+use crate::engine::event::{Event, RelationInfo};
 use crate::engine::pg;
 
 pub struct PostgresSink {
@@ -94,11 +94,11 @@ impl PostgresSink {
         Ok(())
     }
 
-    async fn plan_and_prepare(
+    async fn plan_and_prepare<'a>(
         &mut self,
-        batch: &[Event],
-        rels: &HashMap<i64, RelationInfo>,
-    ) -> Result<Vec<Step>, EngineError> {
+        batch: &'a [Event],
+        rels: &'a HashMap<i64, RelationInfo>,
+    ) -> Result<Vec<Step<'a>>, EngineError> {
         let steps = plan(batch, rels).map_err(|e| EngineError::Protocol(e.to_string()))?;
         let needed: Vec<RelationInfo> = batch
             .iter()
@@ -137,7 +137,7 @@ async fn execute_rows<C: GenericClient>(
     cache: &mut HashMap<String, Statement>,
     client: &C,
     sql: String,
-    rows: &[Row],
+    rows: &[&[Option<String>]],
     width: usize,
     what: &str,
 ) -> Result<(), EngineError> {
@@ -168,29 +168,30 @@ async fn run_actions<C: GenericClient>(
     cache: &mut HashMap<String, Statement>,
     client: &C,
     schema: &str,
-    actions: &[&Action],
+    actions: &[&Action<'_>],
     rels: &HashMap<i64, RelationInfo>,
 ) -> Result<(), EngineError> {
-    let mut deletes: BTreeMap<i64, Vec<Row>> = BTreeMap::new();
-    let mut upserts: BTreeMap<i64, Vec<Row>> = BTreeMap::new();
-    let mut partial: BTreeMap<(i64, Vec<i16>), Vec<Row>> = BTreeMap::new();
+    type Rows<'a> = Vec<&'a [Option<String>]>;
+    let mut deletes: BTreeMap<i64, Rows> = BTreeMap::new();
+    let mut upserts: BTreeMap<i64, Rows> = BTreeMap::new();
+    let mut partial: BTreeMap<(i64, &[i16]), Rows> = BTreeMap::new();
     for a in actions {
         match &a.change {
-            Change::Delete { key } => deletes.entry(a.rel_ver).or_default().push(key.clone()),
+            Change::Delete { key } => deletes.entry(a.rel_ver).or_default().push(key),
             Change::Upsert { vals, unchanged } if unchanged.is_empty() => {
-                upserts.entry(a.rel_ver).or_default().push(vals.clone())
+                upserts.entry(a.rel_ver).or_default().push(vals)
             }
             Change::Upsert { vals, unchanged } => partial
-                .entry((a.rel_ver, unchanged.clone()))
+                .entry((a.rel_ver, unchanged))
                 .or_default()
-                .push(vals.clone()),
+                .push(vals),
             Change::Rekey {
                 old_key,
                 vals,
                 unchanged,
             } => {
                 let r = rel(rels, a.rel_ver)?;
-                let mut row = vals.clone();
+                let mut row = vals.to_vec();
                 row.extend(old_key.iter().cloned());
                 let width = row.len();
                 let what = format!("moving a row of {} to a new key", r.qualified());
@@ -198,7 +199,7 @@ async fn run_actions<C: GenericClient>(
                     cache,
                     client,
                     sql::update_partial(schema, r, unchanged, true),
-                    &[row],
+                    &[&row],
                     width,
                     &what,
                 )
@@ -238,7 +239,7 @@ async fn run_actions<C: GenericClient>(
         execute_rows(
             cache,
             client,
-            sql::update_partial(schema, r, &unchanged, false),
+            sql::update_partial(schema, r, unchanged, false),
             &rows,
             r.columns.len(),
             &what,
