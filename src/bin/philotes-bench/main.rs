@@ -1,0 +1,1100 @@
+//! `philotes-bench`: throughput, latency, memory and CPU of Philotes against `pg_recvlogical` on the same
+//! WAL, on a throwaway PostgreSQL. See README.md, "Performance".
+//!
+//! Phases, in order:
+//! 1. a cluster with wal_level=logical; slots `bench_ref`, `bench_e2e`, `bench_reader` are created, then
+//!    the workload is generated, so all three read exactly the same WAL;
+//! 2. reference: `pg_recvlogical` (pgoutput, proto 1) to /dev/null with `--endpos` at the workload end;
+//! 3. Philotes end to end into a PostgreSQL sink, until the sink has committed the last change (then
+//!    count and checksum are compared with the source);
+//! 4. Philotes reader + buffer only (delivery Paused), until `durable_lsn` is past the workload end;
+//! 5. latency at a steady rate in small transactions: source commit → sink commit, from commit
+//!    timestamps (the cluster is restarted with track_commit_timestamp=on for this phase only);
+//! 6. many idle pipelines in one process: RSS and CPU while idle.
+//!
+//! Philotes runs as a child process (this binary, `pipelines -f FILE`, which is `philotes run -f FILE`),
+//! so its RSS and CPU are its own.
+
+mod child;
+mod cluster;
+mod procstat;
+mod workload;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use child::{Pipelines, Spec};
+use cluster::Cluster;
+use philotes::engine::pg::lsn_text;
+use workload::Workload;
+
+/// Benchmarks Philotes against pg_recvlogical on a throwaway PostgreSQL (wal_level=logical).
+#[derive(Parser)]
+#[command(about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Sub>,
+    /// Rows inserted by the workload (plus updates of a tenth and deletes of a twentieth of them).
+    #[arg(long, default_value_t = 1_000_000)]
+    rows: u64,
+    /// Where to write the results as JSON.
+    #[arg(long, default_value = "bench-results.json")]
+    json: PathBuf,
+    /// Short latency and idle phases (for CI smoke tests).
+    #[arg(long)]
+    quick: bool,
+    /// Rows per second of the latency phase.
+    #[arg(long)]
+    latency_rate: Option<u64>,
+    /// Seconds of the latency phase.
+    #[arg(long)]
+    latency_secs: Option<u64>,
+    /// Pipelines of the idle phase.
+    #[arg(long)]
+    idle_pipelines: Option<usize>,
+    /// Seconds over which idle CPU is measured.
+    #[arg(long)]
+    idle_secs: Option<u64>,
+    /// Phases to skip: reference, e2e, reader, latency, idle (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    skip: Vec<String>,
+    /// Keep the cluster's directory (logs, Philotes logs) after the run.
+    #[arg(long)]
+    keep: bool,
+    /// Command to run the Philotes process under, e.g. "perf record -g -o /tmp/p.data --" (the
+    /// measured pid is then the wrapper's child).
+    #[arg(long, allow_hyphen_values = true)]
+    wrapper: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Sub {
+    /// Runs the pipelines of a manifest file, as `philotes run -f FILE` does (used internally).
+    #[command(hide = true)]
+    Pipelines {
+        #[arg(short = 'f', long = "file")]
+        file: String,
+        #[arg(long, default_value = "127.0.0.1:0")]
+        health_addr: SocketAddr,
+    },
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Throughput {
+    name: String,
+    changes: u64,
+    seconds: f64,
+    changes_per_s: f64,
+    ratio_to_reference: Option<f64>,
+    /// CPU seconds of the measured client process (Philotes, or pg_recvlogical).
+    client_cpu_s: f64,
+    client_cpu_s_per_million: f64,
+    client_peak_rss_mb: f64,
+    /// Context switches of the client process's threads.
+    client_context_switches: u64,
+    /// CPU seconds of the whole PostgreSQL cluster meanwhile (walsender, COPY/sink backends, ...).
+    postgres_cpu_s: f64,
+    /// CPU seconds of the measured client's PostgreSQL sessions, by application_name (walsender,
+    /// buffer writer, buffer reader, sink), sampled at the end of the measurement.
+    postgres_cpu_by_session: Vec<(String, f64)>,
+    note: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Latency {
+    target_rows_per_s: u64,
+    achieved_rows_per_s: f64,
+    seconds: f64,
+    rows: u64,
+    transactions: u64,
+    p50_ms: f64,
+    p90_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    /// p99 from Philotes' own `philotes_delivery_latency_seconds` histogram (bucket upper bound).
+    metric_p99_le_ms: Option<f64>,
+    philotes_cpu_s: f64,
+    philotes_cpu_percent: f64,
+    philotes_peak_rss_mb: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Idle {
+    pipelines: usize,
+    seconds: f64,
+    philotes_rss_mb: f64,
+    philotes_peak_rss_mb: f64,
+    philotes_cpu_s: f64,
+    postgres_cpu_s: f64,
+    postgres_connections: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Machine {
+    cpus: usize,
+    cpu_model: String,
+    memory_gb: f64,
+    postgres: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Target {
+    what: String,
+    target: String,
+    measured: String,
+    met: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Results {
+    command: String,
+    machine: Machine,
+    workload: Option<Workload>,
+    throughput: Vec<Throughput>,
+    latency: Option<Latency>,
+    idle: Option<Idle>,
+    targets: Vec<Target>,
+}
+
+const MB: f64 = 1024.0 * 1024.0;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Sub::Pipelines { file, health_addr }) = &cli.command {
+        return run_pipelines(file, *health_addr).await;
+    }
+    match bench(&cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("philotes-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `philotes run -f FILE`, as src/main.rs does it.
+async fn run_pipelines(file: &str, health_addr: SocketAddr) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,philotes=info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        else {
+            return;
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        t.cancel();
+    });
+    match philotes::standalone::run(file, health_addr, token).await {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn machine() -> Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu_model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, m)| m.trim().to_string())
+        .unwrap_or_default();
+    let mem_kb: f64 = std::fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("MemTotal"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0.0);
+    let postgres = cluster::bindir()
+        .ok()
+        .and_then(|b| {
+            std::process::Command::new(b.join("postgres"))
+                .arg("--version")
+                .output()
+                .ok()
+        })
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    Machine {
+        cpus: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
+        cpu_model,
+        memory_gb: (mem_kb / 1024.0 / 1024.0 * 10.0).round() / 10.0,
+        postgres,
+    }
+}
+
+struct Ctx {
+    cl: Cluster,
+    wrapper: Vec<String>,
+}
+
+impl Ctx {
+    fn pg_cpu(&self) -> f64 {
+        self.cl
+            .postmaster_pid()
+            .map(procstat::cluster_cpu)
+            .unwrap_or(0.0)
+    }
+
+    fn spawn(&self, label: &str, specs: &[Spec]) -> anyhow::Result<Pipelines> {
+        let m = child::manifest(&self.cl.uri("source"), &self.cl.uri("sink"), specs);
+        Pipelines::spawn(self.cl.dir(), label, &m, &self.wrapper)
+    }
+}
+
+async fn bench(cli: &Cli) -> anyhow::Result<()> {
+    let skip = |p: &str| cli.skip.iter().any(|s| s == p);
+    let latency_rate = cli
+        .latency_rate
+        .unwrap_or(if cli.quick { 1000 } else { 5000 });
+    let latency_secs = cli.latency_secs.unwrap_or(if cli.quick { 3 } else { 20 });
+    let idle_pipelines = cli.idle_pipelines.unwrap_or(if cli.quick { 3 } else { 50 });
+    let idle_secs = cli.idle_secs.unwrap_or(if cli.quick { 3 } else { 30 });
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let machine = machine();
+    eprintln!(
+        "philotes-bench: {} rows; {} × {}, {}",
+        cli.rows, machine.cpus, machine.cpu_model, machine.postgres
+    );
+
+    let cl = Cluster::start(cli.keep)?;
+    if cli.keep {
+        eprintln!("  cluster directory: {}", cl.dir().display());
+    }
+    let ctx = Ctx {
+        cl,
+        wrapper: cli
+            .wrapper
+            .as_deref()
+            .map(|w| w.split_whitespace().map(String::from).collect())
+            .unwrap_or_default(),
+    };
+    let admin = ctx.cl.client("postgres").await?;
+    admin.batch_execute("CREATE DATABASE source").await?;
+    admin.batch_execute("CREATE DATABASE sink").await?;
+    let src = ctx.cl.client("source").await?;
+    let sink = ctx.cl.client("sink").await?;
+
+    // Slots first, then the workload: every consumer reads the same WAL.
+    workload::prepare(&src).await?;
+    src.batch_execute("CREATE PUBLICATION bench_pub FOR TABLE items")
+        .await?;
+    for slot in ["bench_ref", "bench_e2e", "bench_reader"] {
+        src.execute(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot],
+        )
+        .await?;
+    }
+    eprintln!("generating the workload ...");
+    let w = workload::generate(&src, cli.rows, false).await?;
+    eprintln!(
+        "  {} changes ({} inserts, {} updates, {} deletes) in ~{} transactions, {:.0} MB of WAL, {:.1}s; end {}",
+        w.changes,
+        w.inserts,
+        w.updates,
+        w.deletes,
+        w.transactions,
+        w.wal_bytes as f64 / MB,
+        w.seconds,
+        lsn_text(w.end_lsn)
+    );
+
+    let mut throughput = Vec::new();
+    if !skip("reference") {
+        throughput.push(reference(&ctx, &src, &w).await?);
+    }
+    let reference_rate = throughput.first().map(|t| t.changes_per_s);
+    if !skip("e2e") {
+        let mut t = end_to_end(&ctx, &src, &sink, &w).await?;
+        t.ratio_to_reference = reference_rate.map(|r| t.changes_per_s / r);
+        throughput.push(t);
+    }
+    drop_slot(&src, "bench_e2e").await?;
+    if !skip("reader") {
+        let mut t = reader_only(&ctx, &src, &w).await?;
+        t.ratio_to_reference = reference_rate.map(|r| t.changes_per_s / r);
+        throughput.push(t);
+    }
+    drop_slot(&src, "bench_reader").await?;
+    drop(src);
+    drop(sink);
+    drop(admin);
+
+    let latency = if skip("latency") {
+        None
+    } else {
+        Some(latency_phase(&ctx, latency_rate, latency_secs).await?)
+    };
+    let idle = if skip("idle") {
+        None
+    } else {
+        Some(idle_phase(&ctx, idle_pipelines, idle_secs).await?)
+    };
+
+    let targets = targets(&throughput, latency.as_ref());
+    let results = Results {
+        command,
+        machine,
+        workload: Some(w),
+        throughput,
+        latency,
+        idle,
+        targets,
+    };
+    print_table(&results);
+    std::fs::write(&cli.json, serde_json::to_string_pretty(&results)?)
+        .with_context(|| format!("writing {}", cli.json.display()))?;
+    eprintln!("results written to {}", cli.json.display());
+    Ok(())
+}
+
+/// CPU seconds of the live PostgreSQL sessions whose application_name starts with `prefix`, by name.
+async fn sessions_cpu(c: &Client, prefix: &str) -> Vec<(String, f64)> {
+    let rows = c
+        .query(
+            "SELECT pid, application_name || ' (' || backend_type || ')' FROM pg_stat_activity WHERE application_name LIKE $1 || '%'",
+            &[&prefix],
+        )
+        .await
+        .unwrap_or_default();
+    let mut by: Vec<(String, f64)> = Vec::new();
+    for r in rows {
+        let pid: i32 = r.get(0);
+        let name: String = r.get(1);
+        let cpu = procstat::stat(pid as u32).map(|s| s.cpu).unwrap_or(0.0);
+        if std::env::var_os("PHILOTES_BENCH_PIDS").is_some() {
+            eprintln!("  pid {pid}: {name} {cpu:.2}s");
+        }
+        match by.iter_mut().find(|(n, _)| *n == name) {
+            Some(e) => e.1 += cpu,
+            None => by.push((name, cpu)),
+        }
+    }
+    by.sort_by(|a, b| b.1.total_cmp(&a.1));
+    by
+}
+
+async fn drop_slot(src: &Client, slot: &str) -> anyhow::Result<()> {
+    src.execute(
+        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+        &[&slot],
+    )
+    .await?;
+    Ok(())
+}
+
+async fn checkpoint(src: &Client) -> anyhow::Result<()> {
+    src.batch_execute("CHECKPOINT").await?;
+    Ok(())
+}
+
+/// pg_recvlogical draining the workload to /dev/null.
+async fn reference(ctx: &Ctx, src: &Client, w: &Workload) -> anyhow::Result<Throughput> {
+    checkpoint(src).await?;
+    eprintln!("reference: pg_recvlogical ...");
+    let pg0 = ctx.pg_cpu();
+    let started = Instant::now();
+    let mut child = tokio::process::Command::new(ctx.cl.bin("pg_recvlogical"))
+        .args([
+            "-d",
+            &ctx.cl.conninfo("source"),
+            "-S",
+            "bench_ref",
+            "--start",
+        ])
+        .args(["-o", "proto_version=1", "-o", "publication_names=bench_pub"])
+        .args(["-E", &lsn_text(w.end_lsn), "-f", "/dev/null", "--no-loop"])
+        .env("PGPASSWORD", cluster::PASSWORD)
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting pg_recvlogical")?;
+    let pid = child.id().unwrap_or(0);
+    let (mut cpu, mut rss, mut switches) = (0.0, 0, 0);
+    let mut sessions = Vec::new();
+    let mut sampled = Instant::now();
+    let status = loop {
+        if let Some(s) = procstat::stat(pid) {
+            cpu = s.cpu;
+        }
+        if sampled.elapsed() >= Duration::from_millis(200) {
+            sampled = Instant::now();
+            let now = sessions_cpu(src, "pg_recvlogical").await;
+            if !now.is_empty() {
+                sessions = now;
+            }
+        }
+        rss = procstat::vm_bytes(pid, "VmHWM").unwrap_or(rss);
+        switches = procstat::context_switches(pid).max(switches);
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    let pg = ctx.pg_cpu() - pg0;
+    if !status.success() {
+        bail!("pg_recvlogical failed: {status}");
+    }
+    let confirmed: Option<String> = src
+        .query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'bench_ref'",
+            &[],
+        )
+        .await?
+        .get(0);
+    let t = Throughput {
+        name: "reference: pg_recvlogical → /dev/null".into(),
+        changes: w.changes,
+        seconds,
+        changes_per_s: w.changes as f64 / seconds,
+        ratio_to_reference: Some(1.0),
+        client_cpu_s: cpu,
+        client_cpu_s_per_million: cpu / (w.changes as f64 / 1e6),
+        client_peak_rss_mb: rss as f64 / MB,
+        client_context_switches: switches,
+        postgres_cpu_s: pg,
+        postgres_cpu_by_session: sessions,
+        note: format!(
+            "--endpos {} (slot confirmed {})",
+            lsn_text(w.end_lsn),
+            confirmed.unwrap_or_default()
+        ),
+    };
+    eprintln!("  {:.2}s, {:.0} changes/s", t.seconds, t.changes_per_s);
+    Ok(t)
+}
+
+/// (durable_lsn, processed_lsn) of a pipeline, from the buffer; None before the buffer exists.
+async fn positions(src: &Client, id: &str) -> Option<(u64, u64)> {
+    let row = src
+        .query_opt(
+            "SELECT durable_lsn, processed_lsn FROM philotes.pipelines WHERE pipeline_id = $1",
+            &[&id],
+        )
+        .await
+        .ok()??;
+    Some((row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64))
+}
+
+async fn wait_for<F, Fut>(
+    what: &str,
+    p: &mut Pipelines,
+    timeout: Duration,
+    mut done: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !done().await {
+        if p.exited() {
+            bail!(
+                "the Philotes process exited while waiting for {what}:\n{}",
+                p.log_tail()
+            );
+        }
+        if start.elapsed() > timeout {
+            bail!(
+                "timed out after {timeout:?} waiting for {what}:\n{}",
+                p.log_tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+const LONG: Duration = Duration::from_secs(1800);
+
+/// Reader + buffer only: delivery Paused, a high watermark above the workload, until the buffer holds
+/// every change and `durable_lsn` (acknowledged to the source) is past the workload end.
+async fn reader_only(ctx: &Ctx, src: &Client, w: &Workload) -> anyhow::Result<Throughput> {
+    checkpoint(src).await?;
+    eprintln!("Philotes reader + buffer (Paused) ...");
+    let id = "bench-reader";
+    let pg0 = ctx.pg_cpu();
+    let mut p = ctx.spawn(
+        "reader",
+        &[Spec {
+            name: "reader",
+            uid: id,
+            paused: true,
+            table: "public.items",
+            publication: "bench_pub",
+            slot: "bench_reader",
+            sink_schema: "replica_reader",
+            extra: "  backpressure: {highWatermark: 1000000000, lowWatermark: 900000000}",
+        }],
+    )?;
+    wait_for(
+        "durable_lsn past the workload end",
+        &mut p,
+        LONG,
+        || async { positions(src, id).await.is_some_and(|(d, _)| d > w.end_lsn) },
+    )
+    .await?;
+    let seconds = p.started.elapsed().as_secs_f64();
+    let (cpu, rss, switches) = (p.cpu(), p.peak_rss(), procstat::context_switches(p.pid));
+    let pg = ctx.pg_cpu() - pg0;
+    let sessions = sessions_cpu(src, "philotes-").await;
+    p.stop().await?;
+    let n: i64 = src
+        .query_one(
+            "SELECT count(*) FROM philotes.events WHERE pipeline_id = $1",
+            &[&id],
+        )
+        .await?
+        .get(0);
+    anyhow::ensure!(
+        n as u64 == w.changes,
+        "the buffer holds {n} events, the workload made {} changes",
+        w.changes
+    );
+    let confirmed: Option<String> = src
+        .query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'bench_reader'",
+            &[],
+        )
+        .await?
+        .get(0);
+    let t = Throughput {
+        name: "Philotes reader + buffer (Paused)".into(),
+        changes: w.changes,
+        seconds,
+        changes_per_s: w.changes as f64 / seconds,
+        ratio_to_reference: None,
+        client_cpu_s: cpu,
+        client_cpu_s_per_million: cpu / (w.changes as f64 / 1e6),
+        client_peak_rss_mb: rss as f64 / MB,
+        client_context_switches: switches,
+        postgres_cpu_s: pg,
+        postgres_cpu_by_session: sessions,
+        note: format!(
+            "until durable_lsn > {}; {n} events in the buffer; slot confirmed {}",
+            lsn_text(w.end_lsn),
+            confirmed.unwrap_or_default()
+        ),
+    };
+    eprintln!("  {:.2}s, {:.0} changes/s", t.seconds, t.changes_per_s);
+    Ok(t)
+}
+
+/// End to end with the default pipeline settings, until the sink committed the last change; then the
+/// sink must match the source (count and checksum).
+async fn end_to_end(
+    ctx: &Ctx,
+    src: &Client,
+    sink: &Client,
+    w: &Workload,
+) -> anyhow::Result<Throughput> {
+    checkpoint(src).await?;
+    eprintln!("Philotes end to end ...");
+    let id = "bench-e2e";
+    let pg0 = ctx.pg_cpu();
+    let mut p = ctx.spawn(
+        "e2e",
+        &[Spec {
+            name: "e2e",
+            uid: id,
+            paused: false,
+            table: "public.items",
+            publication: "bench_pub",
+            slot: "bench_e2e",
+            sink_schema: "replica",
+            extra: "",
+        }],
+    )?;
+    wait_for(
+        "durable_lsn past the workload end",
+        &mut p,
+        LONG,
+        || async { positions(src, id).await.is_some_and(|(d, _)| d > w.end_lsn) },
+    )
+    .await?;
+    let read_seconds = p.started.elapsed().as_secs_f64();
+    // The commit LSN of the last transaction (events carry their transaction's commit LSN).
+    let last: i64 = src
+        .query_one(
+            "SELECT max(lsn) FROM philotes.events WHERE pipeline_id = $1",
+            &[&id],
+        )
+        .await?
+        .get(0);
+    wait_for(
+        "the sink to commit the last change",
+        &mut p,
+        LONG,
+        || async {
+            positions(src, id)
+                .await
+                .is_some_and(|(_, done)| done >= last as u64)
+        },
+    )
+    .await?;
+    let seconds = p.started.elapsed().as_secs_f64();
+    let (cpu, rss, switches) = (p.cpu(), p.peak_rss(), procstat::context_switches(p.pid));
+    let pg = ctx.pg_cpu() - pg0;
+    let sessions = sessions_cpu(src, "philotes-").await;
+    p.stop().await?;
+    let want = workload::checksum(src, "items").await?;
+    let have = workload::checksum(sink, "replica.items").await?;
+    anyhow::ensure!(
+        want == have,
+        "the sink does not match the source: source {want:?}, sink {have:?}"
+    );
+    let t = Throughput {
+        name: "Philotes end to end → PostgreSQL sink".into(),
+        changes: w.changes,
+        seconds,
+        changes_per_s: w.changes as f64 / seconds,
+        ratio_to_reference: None,
+        client_cpu_s: cpu,
+        client_cpu_s_per_million: cpu / (w.changes as f64 / 1e6),
+        client_peak_rss_mb: rss as f64 / MB,
+        client_context_switches: switches,
+        postgres_cpu_s: pg,
+        postgres_cpu_by_session: sessions,
+        note: format!(
+            "default settings; all in the buffer after {read_seconds:.2}s; sink = source: {} rows, checksum {}",
+            have.0, have.1
+        ),
+    };
+    eprintln!(
+        "  {:.2}s, {:.0} changes/s (buffer complete after {read_seconds:.2}s)",
+        t.seconds, t.changes_per_s
+    );
+    Ok(t)
+}
+
+/// Steady load in small transactions; latency = sink commit time − source commit time per row.
+async fn latency_phase(ctx: &Ctx, rate: u64, secs: u64) -> anyhow::Result<Latency> {
+    eprintln!(
+        "latency: {rate} rows/s for {secs}s (restarting PostgreSQL with track_commit_timestamp=on) ..."
+    );
+    {
+        let admin = ctx.cl.client("postgres").await?;
+        admin
+            .batch_execute("ALTER SYSTEM SET track_commit_timestamp = on")
+            .await?;
+    }
+    ctx.cl.restart()?;
+    let src = ctx.cl.client("source").await?;
+    let sink = ctx.cl.client("sink").await?;
+    src.batch_execute(&workload::create_table("public.ticks"))
+        .await?;
+    src.batch_execute("CREATE PUBLICATION bench_lat_pub FOR TABLE public.ticks")
+        .await?;
+    let id = "bench-latency";
+    let mut p = ctx.spawn(
+        "latency",
+        &[Spec {
+            name: "latency",
+            uid: id,
+            paused: false,
+            table: "public.ticks",
+            publication: "bench_lat_pub",
+            slot: "bench_latency",
+            sink_schema: "replica",
+            extra: "",
+        }],
+    )?;
+    // Warm-up: one row through the whole path.
+    wait_for(
+        "the sink table",
+        &mut p,
+        Duration::from_secs(60),
+        || async {
+            sink.query_opt("SELECT 1 FROM replica.ticks LIMIT 1", &[])
+                .await
+                .is_ok()
+        },
+    )
+    .await?;
+    src.batch_execute(&format!(
+        "INSERT INTO public.ticks SELECT {} FROM generate_series(0::bigint, 0) g",
+        workload::ROW
+    ))
+    .await?;
+    wait_for(
+        "the warm-up row",
+        &mut p,
+        Duration::from_secs(60),
+        || async {
+            sink.query_opt("SELECT 1 FROM replica.ticks WHERE id = 0", &[])
+                .await
+                .ok()
+                .flatten()
+                .is_some()
+        },
+    )
+    .await?;
+    let hist0 = p.metrics().await.unwrap_or_default();
+    let cpu0 = p.cpu();
+
+    let conns = 4u64;
+    let next_id = Arc::new(AtomicU64::new(1));
+    let txns = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let end = tokio::time::Instant::now() + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for k in 0..conns {
+        let c = ctx.cl.client("source").await?;
+        let next_id = next_id.clone();
+        let txns = txns.clone();
+        tasks.push(tokio::spawn(async move {
+            let stmt = c
+                .prepare(&format!(
+                    "INSERT INTO public.ticks SELECT {} FROM generate_series($1::int8, $2::int8) g",
+                    workload::ROW
+                ))
+                .await?;
+            let per_conn = rate as f64 / conns as f64;
+            let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ (k + 1);
+            let mut at = tokio::time::Instant::now();
+            while at < end {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                let n = 1 + rng % 10;
+                let first = next_id.fetch_add(n, Ordering::Relaxed) as i64;
+                c.execute(&stmt, &[&first, &(first + n as i64 - 1)]).await?;
+                txns.fetch_add(1, Ordering::Relaxed);
+                at += Duration::from_secs_f64(n as f64 / per_conn);
+                tokio::time::sleep_until(at).await;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let rows = next_id.load(Ordering::Relaxed) - 1;
+    wait_for(
+        "the sink to catch up",
+        &mut p,
+        Duration::from_secs(120),
+        || async {
+            sink.query_one("SELECT count(*) FROM replica.ticks WHERE id > 0", &[])
+                .await
+                .is_ok_and(|r| r.get::<_, i64>(0) as u64 == rows)
+        },
+    )
+    .await?;
+    let cpu = p.cpu() - cpu0;
+    let rss = p.peak_rss();
+    let hist1 = p.metrics().await.unwrap_or_default();
+    p.stop().await?;
+
+    let at_source = commit_times(&src, "public.ticks").await?;
+    let at_sink = commit_times(&sink, "replica.ticks").await?;
+    let mut lat: Vec<f64> = Vec::with_capacity(at_source.len());
+    for (id, s) in &at_source {
+        let (Some(s), Some(Some(d))) = (s, at_sink.get(id)) else {
+            bail!("row {id} has no commit timestamp in the source or the sink");
+        };
+        lat.push((d - s) as f64 / 1000.0);
+    }
+    lat.sort_by(|a, b| a.total_cmp(b));
+    anyhow::ensure!(!lat.is_empty(), "no rows in the latency phase");
+    let pct = |q: f64| lat[((lat.len() as f64 * q).ceil() as usize).clamp(1, lat.len()) - 1];
+    let metric_p99_le_ms = {
+        let name = "philotes_delivery_latency_seconds";
+        let (b0, b1) = (
+            child::histogram(&hist0, name),
+            child::histogram(&hist1, name),
+        );
+        let diff: Vec<(f64, u64)> = b1
+            .iter()
+            .map(|(le, n)| {
+                let before = b0.iter().find(|(l, _)| l == le).map(|x| x.1).unwrap_or(0);
+                (*le, n - before)
+            })
+            .collect();
+        let total = diff.last().map(|x| x.1).unwrap_or(0);
+        diff.iter()
+            .find(|(_, n)| total > 0 && *n as f64 >= total as f64 * 0.99)
+            .map(|(le, _)| le * 1000.0)
+    };
+    let l = Latency {
+        target_rows_per_s: rate,
+        achieved_rows_per_s: rows as f64 / seconds,
+        seconds,
+        rows,
+        transactions: txns.load(Ordering::Relaxed),
+        p50_ms: pct(0.50),
+        p90_ms: pct(0.90),
+        p99_ms: pct(0.99),
+        max_ms: *lat.last().unwrap_or(&0.0),
+        metric_p99_le_ms,
+        philotes_cpu_s: cpu,
+        philotes_cpu_percent: cpu / seconds * 100.0,
+        philotes_peak_rss_mb: rss as f64 / MB,
+    };
+    eprintln!(
+        "  {:.0} rows/s: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+        l.achieved_rows_per_s, l.p50_ms, l.p99_ms, l.max_ms
+    );
+    Ok(l)
+}
+
+/// Many idle pipelines (each on its own slot) in one process.
+async fn idle_phase(ctx: &Ctx, n: usize, secs: u64) -> anyhow::Result<Idle> {
+    eprintln!("idle: {n} pipelines for {secs}s ...");
+    let src = ctx.cl.client("source").await?;
+    src.batch_execute(&format!(
+        "{}; CREATE PUBLICATION bench_idle_pub FOR TABLE public.idle_t",
+        workload::create_table("public.idle_t")
+    ))
+    .await?;
+    let names: Vec<(String, String, String)> = (1..=n)
+        .map(|i| {
+            (
+                format!("idle-{i:02}"),
+                format!("bench-idle-{i:02}"),
+                format!("idle_{i:02}"),
+            )
+        })
+        .collect();
+    let specs: Vec<Spec> = names
+        .iter()
+        .map(|(name, uid, slot)| Spec {
+            name,
+            uid,
+            paused: false,
+            table: "public.idle_t",
+            publication: "bench_idle_pub",
+            slot,
+            sink_schema: slot,
+            extra: "",
+        })
+        .collect();
+    let mut p = ctx.spawn("idle", &specs)?;
+    wait_for(
+        "every idle pipeline to stream",
+        &mut p,
+        Duration::from_secs(300),
+        || async {
+            src.query_one(
+                "SELECT count(*) FROM pg_stat_replication WHERE application_name = 'philotes-reader' AND state = 'streaming'",
+                &[],
+            )
+            .await
+            .is_ok_and(|r| r.get::<_, i64>(0) as usize >= n)
+        },
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_secs(if secs >= 10 { 5 } else { 1 })).await;
+    let (cpu0, pg0) = (p.cpu(), ctx.pg_cpu());
+    let t0 = Instant::now();
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let seconds = t0.elapsed().as_secs_f64();
+    let (cpu, pg) = (p.cpu() - cpu0, ctx.pg_cpu() - pg0);
+    let (rss, hwm) = (p.rss(), p.peak_rss());
+    let conns: i64 = src
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'philotes-%'",
+            &[],
+        )
+        .await?
+        .get(0);
+    p.stop().await?;
+    let i = Idle {
+        pipelines: n,
+        seconds,
+        philotes_rss_mb: rss as f64 / MB,
+        philotes_peak_rss_mb: hwm as f64 / MB,
+        philotes_cpu_s: cpu,
+        postgres_cpu_s: pg,
+        postgres_connections: conns,
+    };
+    eprintln!(
+        "  RSS {:.1} MB, CPU {:.2}s over {:.0}s",
+        i.philotes_rss_mb, i.philotes_cpu_s, i.seconds
+    );
+    Ok(i)
+}
+
+fn targets(t: &[Throughput], l: Option<&Latency>) -> Vec<Target> {
+    let mut out = Vec::new();
+    let find = |prefix: &str| t.iter().find(|x| x.name.starts_with(prefix));
+    if let Some(r) = find("Philotes reader")
+        && let Some(ratio) = r.ratio_to_reference
+    {
+        out.push(Target {
+            what: "reader + buffer throughput".into(),
+            target: "≥ 0.8 × reference".into(),
+            measured: format!("{ratio:.2} ×"),
+            met: ratio >= 0.8,
+        });
+    }
+    if let Some(e) = find("Philotes end") {
+        if let Some(ratio) = e.ratio_to_reference {
+            out.push(Target {
+                what: "end-to-end throughput".into(),
+                target: "≥ 0.5 × reference".into(),
+                measured: format!("{ratio:.2} ×"),
+                met: ratio >= 0.5,
+            });
+        }
+        out.push(Target {
+            what: "peak RSS, one pipeline".into(),
+            target: "≤ 150 MB".into(),
+            measured: format!("{:.0} MB", e.client_peak_rss_mb),
+            met: e.client_peak_rss_mb <= 150.0,
+        });
+    }
+    if let Some(l) = l {
+        out.push(Target {
+            what: format!("p99 latency at {} rows/s", l.target_rows_per_s),
+            target: "≤ 250 ms".into(),
+            measured: format!("{:.0} ms", l.p99_ms),
+            met: l.p99_ms <= 250.0,
+        });
+    }
+    out
+}
+
+fn print_table(r: &Results) {
+    let m = &r.machine;
+    println!();
+    println!(
+        "Machine: {} CPUs ({}), {:.0} GB RAM; {} on the same machine",
+        m.cpus, m.cpu_model, m.memory_gb, m.postgres
+    );
+    if let Some(w) = &r.workload {
+        println!(
+            "Workload: {} changes ({} inserts, {} updates, {} deletes), ~{} transactions, {:.0} MB of WAL",
+            w.changes,
+            w.inserts,
+            w.updates,
+            w.deletes,
+            w.transactions,
+            w.wal_bytes as f64 / MB
+        );
+    }
+    println!();
+    println!(
+        "| measurement | changes/s | × reference | seconds | client CPU s per M changes | client peak RSS MB | PostgreSQL CPU s |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for t in &r.throughput {
+        println!(
+            "| {} | {:.0} | {} | {:.2} | {:.2} | {:.0} | {:.1} |",
+            t.name,
+            t.changes_per_s,
+            t.ratio_to_reference
+                .map(|x| format!("{x:.2}"))
+                .unwrap_or_else(|| "–".into()),
+            t.seconds,
+            t.client_cpu_s_per_million,
+            t.client_peak_rss_mb,
+            t.postgres_cpu_s
+        );
+    }
+    if let Some(l) = &r.latency {
+        println!(
+            "| latency at {} rows/s ({:.0} achieved, {:.0}s, {} small transactions), source commit → sink commit | p50 {:.1} ms | p99 {:.1} ms | max {:.1} ms | {:.2} (CPU {:.0}%) | {:.0} | – |",
+            l.target_rows_per_s,
+            l.achieved_rows_per_s,
+            l.seconds,
+            l.transactions,
+            l.p50_ms,
+            l.p99_ms,
+            l.max_ms,
+            l.philotes_cpu_s / (l.rows as f64 / 1e6),
+            l.philotes_cpu_percent,
+            l.philotes_peak_rss_mb
+        );
+    }
+    if let Some(i) = &r.idle {
+        println!(
+            "| {} idle pipelines in one process ({} PostgreSQL connections) | CPU {:.2}s over {:.0}s | – | – | – | {:.0} (now {:.0}) | {:.1} |",
+            i.pipelines,
+            i.postgres_connections,
+            i.philotes_cpu_s,
+            i.seconds,
+            i.philotes_peak_rss_mb,
+            i.philotes_rss_mb,
+            i.postgres_cpu_s
+        );
+    }
+    if !r.targets.is_empty() {
+        println!();
+        println!("| target | goal | measured | met |");
+        println!("|---|---|---|---|");
+        for t in &r.targets {
+            println!(
+                "| {} | {} | {} | {} |",
+                t.what,
+                t.target,
+                t.measured,
+                if t.met { "yes" } else { "NO" }
+            );
+        }
+    }
+    for t in &r.throughput {
+        let by: Vec<String> = t
+            .postgres_cpu_by_session
+            .iter()
+            .filter(|(_, c)| *c >= 0.05)
+            .map(|(n, c)| format!("{n} {c:.1}s"))
+            .collect();
+        println!(
+            "  {}: {}; PostgreSQL sessions: {}",
+            t.name,
+            t.note,
+            by.join(", ")
+        );
+    }
+    if let Some(l) = &r.latency
+        && let Some(p) = l.metric_p99_le_ms
+    {
+        println!(
+            "  latency: philotes_delivery_latency_seconds p99 ≤ {p:.0} ms (histogram bucket; measured after the buffer is marked processed)"
+        );
+    }
+}
+
+/// Commit time (µs since the Unix epoch) of every row of `table` with id > 0, by id.
+async fn commit_times(c: &Client, table: &str) -> anyhow::Result<HashMap<i64, Option<i64>>> {
+    let rows = c
+        .query(
+            &format!("SELECT id, (extract(epoch FROM pg_xact_commit_timestamp(xmin)) * 1e6)::int8 FROM {table} WHERE id > 0"),
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get::<_, i64>(0), r.get::<_, Option<i64>>(1)))
+        .collect())
+}

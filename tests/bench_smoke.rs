@@ -1,0 +1,73 @@
+//! The benchmark end to end with a tiny workload and short latency and idle phases, so that it keeps
+//! working: it starts its own PostgreSQL, runs every phase and prints the table.
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+#[test]
+fn bench_runs_every_phase_with_a_tiny_workload() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let started = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_philotes-bench"))
+        .args(["--rows", "5000", "--quick", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(90),
+        "took {:?}",
+        started.elapsed()
+    );
+
+    // The table, with a row per measurement.
+    for needle in [
+        "| measurement | changes/s | × reference |",
+        "| reference: pg_recvlogical",
+        "| Philotes reader + buffer (Paused) |",
+        "| Philotes end to end → PostgreSQL sink |",
+        "| latency at 1000 rows/s",
+        "idle pipelines in one process",
+        "| target | goal | measured | met |",
+    ] {
+        assert!(stdout.contains(needle), "no {needle:?} in:\n{stdout}");
+    }
+
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let w = &r["workload"];
+    assert_eq!(w["inserts"], 5000);
+    assert!(w["changes"].as_u64().unwrap() > 5000);
+    let phases = r["throughput"].as_array().unwrap();
+    assert_eq!(phases.len(), 3, "{phases:?}");
+    for t in phases {
+        let name = t["name"].as_str().unwrap();
+        assert_eq!(t["changes"], w["changes"], "{name}");
+        for field in [
+            "seconds",
+            "changes_per_s",
+            "ratio_to_reference",
+            "client_cpu_s",
+        ] {
+            let v = t[field].as_f64().unwrap_or(-1.0);
+            assert!(v > 0.0, "{name}: {field} = {v}");
+        }
+        assert!(t["client_peak_rss_mb"].as_f64().unwrap() > 1.0, "{name}");
+    }
+    let l = &r["latency"];
+    assert!(l["rows"].as_u64().unwrap() > 0, "{l}");
+    let (p50, p99) = (l["p50_ms"].as_f64().unwrap(), l["p99_ms"].as_f64().unwrap());
+    assert!(p50 > 0.0 && p99 >= p50, "{l}");
+    let i = &r["idle"];
+    assert!(i["pipelines"].as_u64().unwrap() > 0, "{i}");
+    assert!(i["philotes_rss_mb"].as_f64().unwrap() > 1.0, "{i}");
+    assert!(i["philotes_cpu_s"].as_f64().unwrap() >= 0.0, "{i}");
+    assert!(!r["targets"].as_array().unwrap().is_empty());
+}
