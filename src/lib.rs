@@ -8,3 +8,10 @@ pub mod operator;
 pub mod standalone;
 pub mod supervisor;
 pub mod validate;
+
+/// Selects ring as the process's TLS crypto provider. Two providers are compiled in (ring, and
+/// aws-lc-rs through pgwire-replication), so rustls cannot pick one by itself; kube's client needs
+/// one. Idempotent.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

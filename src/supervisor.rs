@@ -196,6 +196,7 @@ mod tests {
                 schema: "public".into(),
                 name: "t".into(),
             }],
+            initial_snapshot: true,
             publication: "p".into(),
             slot: "s".into(),
             sink: c.clone(),

@@ -292,6 +292,7 @@ pub fn validate(
         name: format!("{}/{}", id.namespace, id.name),
         source,
         tables,
+        initial_snapshot: spec.source.initial_snapshot,
         publication,
         slot,
         sink,

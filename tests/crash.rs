@@ -24,18 +24,25 @@ fn start(file: &std::path::Path, log: &std::path::Path) -> Child {
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_mid_stream_loses_nothing() {
-    let pg = Pg::start();
+/// Databases shop and warehouse, the table made by `ddl`, and a manifest file for one pipeline of
+/// `table` with `extra` spec lines. Returns (source client, sink client, manifest path, log path).
+async fn prepare(
+    pg: &Pg,
+    ddl: &str,
+    table: &str,
+    extra: &str,
+) -> (
+    tokio_postgres::Client,
+    tokio_postgres::Client,
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
     pg.create_db("shop").await;
     pg.create_db("warehouse").await;
     let src = pg.client("shop").await;
     let dst = pg.client("warehouse").await;
-    src.batch_execute("CREATE TABLE t (id bigint PRIMARY KEY, v text, n int)")
-        .await
-        .unwrap();
+    src.batch_execute(ddl).await.unwrap();
     let file = pg.dir().join("pipeline.yaml");
-    let log = pg.dir().join("philotes.log");
     std::fs::write(
         &file,
         format!(
@@ -48,16 +55,28 @@ apiVersion: philotes.io/v1alpha1
 kind: CdcPipeline
 metadata: {{name: crash}}
 spec:
-  source: {{connectionSecretRef: {{name: db, key: source}}, tables: [public.t]}}
+  source: {{connectionSecretRef: {{name: db, key: source}}, tables: [{table}]}}
   sink: {{postgres: {{connectionSecretRef: {{name: db, key: sink}}, schema: replica}}}}
-  buffer: {{batchSize: 1000, flushInterval: 200ms}}
-  backpressure: {{highWatermark: 20000, lowWatermark: 10000, checkInterval: 100ms}}
+{extra}
 "#,
             pg.uri("shop"),
             pg.uri("warehouse")
         ),
     )
     .unwrap();
+    (src, dst, file, pg.dir().join("philotes.log"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_stream_loses_nothing() {
+    let pg = Pg::start();
+    let (src, dst, file, log) = prepare(
+        &pg,
+        "CREATE TABLE t (id bigint PRIMARY KEY, v text, n int)",
+        "public.t",
+        "  buffer: {batchSize: 1000, flushInterval: 200ms}\n  backpressure: {highWatermark: 20000, lowWatermark: 10000, checkInterval: 100ms}",
+    )
+    .await;
 
     let mut child = start(&file, &log);
     eventually(
@@ -120,4 +139,68 @@ spec:
         !output.contains(support::PASSWORD),
         "the password leaked into the output"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_the_initial_snapshot_starts_it_over() {
+    let pg = Pg::start();
+    let (src, dst, file, log) = prepare(
+        &pg,
+        "CREATE TABLE big (id bigint PRIMARY KEY, v text);
+         INSERT INTO big SELECT i, repeat(md5(i::text), 4) FROM generate_series(1, 100000) i;",
+        "big",
+        "  buffer: {batchSize: 2000, flushInterval: 200ms}",
+    )
+    .await;
+    let mut child = start(&file, &log);
+    eventually("the snapshot to be under way", Duration::from_secs(120), || async {
+        src.query_one(
+            "SELECT (SELECT count(*) FROM philotes.events) > 0 AND NOT bool_or(snapshot_done) FROM philotes.pipelines",
+            &[],
+        )
+        .await
+        .map(|r| r.get::<_, Option<bool>>(0) == Some(true))
+        .unwrap_or(false)
+    })
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    src.batch_execute(
+        "DELETE FROM big WHERE id <= 10; UPDATE big SET v = 'between runs' WHERE id = 11",
+    )
+    .await
+    .unwrap();
+
+    let mut child = start(&file, &log);
+    src.batch_execute("INSERT INTO big VALUES (1000000, 'after restart')")
+        .await
+        .unwrap();
+    let done = tokio::time::timeout(
+        Duration::from_secs(120),
+        wait_same(
+            &src,
+            "big",
+            &dst,
+            "replica.big",
+            "id",
+            Duration::from_secs(3600),
+        ),
+    )
+    .await;
+    assert!(
+        done.is_ok(),
+        "the sink did not match the source; log:\n{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let slots: i64 = src
+        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        slots, 1,
+        "the interrupted attempt's slot was dropped and made again"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
 }

@@ -426,3 +426,143 @@ async fn invalid_specs_give_clear_errors() {
     );
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn existing_rows_are_copied_first_then_changes_stream() {
+    let pg = Pg::start();
+    let (src, dst) = setup(&pg).await;
+    src.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, v text, n numeric, doc jsonb);
+         INSERT INTO t SELECT i, md5(i::text), i / 7.0, jsonb_build_object('i', i) FROM generate_series(1, 20000) i;
+         CREATE TABLE empty (id int PRIMARY KEY);",
+    )
+    .await
+    .unwrap();
+    let h = PipelineHandle::start(
+        config(
+            "snap",
+            &pg.uri("shop"),
+            &pg.uri("warehouse"),
+            &["t", "empty"],
+            FAST,
+        ),
+        Arc::new(Metrics::new()),
+    );
+    // Changes made while the pipeline starts (before, during or after the copy) all arrive.
+    for k in 0..20 {
+        src.batch_execute(&format!(
+            "UPDATE t SET v = 'changed' WHERE id = {}; DELETE FROM t WHERE id = {}; INSERT INTO t VALUES ({}, 'new', 0, '{{}}')",
+            k * 100 + 1,
+            k * 100 + 2,
+            100_000 + k
+        ))
+        .await
+        .unwrap();
+    }
+    wait_phase(&h, Phase::Running).await;
+    src.batch_execute("UPDATE t SET n = -1 WHERE id % 1000 = 0")
+        .await
+        .unwrap();
+    wait_same(&src, "t", &dst, "replica.t", "id", WAIT).await;
+    assert_eq!(count(&dst, "replica.empty").await, 0);
+    assert!(h.current().events_read >= 20_000);
+    h.stop().await;
+
+    // A restart does not copy again.
+    let h = PipelineHandle::start(
+        config(
+            "snap",
+            &pg.uri("shop"),
+            &pg.uri("warehouse"),
+            &["t", "empty"],
+            FAST,
+        ),
+        Arc::new(Metrics::new()),
+    );
+    wait_phase(&h, Phase::Running).await;
+    src.batch_execute("INSERT INTO t VALUES (999999, 'after restart', 1, '{}')")
+        .await
+        .unwrap();
+    wait_same(&src, "t", &dst, "replica.t", "id", WAIT).await;
+    assert!(h.current().events_read < 100, "{:?}", h.current());
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivered_events_are_cleaned_up_after_retention() {
+    let pg = Pg::start();
+    let (src, dst) = setup(&pg).await;
+    src.batch_execute("CREATE TABLE t (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let extra = "  buffer: {batchSize: 100, flushInterval: 100ms, retention: 2s}";
+    let h = PipelineHandle::start(
+        config(
+            "cleanup",
+            &pg.uri("shop"),
+            &pg.uri("warehouse"),
+            &["t"],
+            extra,
+        ),
+        Arc::new(Metrics::new()),
+    );
+    wait_phase(&h, Phase::Running).await;
+    src.batch_execute("INSERT INTO t SELECT generate_series(1, 500)")
+        .await
+        .unwrap();
+    wait_same(&src, "t", &dst, "replica.t", "id", WAIT).await;
+    // The buffer lives in the source database here.
+    assert!(
+        count(&src, "philotes.events").await > 0,
+        "events are kept until their retention passes"
+    );
+    eventually("delivered events to be removed", WAIT, || async {
+        count(&src, "philotes.events").await == 0
+    })
+    .await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_use_tls_when_the_uri_asks_for_it() {
+    let pg = Pg::start_tls();
+    let (src, dst) = setup(&pg).await;
+    src.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let uri = |db: &str| format!("{}?sslmode=require", pg.uri(db));
+    let h = PipelineHandle::start(
+        config("tls", &uri("shop"), &uri("warehouse"), &["t"], FAST),
+        Arc::new(Metrics::new()),
+    );
+    wait_phase(&h, Phase::Running).await;
+    src.batch_execute("INSERT INTO t SELECT i, 'secret' FROM generate_series(1, 100) i")
+        .await
+        .unwrap();
+    wait_same(&src, "t", &dst, "replica.t", "id", WAIT).await;
+    let rows = src
+        .query(
+            "SELECT a.application_name, s.ssl FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
+             WHERE a.application_name LIKE 'philotes-%' ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let seen: Vec<(String, bool)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    for app in [
+        "philotes-reader",
+        "philotes-source",
+        "philotes-sink",
+        "philotes-buffer-writer",
+    ] {
+        assert!(
+            seen.iter().any(|(a, _)| a == app),
+            "{app} not connected: {seen:?}"
+        );
+    }
+    assert!(
+        seen.iter().all(|(_, ssl)| *ssl),
+        "a connection without TLS: {seen:?}"
+    );
+    h.stop().await;
+}

@@ -76,6 +76,10 @@ pub struct SourceSpec {
     /// Tables to capture, as `schema.table` (or `table` for `public`). Each needs a primary key.
     #[schemars(length(min = 1))]
     pub tables: Vec<String>,
+    /// Copy the rows the tables hold when the pipeline creates its slot, before streaming changes
+    /// (default true). A slot named in `slot` that already exists gets no snapshot.
+    #[serde(default = "default_true")]
+    pub initial_snapshot: bool,
     /// Publication name; default derived from the resource uid. Created when missing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub publication: Option<String>,

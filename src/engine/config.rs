@@ -68,11 +68,37 @@ impl ConnString {
         self.config.get_dbname().unwrap_or_default()
     }
 
-    pub fn requires_tls(&self) -> bool {
-        matches!(
-            self.config.get_ssl_mode(),
-            tokio_postgres::config::SslMode::Require
+    /// TLS for the replication connection, as `sslmode` asks (encrypted, certificate not verified,
+    /// as libpq does without a root certificate).
+    pub fn replication_tls(&self) -> pgwire_replication::TlsConfig {
+        use tokio_postgres::config::SslMode;
+        let mut tls = pgwire_replication::TlsConfig::disabled();
+        tls.mode = match self.config.get_ssl_mode() {
+            SslMode::Disable => pgwire_replication::SslMode::Disable,
+            SslMode::Require => pgwire_replication::SslMode::Require,
+            _ => pgwire_replication::SslMode::Prefer,
+        };
+        tls
+    }
+
+    /// A replication session on this database for `slot` and `publication`.
+    pub fn replication(
+        &self,
+        slot: &str,
+        publication: &str,
+        application: &str,
+    ) -> pgwire_replication::ReplicationConfig {
+        pgwire_replication::ReplicationConfig::new(
+            self.host(),
+            self.user(),
+            self.password(),
+            self.dbname(),
+            slot,
+            publication,
         )
+        .with_port(self.port())
+        .with_tls(self.replication_tls())
+        .with_application_name(application)
     }
 
     /// Whether two URIs point at the same database (same host, port and database name).
@@ -137,6 +163,8 @@ pub struct PipelineConfig {
     pub name: String,
     pub source: ConnString,
     pub tables: Vec<TableName>,
+    /// Copy the tables' rows first when the pipeline creates its slot.
+    pub initial_snapshot: bool,
     pub publication: String,
     pub slot: String,
     pub sink: ConnString,

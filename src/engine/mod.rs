@@ -12,6 +12,7 @@ pub mod pg;
 pub mod processor;
 pub mod retry;
 pub mod sink;
+pub mod snapshot;
 pub mod source;
 pub mod state;
 
@@ -144,7 +145,7 @@ impl Shared {
         self.changed.notify_one();
     }
 
-    fn set_message(&self, m: impl Into<String>) {
+    pub(crate) fn set_message(&self, m: impl Into<String>) {
         self.texts().message = m.into();
         self.changed.notify_one();
     }
@@ -384,7 +385,34 @@ async fn run_session(
     let publication_created =
         catalog::ensure_publication(&source, &cfg.publication, &cfg.tables, owned_publication)
             .await?;
-    let slot_created = catalog::ensure_slot(&source, &cfg.slot).await?;
+    let slot_exists = catalog::slot_exists(&source, &cfg.slot).await?;
+    let ours = previous
+        .as_ref()
+        .is_some_and(|o| o.slot_created && o.slot_name == cfg.slot);
+    let snapshot_owed = snapshot::pending(&control).await?;
+    let slot_created = if cfg.initial_snapshot && snapshot_owed && (!slot_exists || ours) {
+        shared.set_message("initial snapshot");
+        let mut writer = Buffer::connect(&cfg.buffer, &cfg.id, "snapshot").await?;
+        snapshot::run(cfg, &source, &mut writer, &layouts, shared).await?;
+        true
+    } else {
+        if !slot_exists && !snapshot_owed {
+            let cp = control.checkpoint().await?;
+            if cp.durable_lsn > 0 {
+                return Err(EngineError::invalid(
+                    format!(
+                        "replication slot {} is gone although this pipeline streamed from it; changes made since it was dropped are lost to the sink",
+                        cfg.slot
+                    ),
+                    "delete and re-create the pipeline (a new slot and initial snapshot), or restore the slot",
+                ));
+            }
+        }
+        if cfg.initial_snapshot && snapshot_owed && slot_exists {
+            tracing::warn!(pipeline = %cfg.name, slot = %cfg.slot, "the slot was not created by Philotes: no initial snapshot, changes from the slot's position on");
+        }
+        catalog::ensure_slot(&source, &cfg.slot).await? || ours
+    };
     let own = control
         .register(
             &cfg.name,
@@ -503,6 +531,9 @@ async fn housekeeping(
     let every = cfg
         .check_interval
         .clamp(Duration::from_millis(200), Duration::from_secs(10));
+    // Cleanup runs every minute, or at half the shorter retention when that is less.
+    let cleanup_every = (cfg.retention.min(cfg.dead_letter_retention) / 2)
+        .clamp(Duration::from_secs(1), Duration::from_secs(60));
     let mut last_cleanup = tokio::time::Instant::now();
     loop {
         match catalog::slot_lag(&monitor, &cfg.slot).await? {
@@ -520,7 +551,7 @@ async fn housekeeping(
                 ));
             }
         }
-        if last_cleanup.elapsed() >= Duration::from_secs(60) {
+        if last_cleanup.elapsed() >= cleanup_every {
             last_cleanup = tokio::time::Instant::now();
             let n = control
                 .cleanup(cfg.retention, cfg.dead_letter_retention)

@@ -57,6 +57,7 @@ pub async fn run(
     cfg: OperatorConfig,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
+    crate::install_crypto_provider();
     let supervisor = Supervisor::new(Arc::new(Metrics::new()));
     let synced = Arc::new(AtomicBool::new(false));
     let health_stop = CancellationToken::new();

@@ -46,6 +46,7 @@ impl ApiServer {
     }
 
     pub async fn client(&self) -> Client {
+        philotes::install_crypto_provider();
         let kc = Kubeconfig::read_from(self.kubeconfig()).unwrap();
         let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
             .await

@@ -59,6 +59,15 @@ fn is_root() -> bool {
 impl Pg {
     /// Starts a new cluster. PostgreSQL refuses to run as root, so under root it runs as `postgres`.
     pub fn start() -> Pg {
+        Self::start_with(false)
+    }
+
+    /// A cluster that also accepts TLS (`ssl = on`, a self-signed certificate made with openssl).
+    pub fn start_tls() -> Pg {
+        Self::start_with(true)
+    }
+
+    fn start_with(tls: bool) -> Pg {
         let bindir = bindir();
         let as_postgres = is_root();
         let dir = tempfile::Builder::new()
@@ -104,6 +113,46 @@ impl Pg {
             pg.port,
             pg.dir.display()
         );
+        let mut conf = conf;
+        if tls {
+            let data = pg.data();
+            let ok = Command::new("openssl")
+                .args([
+                    "req",
+                    "-new",
+                    "-x509",
+                    "-days",
+                    "2",
+                    "-nodes",
+                    "-subj",
+                    "/CN=localhost",
+                ])
+                .arg("-keyout")
+                .arg(data.join("server.key"))
+                .arg("-out")
+                .arg(data.join("server.crt"))
+                .output()
+                .unwrap();
+            assert!(
+                ok.status.success(),
+                "openssl: {}",
+                String::from_utf8_lossy(&ok.stderr)
+            );
+            if pg.as_postgres {
+                Command::new("chown")
+                    .args(["postgres:postgres"])
+                    .arg(data.join("server.key"))
+                    .arg(data.join("server.crt"))
+                    .status()
+                    .unwrap();
+            }
+            Command::new("chmod")
+                .arg("600")
+                .arg(data.join("server.key"))
+                .status()
+                .unwrap();
+            conf.push_str("ssl = on\n");
+        }
         let path = pg.data().join("postgresql.conf");
         let mut all = std::fs::read_to_string(&path).unwrap();
         all.push_str(&conf);

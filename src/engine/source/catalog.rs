@@ -200,6 +200,17 @@ pub async fn ensure_publication(
     }
 }
 
+pub async fn slot_exists(client: &Client, name: &str) -> Result<bool, EngineError> {
+    let row = client
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&name],
+        )
+        .await
+        .map_err(EngineError::pg("looking up the replication slot"))?;
+    Ok(row.get::<_, i64>(0) > 0)
+}
+
 /// Makes sure the logical slot exists with pgoutput. Returns whether it was created now.
 pub async fn ensure_slot(client: &Client, name: &str) -> Result<bool, EngineError> {
     let row = client

@@ -1,0 +1,190 @@
+//! The initial snapshot: when the pipeline creates its slot, the slot exports a snapshot, and the
+//! tables are copied as of that snapshot into the buffer, before any streamed change. The copy is
+//! stored at the position just before the slot's consistent point, so streamed transactions (which
+//! commit after it) sort after it; rows are read in the text form the types' output functions give,
+//! the same form pgoutput sends.
+//!
+//! A crash in the middle cannot resume an exported snapshot: the half-done copy is discarded, the slot
+//! dropped and created again, and the copy starts over (`snapshot_done` in the buffer says where it is).
+
+use std::sync::Arc;
+
+use pgwire_replication::ReplicationClient;
+use tokio_postgres::SimpleQueryMessage;
+
+use super::source::catalog;
+use crate::engine::Shared;
+use crate::engine::buffer::{Buffer, CopyRows};
+use crate::engine::config::PipelineConfig;
+use crate::engine::error::EngineError;
+use crate::engine::event::{Op, Position, RelationInfo};
+use crate::engine::pg::{self, ident, literal};
+
+const FETCH: usize = 5000;
+
+/// Whether the pipeline's snapshot is still to be done (true also when the pipeline is new).
+pub async fn pending(buffer: &Buffer) -> Result<bool, EngineError> {
+    let row = buffer
+        .client()
+        .query_opt(
+            "SELECT snapshot_done FROM philotes.pipelines WHERE pipeline_id = $1",
+            &[&buffer.pipeline_id()],
+        )
+        .await
+        .map_err(EngineError::pg("reading the snapshot state"))?;
+    Ok(row.is_none_or(|r| !r.get::<_, bool>(0)))
+}
+
+/// Records, before the slot exists, that this pipeline creates it and owes a snapshot; so a crash
+/// at any later point is recovered by starting over.
+async fn begin(buffer: &Buffer, cfg: &PipelineConfig) -> Result<(), EngineError> {
+    let c = buffer.client();
+    c.execute(
+        "INSERT INTO philotes.pipelines AS p (pipeline_id, name, slot_name, publication_name, slot_created, snapshot_done)
+         VALUES ($1, $2, $3, $4, true, false)
+         ON CONFLICT (pipeline_id) DO UPDATE SET slot_name = $3, slot_created = true, snapshot_done = false,
+           durable_lsn = 0, processed_lsn = 0, processed_ord = -1, updated_at = now()",
+        &[&buffer.pipeline_id(), &cfg.name, &cfg.slot, &cfg.publication],
+    )
+    .await
+    .map_err(EngineError::pg("recording the snapshot start"))?;
+    for table in ["events", "relations"] {
+        c.execute(
+            &format!("DELETE FROM philotes.{table} WHERE pipeline_id = $1"),
+            &[&buffer.pipeline_id()],
+        )
+        .await
+        .map_err(EngineError::pg("discarding a half-done snapshot"))?;
+    }
+    Ok(())
+}
+
+/// Creates the slot with an exported snapshot and copies `layouts` into the buffer as of it. Drops a
+/// slot left by an interrupted earlier attempt first. Returns the buffer's durable position: the
+/// slot's consistent point.
+pub async fn run(
+    cfg: &PipelineConfig,
+    source: &tokio_postgres::Client,
+    buffer: &mut Buffer,
+    layouts: &[RelationInfo],
+    shared: &Arc<Shared>,
+) -> Result<u64, EngineError> {
+    catalog::drop_slot(source, &cfg.slot).await?;
+    begin(buffer, cfg).await?;
+
+    let wire = |context: &str| {
+        let context = context.to_string();
+        move |source| EngineError::Replication { context, source }
+    };
+    let replication = cfg
+        .source
+        .replication(&cfg.slot, &cfg.publication, "philotes-snapshot");
+    let mut session = ReplicationClient::connect_gated(replication)
+        .await
+        .map_err(wire("opening a replication session for the snapshot"))?;
+    let rows = session
+        .simple_query(&format!(
+            "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput EXPORT_SNAPSHOT",
+            ident(&cfg.slot)
+        ))
+        .await
+        .map_err(wire(
+            "creating the replication slot with an exported snapshot",
+        ))?;
+    let text = |i: usize| -> Option<String> {
+        rows.first()?
+            .get(i)?
+            .as_ref()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+    };
+    let (Some(consistent), Some(snapshot)) = (text(1).and_then(|l| pg::parse_lsn(&l)), text(2))
+    else {
+        return Err(EngineError::Protocol(
+            "CREATE_REPLICATION_SLOT returned no consistent point or snapshot".into(),
+        ));
+    };
+    let lsn = consistent.saturating_sub(1);
+
+    // The exported snapshot lives as long as `session` does.
+    let copy = pg::connect(&cfg.source, "snapshot").await?;
+    copy.batch_execute(&format!(
+        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+        literal(&snapshot)
+    ))
+    .await
+    .map_err(EngineError::pg("opening the snapshot"))?;
+    buffer.write(layouts, CopyRows::default(), None).await?;
+    let mut ord: i32 = 0;
+    for rel in layouts {
+        let cols: Vec<String> = rel.columns.iter().map(|c| ident(c)).collect();
+        copy.batch_execute(&format!(
+            "DECLARE philotes_snapshot NO SCROLL CURSOR FOR SELECT {} FROM {}.{}",
+            cols.join(", "),
+            ident(&rel.schema),
+            ident(&rel.name)
+        ))
+        .await
+        .map_err(EngineError::pg(format!(
+            "reading {} for the snapshot",
+            rel.qualified()
+        )))?;
+        let mut copied = 0u64;
+        loop {
+            let messages = copy
+                .simple_query(&format!("FETCH {FETCH} FROM philotes_snapshot"))
+                .await
+                .map_err(EngineError::pg(format!(
+                    "reading {} for the snapshot",
+                    rel.qualified()
+                )))?;
+            let mut batch = CopyRows::default();
+            for m in &messages {
+                if let SimpleQueryMessage::Row(row) = m {
+                    batch.begin_row(
+                        buffer.pipeline_id(),
+                        Position { lsn, ord },
+                        0,
+                        rel.rel_ver,
+                        Op::Insert,
+                    );
+                    batch.null();
+                    batch.text_array((0..rel.columns.len()).map(|i| row.get(i).map(str::as_bytes)));
+                    batch.null();
+                    ord += 1;
+                }
+            }
+            if batch.is_empty() {
+                break;
+            }
+            copied += batch.len() as u64;
+            shared.stats.events_read.inc_by(batch.len() as u64);
+            buffer.write(&[], batch, None).await?;
+            shared.set_message(format!(
+                "initial snapshot: {} rows of {} copied",
+                copied,
+                rel.qualified()
+            ));
+        }
+        copy.batch_execute("CLOSE philotes_snapshot")
+            .await
+            .map_err(EngineError::pg("closing the snapshot cursor"))?;
+        tracing::info!(pipeline = %cfg.name, table = %rel.qualified(), rows = copied, "snapshot copied");
+    }
+    copy.batch_execute("COMMIT")
+        .await
+        .map_err(EngineError::pg("ending the snapshot"))?;
+    // Everything that committed before the consistent point is in the copy.
+    buffer
+        .write(&[], CopyRows::default(), Some(consistent))
+        .await?;
+    buffer
+        .client()
+        .execute(
+            "UPDATE philotes.pipelines SET snapshot_done = true WHERE pipeline_id = $1",
+            &[&buffer.pipeline_id()],
+        )
+        .await
+        .map_err(EngineError::pg("recording the snapshot as done"))?;
+    drop(session);
+    Ok(consistent)
+}
