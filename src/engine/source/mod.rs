@@ -146,22 +146,14 @@ async fn write_batches(
 
 impl Reader {
     fn replication_config(&self, start: u64) -> ReplicationConfig {
-        let s = &self.cfg.source;
-        ReplicationConfig::new(
-            s.host(),
-            s.user(),
-            s.password(),
-            s.dbname(),
-            &self.cfg.slot,
-            self.cfg.publication.as_str(),
-        )
-        .with_port(s.port())
-        .with_start_lsn(Lsn(start))
-        .with_ack_lsn(Lsn(start))
-        .with_status_interval(Duration::from_millis(500))
-        .with_wakeup_interval(Duration::from_secs(5))
-        .with_buffer_size(16384)
-        .with_application_name("philotes-reader")
+        self.cfg
+            .source
+            .replication(&self.cfg.slot, &self.cfg.publication, "philotes-reader")
+            .with_start_lsn(Lsn(start))
+            .with_ack_lsn(Lsn(start))
+            .with_status_interval(Duration::from_millis(500))
+            .with_wakeup_interval(Duration::from_secs(5))
+            .with_buffer_size(16384)
     }
 
     pub async fn run(self, start: u64) -> Result<(), EngineError> {
