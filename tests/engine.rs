@@ -319,11 +319,28 @@ async fn a_sink_outage_retries_backpressures_then_catches_up() {
         h.current().backpressured
     })
     .await;
+    // Held back: while the source goes on writing, the reader reads nothing and the slot keeps the WAL.
+    let held = h.current();
+    for k in 40..60 {
+        src.batch_execute(&format!(
+            "INSERT INTO t SELECT i, 'held' FROM generate_series({}, {}) i",
+            101 + k * 100,
+            200 + k * 100
+        ))
+        .await
+        .unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let p = h.current();
-    assert!(
-        p.events_read < 4100,
-        "the reader should have stopped reading: {p:?}"
+    assert_eq!(
+        p.events_read, held.events_read,
+        "the reader read while backpressured: {p:?}"
     );
+    assert!(p.backpressured);
+    eventually("the slot's lag to show the held WAL", WAIT, || async {
+        h.current().lag_bytes > held.lag_bytes
+    })
+    .await;
     assert!(p.last_error.is_some() && p.retrying, "{p:?}");
     assert_eq!(
         p.phase,
@@ -340,7 +357,7 @@ async fn a_sink_outage_retries_backpressures_then_catches_up() {
     .await;
     let p = h.current();
     assert!(p.sink_healthy && p.last_error.is_none(), "{p:?}");
-    assert_eq!(p.events_delivered, 4100);
+    assert_eq!(p.events_delivered, 6100);
     h.stop().await;
 }
 
