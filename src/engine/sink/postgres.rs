@@ -1,8 +1,14 @@
 //! The PostgreSQL sink: one statement per table and kind of change per batch, in one transaction.
+//! A batch is first prepared without I/O (plan, SQL, parameters encoded as `text[]`), so that the
+//! processor prepares the next batch while this one is applied; BEGIN, the statements and COMMIT
+//! then go to the server in one pipelined round trip.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
 
-use tokio_postgres::types::ToSql;
+use bytes::{BufMut, Bytes, BytesMut};
+use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres::{Client, GenericClient, Statement};
 
 use super::plan::{Action, Change, Step, plan};
@@ -94,15 +100,14 @@ impl PostgresSink {
         Ok(())
     }
 
-    async fn plan_and_prepare<'a>(
+    /// Makes sure the sink tables of these relation versions exist, and that there is a connection.
+    async fn ensure(
         &mut self,
-        batch: &'a [Event],
-        rels: &'a HashMap<i64, RelationInfo>,
-    ) -> Result<Vec<Step<'a>>, EngineError> {
-        let steps = plan(batch, rels).map_err(|e| EngineError::Protocol(e.to_string()))?;
-        let needed: Vec<RelationInfo> = batch
-            .iter()
-            .map(|e| e.rel_ver)
+        rel_vers: impl IntoIterator<Item = i64>,
+        rels: &HashMap<i64, RelationInfo>,
+    ) -> Result<(), EngineError> {
+        let needed: Vec<RelationInfo> = rel_vers
+            .into_iter()
             .collect::<HashSet<_>>()
             .into_iter()
             .filter(|v| !self.ensured.contains(v))
@@ -111,8 +116,123 @@ impl PostgresSink {
         if !needed.is_empty() {
             self.prepare(&needed).await?;
         }
-        self.connect().await.map_err(|e| self.on_error(e))?;
+        self.connect().await.map_err(|e| self.on_error(e))
+    }
+
+    async fn plan_and_prepare<'a>(
+        &mut self,
+        batch: &'a [Event],
+        rels: &'a HashMap<i64, RelationInfo>,
+    ) -> Result<Vec<Step<'a>>, EngineError> {
+        let steps = plan(batch, rels).map_err(|e| EngineError::Protocol(e.to_string()))?;
+        self.ensure(batch.iter().map(|e| e.rel_ver), rels).await?;
         Ok(steps)
+    }
+}
+
+/// The I/O-free part of applying batches to a PostgreSQL sink.
+#[derive(Debug, Clone)]
+pub struct Planner {
+    schema: String,
+}
+
+/// A `text[]` parameter, encoded when the batch is prepared.
+#[derive(Debug, Clone)]
+struct TextArray(Bytes);
+
+impl ToSql for TextArray {
+    fn to_sql(
+        &self,
+        _: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        out.extend_from_slice(&self.0);
+        Ok(IsNull::No)
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        *ty == Type::TEXT_ARRAY
+    }
+
+    to_sql_checked!();
+}
+
+/// Column `col` of `rows` as a one-dimensional `text[]` in binary form (rows shorter than `col` give
+/// NULL).
+fn text_array(rows: &[&[Option<String>]], col: usize) -> TextArray {
+    let size: usize = rows
+        .iter()
+        .map(|r| 4 + r.get(col).and_then(|v| v.as_ref()).map_or(0, |v| v.len()))
+        .sum();
+    let mut b = BytesMut::with_capacity(20 + size);
+    let mut nulls = false;
+    b.put_i32(1);
+    b.put_i32(0);
+    b.put_i32(Type::TEXT.oid() as i32);
+    b.put_i32(rows.len() as i32);
+    b.put_i32(1);
+    for r in rows {
+        match r.get(col).and_then(|v| v.as_deref()) {
+            Some(v) => {
+                b.put_i32(v.len() as i32);
+                b.put_slice(v.as_bytes());
+            }
+            None => {
+                b.put_i32(-1);
+                nulls = true;
+            }
+        }
+    }
+    b[4..8].copy_from_slice(&(nulls as i32).to_be_bytes());
+    TextArray(b.freeze())
+}
+
+/// One statement of a prepared batch.
+#[derive(Debug, Clone)]
+struct Stmt {
+    sql: String,
+    /// `text[]` parameters; none for a TRUNCATE (sent as a simple query).
+    params: Vec<TextArray>,
+    truncate: bool,
+    what: String,
+}
+
+/// A batch ready to be sent: its statements in order, and the relations they need.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    rel_vers: Vec<i64>,
+    stmts: Vec<Stmt>,
+}
+
+impl Planner {
+    pub fn prepare(
+        &self,
+        batch: &[Event],
+        rels: &HashMap<i64, RelationInfo>,
+    ) -> Result<Prepared, EngineError> {
+        let steps = plan(batch, rels).map_err(|e| EngineError::Protocol(e.to_string()))?;
+        let mut stmts = Vec::new();
+        for step in &steps {
+            match step {
+                Step::Apply(actions) => {
+                    let refs: Vec<&Action> = actions.iter().collect();
+                    stmts.extend(statements(&self.schema, &refs, rels)?);
+                }
+                Step::Truncate { rel_ver, .. } => {
+                    let r = rel(rels, *rel_ver)?;
+                    stmts.push(Stmt {
+                        sql: sql::truncate(&self.schema, r),
+                        params: Vec::new(),
+                        truncate: true,
+                        what: format!("truncating {}", sql::table(&self.schema, r)),
+                    });
+                }
+            }
+        }
+        let mut rel_vers: Vec<i64> = batch.iter().map(|e| e.rel_ver).collect();
+        rel_vers.sort_unstable();
+        rel_vers.dedup();
+        Ok(Prepared { rel_vers, stmts })
     }
 }
 
@@ -120,42 +240,17 @@ impl PostgresSink {
 async fn statement<C: GenericClient>(
     cache: &mut HashMap<String, Statement>,
     client: &C,
-    sql: String,
+    sql: &str,
 ) -> Result<Statement, EngineError> {
-    if let Some(s) = cache.get(&sql) {
+    if let Some(s) = cache.get(sql) {
         return Ok(s.clone());
     }
     let s = client
-        .prepare(&sql)
+        .prepare(sql)
         .await
         .map_err(EngineError::pg("preparing a sink statement"))?;
-    cache.insert(sql, s.clone());
+    cache.insert(sql.to_string(), s.clone());
     Ok(s)
-}
-
-async fn execute_rows<C: GenericClient>(
-    cache: &mut HashMap<String, Statement>,
-    client: &C,
-    sql: String,
-    rows: &[&[Option<String>]],
-    width: usize,
-    what: &str,
-) -> Result<(), EngineError> {
-    let columns: Vec<Vec<Option<&str>>> = (0..width)
-        .map(|i| {
-            rows.iter()
-                .map(|r| r.get(i).and_then(|v| v.as_deref()))
-                .collect()
-        })
-        .collect();
-    let params: Vec<&(dyn ToSql + Sync)> =
-        columns.iter().map(|c| c as &(dyn ToSql + Sync)).collect();
-    let stmt = statement(cache, client, sql).await?;
-    client
-        .execute(&stmt, &params)
-        .await
-        .map_err(EngineError::pg(what.to_string()))?;
-    Ok(())
 }
 
 fn rel(rels: &HashMap<i64, RelationInfo>, v: i64) -> Result<&RelationInfo, EngineError> {
@@ -163,15 +258,24 @@ fn rel(rels: &HashMap<i64, RelationInfo>, v: i64) -> Result<&RelationInfo, Engin
         .ok_or_else(|| EngineError::Protocol(format!("relation {v:x} unknown to the sink")))
 }
 
-/// Runs a group of actions; they touch distinct keys, so grouping by statement keeps the end state.
-async fn run_actions<C: GenericClient>(
-    cache: &mut HashMap<String, Statement>,
-    client: &C,
+fn stmt(sql: String, rows: &[&[Option<String>]], width: usize, what: String) -> Stmt {
+    Stmt {
+        sql,
+        params: (0..width).map(|i| text_array(rows, i)).collect(),
+        truncate: false,
+        what,
+    }
+}
+
+/// The statements for a group of actions; they touch distinct keys, so grouping by statement keeps
+/// the end state.
+fn statements(
     schema: &str,
     actions: &[&Action<'_>],
     rels: &HashMap<i64, RelationInfo>,
-) -> Result<(), EngineError> {
+) -> Result<Vec<Stmt>, EngineError> {
     type Rows<'a> = Vec<&'a [Option<String>]>;
+    let mut out = Vec::new();
     let mut deletes: BTreeMap<i64, Rows> = BTreeMap::new();
     let mut upserts: BTreeMap<i64, Rows> = BTreeMap::new();
     let mut partial: BTreeMap<(i64, &[i16]), Rows> = BTreeMap::new();
@@ -194,107 +298,150 @@ async fn run_actions<C: GenericClient>(
                 let mut row = vals.to_vec();
                 row.extend(old_key.iter().cloned());
                 let width = row.len();
-                let what = format!("moving a row of {} to a new key", r.qualified());
-                execute_rows(
-                    cache,
-                    client,
+                out.push(stmt(
                     sql::update_partial(schema, r, unchanged, true),
                     &[&row],
                     width,
-                    &what,
-                )
-                .await?;
+                    format!("moving a row of {} to a new key", r.qualified()),
+                ));
             }
         }
     }
     for (v, rows) in deletes {
         let r = rel(rels, v)?;
-        let what = format!("deleting from {}", sql::table(schema, r));
-        execute_rows(
-            cache,
-            client,
+        out.push(stmt(
             sql::delete(schema, r),
             &rows,
             r.key_indexes().len(),
-            &what,
-        )
-        .await?;
+            format!("deleting from {}", sql::table(schema, r)),
+        ));
     }
     for (v, rows) in upserts {
         let r = rel(rels, v)?;
-        let what = format!("upserting into {}", sql::table(schema, r));
-        execute_rows(
-            cache,
-            client,
+        out.push(stmt(
             sql::upsert(schema, r),
             &rows,
             r.columns.len(),
-            &what,
-        )
-        .await?;
+            format!("upserting into {}", sql::table(schema, r)),
+        ));
     }
     for ((v, unchanged), rows) in partial {
         let r = rel(rels, v)?;
-        let what = format!("updating {}", sql::table(schema, r));
-        execute_rows(
-            cache,
-            client,
+        out.push(stmt(
             sql::update_partial(schema, r, unchanged, false),
             &rows,
             r.columns.len(),
-            &what,
-        )
-        .await?;
+            format!("updating {}", sql::table(schema, r)),
+        ));
     }
+    Ok(out)
+}
+
+/// Runs one statement and waits for it.
+async fn run_stmt<C: GenericClient>(
+    cache: &mut HashMap<String, Statement>,
+    client: &C,
+    s: &Stmt,
+) -> Result<(), EngineError> {
+    if s.truncate {
+        return client
+            .batch_execute(&s.sql)
+            .await
+            .map_err(EngineError::pg(s.what.clone()));
+    }
+    let stmt = statement(cache, client, &s.sql).await?;
+    let params: Vec<&(dyn ToSql + Sync)> =
+        s.params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+    client
+        .execute(&stmt, &params)
+        .await
+        .map_err(EngineError::pg(s.what.clone()))?;
     Ok(())
 }
 
-async fn run_truncate<C: GenericClient>(
-    client: &C,
-    schema: &str,
-    r: &RelationInfo,
+type Pending<'a> = Pin<Box<dyn Future<Output = Result<(), EngineError>> + Send + 'a>>;
+
+/// BEGIN, the statements and COMMIT sent at once and answered in order. When a statement fails the
+/// server rolls the transaction back (the COMMIT then ends it), and its error is the one returned.
+async fn run_transaction(
+    cache: &mut HashMap<String, Statement>,
+    client: &Client,
+    stmts: &[Stmt],
 ) -> Result<(), EngineError> {
-    client
-        .batch_execute(&sql::truncate(schema, r))
-        .await
-        .map_err(EngineError::pg(format!(
-            "truncating {}",
-            sql::table(schema, r)
-        )))
+    let mut prepared = Vec::with_capacity(stmts.len());
+    for s in stmts {
+        prepared.push(if s.truncate {
+            None
+        } else {
+            Some(statement(cache, client, &s.sql).await?)
+        });
+    }
+    let params: Vec<Vec<&(dyn ToSql + Sync)>> = stmts
+        .iter()
+        .map(|s| s.params.iter().map(|p| p as &(dyn ToSql + Sync)).collect())
+        .collect();
+    let mut steps: Vec<Pending> = Vec::with_capacity(stmts.len() + 2);
+    steps.push(Box::pin(async {
+        client
+            .batch_execute("BEGIN")
+            .await
+            .map_err(EngineError::pg("starting a sink transaction"))
+    }));
+    for ((s, st), p) in stmts.iter().zip(&prepared).zip(&params) {
+        steps.push(match st {
+            None => Box::pin(async move {
+                client
+                    .batch_execute(&s.sql)
+                    .await
+                    .map_err(EngineError::pg(s.what.clone()))
+            }),
+            Some(st) => Box::pin(async move {
+                client
+                    .execute(st, p)
+                    .await
+                    .map(|_| ())
+                    .map_err(EngineError::pg(s.what.clone()))
+            }),
+        });
+    }
+    steps.push(Box::pin(async {
+        client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(EngineError::pg("committing a sink transaction"))
+    }));
+    futures::future::try_join_all(steps).await?;
+    Ok(())
 }
 
 impl Sink for PostgresSink {
-    async fn apply(
-        &mut self,
+    type Planner = Planner;
+    type Prepared = Prepared;
+
+    fn planner(&self) -> Planner {
+        Planner {
+            schema: self.schema.clone(),
+        }
+    }
+
+    fn prepare(
+        planner: &Planner,
         batch: &[Event],
         rels: &HashMap<i64, RelationInfo>,
+    ) -> Result<Prepared, EngineError> {
+        planner.prepare(batch, rels)
+    }
+
+    async fn apply_prepared(
+        &mut self,
+        p: &Prepared,
+        rels: &HashMap<i64, RelationInfo>,
     ) -> Result<(), EngineError> {
-        let steps = self.plan_and_prepare(batch, rels).await?;
-        let result = async {
-            let client = self
-                .client
-                .as_mut()
-                .ok_or_else(|| EngineError::Protocol("sink not connected".into()))?;
-            let tx = client
-                .transaction()
-                .await
-                .map_err(EngineError::pg("starting a sink transaction"))?;
-            for step in &steps {
-                match step {
-                    Step::Apply(actions) => {
-                        let refs: Vec<&Action> = actions.iter().collect();
-                        run_actions(&mut self.statements, &tx, &self.schema, &refs, rels).await?
-                    }
-                    Step::Truncate { rel_ver, .. } => {
-                        run_truncate(&tx, &self.schema, rel(rels, *rel_ver)?).await?
-                    }
-                }
-            }
-            tx.commit()
-                .await
-                .map_err(EngineError::pg("committing a sink transaction"))
-        }
-        .await;
+        self.ensure(p.rel_vers.iter().copied(), rels).await?;
+        let result = match self.client.as_ref() {
+            Some(client) => run_transaction(&mut self.statements, client, &p.stmts).await,
+            None => Err(EngineError::Protocol("sink not connected".into())),
+        };
         result.map_err(|e| self.on_error(e))
     }
 
@@ -327,13 +474,26 @@ impl Sink for PostgresSink {
                         .savepoint("philotes_one")
                         .await
                         .map_err(EngineError::pg("starting a savepoint"))?;
-                    let r = match (action, truncate) {
-                        (Some(a), _) => {
-                            run_actions(&mut self.statements, &sp, &self.schema, &[a], rels).await
+                    let r = async {
+                        let stmts = match (action, truncate) {
+                            (Some(a), _) => statements(&self.schema, &[a], rels)?,
+                            (None, Some(v)) => {
+                                let r = rel(rels, v)?;
+                                vec![Stmt {
+                                    sql: sql::truncate(&self.schema, r),
+                                    params: Vec::new(),
+                                    truncate: true,
+                                    what: format!("truncating {}", sql::table(&self.schema, r)),
+                                }]
+                            }
+                            (None, None) => Vec::new(),
+                        };
+                        for s in &stmts {
+                            run_stmt(&mut self.statements, &sp, s).await?;
                         }
-                        (None, Some(v)) => run_truncate(&sp, &self.schema, rel(rels, v)?).await,
-                        (None, None) => Ok(()),
-                    };
+                        Ok::<(), EngineError>(())
+                    }
+                    .await;
                     match r {
                         Ok(()) => sp
                             .commit()
