@@ -83,6 +83,7 @@ pub struct Buffer {
 pub struct CopyRows {
     data: BytesMut,
     rows: usize,
+    last: Option<Position>,
 }
 
 /// The binary COPY signature, flags and header extension length.
@@ -102,6 +103,16 @@ impl CopyRows {
     /// Encoded size so far, bytes.
     pub fn bytes(&self) -> usize {
         self.data.len()
+    }
+
+    /// Position of the last row.
+    pub fn last(&self) -> Option<Position> {
+        self.last
+    }
+
+    /// The encoded rows (a copy), to be read back with [`decode_rows`].
+    pub fn to_bytes(&self) -> Bytes {
+        Bytes::copy_from_slice(&self.data)
     }
 
     /// Starts a row with its scalar columns; then exactly three array columns follow (old_key, vals,
@@ -131,6 +142,7 @@ impl CopyRows {
         d.put_i32(1);
         d.put_u8(op.code() as u8);
         self.rows += 1;
+        self.last = Some(pos);
     }
 
     pub fn null(&mut self) {
@@ -198,6 +210,109 @@ impl CopyRows {
             None => self.null(),
         }
     }
+}
+
+fn malformed() -> EngineError {
+    EngineError::Protocol("malformed buffer rows".into())
+}
+
+/// Reads a field of binary COPY: its bytes, or None for NULL.
+fn field<'a>(data: &'a [u8], pos: &mut usize) -> Result<Option<&'a [u8]>, EngineError> {
+    let len = i32::from_be_bytes(
+        data.get(*pos..*pos + 4)
+            .ok_or_else(malformed)?
+            .try_into()
+            .map_err(|_| malformed())?,
+    );
+    *pos += 4;
+    if len < 0 {
+        return Ok(None);
+    }
+    let v = data.get(*pos..*pos + len as usize).ok_or_else(malformed)?;
+    *pos += len as usize;
+    Ok(Some(v))
+}
+
+fn be<const N: usize>(v: Option<&[u8]>) -> Result<[u8; N], EngineError> {
+    v.and_then(|v| v.try_into().ok()).ok_or_else(malformed)
+}
+
+/// Elements of a one-dimensional binary array (an empty array has no dimension).
+fn array_items(v: &[u8]) -> Result<Vec<Option<&[u8]>>, EngineError> {
+    let int =
+        |at: usize| -> Result<i32, EngineError> { Ok(i32::from_be_bytes(be(v.get(at..at + 4))?)) };
+    let dims = int(0)?;
+    if dims == 0 {
+        return Ok(Vec::new());
+    }
+    if dims != 1 {
+        return Err(malformed());
+    }
+    let n = int(12)?.max(0) as usize;
+    let mut pos = 20;
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        out.push(field(v, &mut pos)?);
+    }
+    Ok(out)
+}
+
+fn text_row(v: Option<&[u8]>) -> Result<Option<Row>, EngineError> {
+    v.map(|v| {
+        array_items(v)?
+            .into_iter()
+            .map(|e| {
+                e.map(|b| {
+                    String::from_utf8(b.to_vec())
+                        .map_err(|_| EngineError::Protocol("a buffered value is not UTF-8".into()))
+                })
+                .transpose()
+            })
+            .collect()
+    })
+    .transpose()
+}
+
+/// Reads back rows made by [`CopyRows`], as the events they hold.
+pub fn decode_rows(data: &[u8]) -> Result<Vec<Event>, EngineError> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < data.len() {
+        let n = i16::from_be_bytes(be(data.get(pos..pos + 2))?);
+        pos += 2;
+        if n != 9 {
+            return Err(malformed());
+        }
+        let _pipeline_id = field(data, &mut pos)?;
+        let lsn = i64::from_be_bytes(be(field(data, &mut pos)?)?);
+        let ord = i32::from_be_bytes(be(field(data, &mut pos)?)?);
+        let commit_time = i64::from_be_bytes(be(field(data, &mut pos)?)?);
+        let rel_ver = i64::from_be_bytes(be(field(data, &mut pos)?)?);
+        let code = be::<1>(field(data, &mut pos)?)?[0] as i8;
+        let old_key = text_row(field(data, &mut pos)?)?;
+        let vals = text_row(field(data, &mut pos)?)?;
+        let unchanged = field(data, &mut pos)?
+            .map(|v| {
+                array_items(v)?
+                    .into_iter()
+                    .map(|e| Ok(i16::from_be_bytes(be(e)?)))
+                    .collect::<Result<Vec<i16>, EngineError>>()
+            })
+            .transpose()?;
+        out.push(Event {
+            pos: Position {
+                lsn: lsn as u64,
+                ord,
+            },
+            commit_time,
+            rel_ver,
+            op: Op::from_code(code).ok_or_else(malformed)?,
+            old_key,
+            vals,
+            unchanged,
+        });
+    }
+    Ok(out)
 }
 
 impl Buffer {
@@ -273,6 +388,22 @@ impl Buffer {
                 ord: row.get(2),
             },
         })
+    }
+
+    /// Position of the newest event in the buffer.
+    pub async fn last_position(&self) -> Result<Option<Position>, EngineError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT lsn, ord FROM philotes.events WHERE pipeline_id = $1 ORDER BY lsn DESC, ord DESC LIMIT 1",
+                &[&self.pipeline_id],
+            )
+            .await
+            .map_err(EngineError::pg("reading the newest buffered event"))?;
+        Ok(row.map(|r| Position {
+            lsn: r.get::<_, i64>(0) as u64,
+            ord: r.get(1),
+        }))
     }
 
     /// Drops rows of a transaction whose commit never reached the buffer (the reader stopped inside it);
@@ -414,12 +545,20 @@ impl Buffer {
             .collect()
     }
 
+    /// Records that everything up to `upto` is in the sink. The commit does not wait for its WAL to
+    /// reach disk: losing it in a crash only means the last batches are applied again, which the
+    /// idempotent sink makes harmless. (Waiting would mean waiting for the buffer writer's WAL too:
+    /// a flush covers everything written before it.)
     pub async fn mark_processed(&self, upto: Position) -> Result<(), EngineError> {
         self.client
-            .execute(
-                "UPDATE philotes.pipelines SET processed_lsn = $2, processed_ord = $3, updated_at = now() WHERE pipeline_id = $1",
-                &[&self.pipeline_id, &(upto.lsn as i64), &upto.ord],
-            )
+            .batch_execute(&format!(
+                "BEGIN; SET LOCAL synchronous_commit = off; \
+                 UPDATE philotes.pipelines SET processed_lsn = {}, processed_ord = {}, updated_at = now() WHERE pipeline_id = {}; \
+                 COMMIT",
+                upto.lsn as i64,
+                upto.ord,
+                pg::literal(&self.pipeline_id)
+            ))
             .await
             .map_err(EngineError::pg("marking a batch processed"))?;
         Ok(())
@@ -560,6 +699,23 @@ mod tests {
             ..e.clone()
         };
         rows.push_event("pipe", &d);
+        let empty = Event {
+            op: Op::Insert,
+            old_key: None,
+            vals: Some(vec![]),
+            unchanged: None,
+            ..e.clone()
+        };
+        let mut both = CopyRows::default();
+        both.push_event("pipe", &e);
+        both.push_event("pipe", &d);
+        both.push_event("pipe", &empty);
+        assert_eq!(both.last(), Some(e.pos));
+        assert_eq!(
+            decode_rows(&both.to_bytes()).unwrap(),
+            vec![e.clone(), d.clone(), empty]
+        );
+        assert!(decode_rows(&both.to_bytes()[..40]).is_err());
         let tail = [
             field(&d.old_key, &Type::TEXT_ARRAY),
             field(&d.vals, &Type::TEXT_ARRAY),

@@ -1,18 +1,24 @@
-//! The batch processor: reads durable events from the buffer in order, applies each batch to the sink
-//! in one transaction, then records the batch as processed. Sink outages are retried until the sink is
-//! back; a batch the sink refuses for its data is retried `maxAttempts` times, then applied change by
-//! change so that only the refused changes go to the dead-letter queue.
+//! The batch processor: takes durable events in order, applies each batch to the sink in one
+//! transaction, then records the batch as processed. Sink outages are retried until the sink is back; a
+//! batch the sink refuses for its data is retried `maxAttempts` times, then applied change by change so
+//! that only the refused changes go to the dead-letter queue.
+//!
+//! Events come from the buffer. Rows the buffer writer of the same session has just committed are also
+//! handed over in memory ([`Handoff`]), and taken when they continue exactly where the processor
+//! stands; otherwise (a backlog, a restart, a handoff dropped because the processor was busy) it reads
+//! the buffer. Only durable events are delivered either way.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
-use super::buffer::Buffer;
+use super::buffer::{Buffer, decode_rows};
 use super::config::{Delivery, PipelineConfig};
 use super::dlq;
 use super::error::{EngineError, ErrorClass};
@@ -30,11 +36,110 @@ pub struct Processor<S: Sink> {
     pub delivery_rx: watch::Receiver<Delivery>,
 }
 
+/// Rows the buffer writer has just committed, for the processor of the same session.
+pub struct Handoff {
+    /// Position of the event the writer wrote just before these (or the newest one in the buffer
+    /// when the session began).
+    pub after: Position,
+    /// The rows, as [`buffer::CopyRows`](super::buffer::CopyRows) encoded them.
+    pub rows: Bytes,
+    /// Position of the last row.
+    pub last: Option<Position>,
+    /// The durable position after this batch, when it completed a transaction.
+    pub durable: Option<u64>,
+}
+
+/// Handoff channels not yet taken by their processor, with the session's durable-position channel,
+/// which identifies the session (the reader and the processor of a session share it).
+#[allow(clippy::type_complexity)]
+static HANDOFFS: Mutex<Vec<(watch::Receiver<u64>, mpsc::Receiver<Handoff>)>> =
+    Mutex::new(Vec::new());
+
+/// Opens the handoff channel of the session whose durable position `durable` publishes.
+pub fn offer_handoff(durable: &watch::Sender<u64>) -> mpsc::Sender<Handoff> {
+    let (tx, rx) = mpsc::channel(4);
+    let mut all = HANDOFFS.lock().unwrap_or_else(|p| p.into_inner());
+    // Channels of sessions that ended before their processor took them.
+    all.retain(|(d, _)| d.has_changed().is_ok());
+    all.push((durable.subscribe(), rx));
+    tx
+}
+
+fn claim_handoff(durable: &watch::Receiver<u64>) -> Option<mpsc::Receiver<Handoff>> {
+    let mut all = HANDOFFS.lock().unwrap_or_else(|p| p.into_inner());
+    let at = all.iter().position(|(d, _)| d.same_channel(durable))?;
+    Some(all.swap_remove(at).1)
+}
+
+/// Events known to follow the processed position, in order.
+struct Queue {
+    events: VecDeque<Event>,
+    /// Position of the last known event (the processed position when none is known yet).
+    last: Position,
+    /// Every event with an LSN up to this one is known (processed, in a batch, or queued).
+    covered: u64,
+    /// The durable position the handoffs taken announced (they come before the durable watch moves).
+    durable: u64,
+    /// Most events the queue holds; a handoff that would exceed it is left to the buffer.
+    cap: usize,
+}
+
+impl Queue {
+    /// Takes a handoff that continues exactly where the queue ends; drops one that does not (its rows
+    /// were read from the buffer already, or some before it were not handed over).
+    fn offer(&mut self, h: Handoff) -> Result<(), EngineError> {
+        if h.after != self.last {
+            return Ok(());
+        }
+        let events = decode_rows(&h.rows)?;
+        if self.events.len() + events.len() > self.cap {
+            return Ok(());
+        }
+        self.events.extend(events);
+        self.last = h.last.unwrap_or(self.last);
+        if let Some(d) = h.durable {
+            self.covered = self.covered.max(d);
+            self.durable = self.durable.max(d);
+        }
+        Ok(())
+    }
+
+    /// Up to `n` events from the front whose transactions are durable.
+    fn pop_durable(&mut self, durable: u64, n: usize) -> Vec<Event> {
+        let k = self
+            .events
+            .iter()
+            .take(n)
+            .take_while(|e| e.pos.lsn <= durable)
+            .count();
+        self.events.drain(..k).collect()
+    }
+
+    /// Whether the buffer may hold durable events the queue lacks.
+    fn behind(&self, durable: u64) -> bool {
+        durable > self.covered && self.events.back().is_none_or(|e| e.pos.lsn <= durable)
+    }
+
+    /// Notes a read of the buffer after `last` up to `durable`: `got` of the `asked` events came back,
+    /// the last one at `read_last`. Fewer than asked means every durable event is known now.
+    fn read(&mut self, read_last: Option<Position>, got: usize, asked: usize, durable: u64) {
+        self.last = read_last.unwrap_or(self.last);
+        if got < asked {
+            self.covered = self.covered.max(durable);
+        }
+    }
+}
+
 /// Whether a delivery finished or was interrupted by shutdown.
 enum Outcome {
     Done,
     Cancelled,
 }
+
+/// While batches follow each other, the buffer records the processed position at most this often (a
+/// position recorded late only means that a restart applies a few batches again, which is harmless);
+/// it is recorded at once when the processor catches up or stops.
+const MARK_EVERY: Duration = Duration::from_millis(100);
 
 /// Microseconds between the Unix epoch and 2000-01-01, PostgreSQL's epoch.
 const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
@@ -43,39 +148,91 @@ impl<S: Sink> Processor<S> {
     pub async fn run(mut self) -> Result<(), EngineError> {
         let mut rels = self.buffer.relations().await?;
         let mut processed = self.buffer.checkpoint().await?.processed;
-        // The batch after `processed`, read while the previous one was being delivered.
-        let mut ahead: Option<(Position, Vec<Event>)> = None;
+        let mut marked = (processed, Instant::now());
+        let result = self
+            .deliver_batches(&mut rels, &mut processed, &mut marked)
+            .await;
+        if result.is_ok() && marked.0 != processed {
+            self.buffer.mark_processed(processed).await?;
+        }
+        result
+    }
+
+    async fn deliver_batches(
+        &mut self,
+        rels: &mut HashMap<i64, RelationInfo>,
+        processed: &mut Position,
+        marked: &mut (Position, Instant),
+    ) -> Result<(), EngineError> {
+        let planner = self.sink.planner();
         let limit = self.cfg.batch_size.max(1);
+        let mut q = Queue {
+            events: VecDeque::new(),
+            last: *processed,
+            covered: 0,
+            durable: 0,
+            cap: (8 * limit).max(16_384),
+        };
+        let mut handoffs: Option<mpsc::Receiver<Handoff>> = None;
+        let mut claimed = false;
+        // The next batch, taken (and prepared for the sink) while the previous one was being delivered.
+        let mut ahead: Option<(Vec<Event>, Option<S::Prepared>)> = None;
         loop {
             if self.cancel.is_cancelled() {
                 return Ok(());
             }
             if *self.delivery_rx.borrow() == Delivery::Paused {
+                if marked.0 != *processed {
+                    self.buffer.mark_processed(*processed).await?;
+                    *marked = (*processed, Instant::now());
+                }
                 tokio::select! {
                     _ = self.cancel.cancelled() => return Ok(()),
                     r = self.delivery_rx.changed() => { if r.is_err() { return Ok(()) } }
                 }
                 continue;
             }
-            let mut batch = match ahead.take() {
-                Some((after, b)) if after == processed => b,
-                _ => Vec::new(),
-            };
+            if !claimed {
+                handoffs = claim_handoff(&self.durable_rx);
+                claimed = handoffs.is_some();
+            }
+            if let Some(rx) = &mut handoffs {
+                while let Ok(h) = rx.try_recv() {
+                    q.offer(h)?;
+                }
+            }
+            let durable = (*self.durable_rx.borrow_and_update()).max(q.durable);
+            let (mut batch, mut prepared) = ahead.take().unwrap_or_default();
             if batch.len() < limit {
-                // Top up with what became durable meanwhile.
-                let durable = *self.durable_rx.borrow_and_update();
-                let after = batch.last().map(|e| e.pos).unwrap_or(processed);
-                if durable > after.lsn {
-                    let more = self
-                        .buffer
-                        .read_batch(after, durable, limit - batch.len())
-                        .await?;
+                if q.behind(durable) {
+                    let more = self.buffer.read_batch(q.last, durable, limit).await?;
+                    q.read(more.last().map(|e| e.pos), more.len(), limit, durable);
+                    q.events.extend(more);
+                }
+                let more = q.pop_durable(durable, limit - batch.len());
+                if !more.is_empty() {
                     batch.extend(more);
+                    prepared = None;
                 }
             }
             if batch.is_empty() {
+                if marked.0 != *processed {
+                    self.buffer.mark_processed(*processed).await?;
+                    *marked = (*processed, Instant::now());
+                }
+                let handoff = async {
+                    match &mut handoffs {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
+                    biased;
                     _ = self.cancel.cancelled() => return Ok(()),
+                    h = handoff => match h {
+                        Some(h) => q.offer(h)?,
+                        None => handoffs = None,
+                    },
                     _ = self.durable_rx.changed() => {}
                     _ = self.delivery_rx.changed() => {}
                     _ = tokio::time::sleep(self.cfg.flush_interval.max(Duration::from_millis(200))) => {}
@@ -83,12 +240,18 @@ impl<S: Sink> Processor<S> {
                 continue;
             }
             if batch.iter().any(|e| !rels.contains_key(&e.rel_ver)) {
-                rels = self.buffer.relations().await?;
+                *rels = self.buffer.relations().await?;
+                prepared = None;
             }
+            let prepared = match prepared {
+                Some(p) => p,
+                None => S::prepare(&planner, &batch, rels)?,
+            };
             let started = Instant::now();
-            let last = batch.last().map(|e| e.pos).unwrap_or(processed);
-            let durable = *self.durable_rx.borrow_and_update();
-            // Deliver this batch while the buffer reads the next one.
+            let last = batch.last().map(|e| e.pos).unwrap_or(*processed);
+            // The next batch: from the queue, topped up from the buffer while this one is delivered.
+            let next = q.pop_durable(durable, limit);
+            let read_after = (next.len() < limit && q.behind(durable)).then_some(q.last);
             let (outcome, next) = {
                 let Processor {
                     cfg,
@@ -97,7 +260,8 @@ impl<S: Sink> Processor<S> {
                     shared,
                     cancel,
                     ..
-                } = &mut self;
+                } = self;
+                let buffer: &Buffer = buffer;
                 let mut d = Deliver {
                     cfg,
                     buffer,
@@ -105,23 +269,40 @@ impl<S: Sink> Processor<S> {
                     shared,
                     cancel,
                 };
-                let read = async {
-                    if durable > last.lsn {
-                        buffer.read_batch(last, durable, limit).await
-                    } else {
-                        Ok(Vec::new())
+                let (planner, rels) = (&planner, &*rels);
+                let take = async move {
+                    let mut next = next;
+                    let mut read = None;
+                    if let Some(after) = read_after {
+                        let asked = limit - next.len();
+                        let more = buffer.read_batch(after, durable, asked).await?;
+                        read = Some((more.last().map(|e| e.pos), more.len(), asked));
+                        next.extend(more);
                     }
+                    // A relation the processor does not know yet is loaded first, at the top.
+                    let p = (!next.is_empty())
+                        .then(|| S::prepare(planner, &next, rels).ok())
+                        .flatten();
+                    Ok::<_, EngineError>((next, read, p))
                 };
-                tokio::join!(d.deliver(&batch, &rels), read)
+                tokio::join!(d.deliver(&batch, &prepared, rels), take)
             };
             match outcome? {
                 Outcome::Cancelled => return Ok(()),
                 Outcome::Done => {}
             }
-            self.buffer.mark_processed(last).await?;
-            processed = last;
+            *processed = last;
             self.record(&batch, started);
-            ahead = Some((last, next?));
+            let (next, read, p) = next?;
+            if let Some((read_last, got, asked)) = read {
+                q.read(read_last, got, asked, durable);
+            }
+            let caught_up = next.is_empty();
+            if caught_up || marked.1.elapsed() >= MARK_EVERY {
+                self.buffer.mark_processed(last).await?;
+                *marked = (last, Instant::now());
+            }
+            ahead = (!caught_up).then_some((next, p));
         }
     }
 
@@ -162,13 +343,14 @@ impl<S: Sink> Deliver<'_, S> {
     async fn deliver(
         &mut self,
         batch: &[Event],
+        prepared: &S::Prepared,
         rels: &HashMap<i64, RelationInfo>,
     ) -> Result<Outcome, EngineError> {
         let mut outage = retry::backoff(&self.cfg.retry, None);
         let mut data_delays = retry::backoff(&self.cfg.retry, Some(self.cfg.retry.max_attempts));
         let mut data_attempts = 0u32;
         loop {
-            let err = match self.sink.apply(batch, rels).await {
+            let err = match self.sink.apply_prepared(prepared, rels).await {
                 Ok(()) => {
                     self.shared.set_sink_ok();
                     return Ok(Outcome::Done);
@@ -270,5 +452,98 @@ impl<S: Sink> Deliver<'_, S> {
             _ = self.cancel.cancelled() => true,
             _ = tokio::time::sleep(delay) => false,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::buffer::CopyRows;
+    use crate::engine::event::Op;
+
+    fn ev(lsn: u64, ord: i32) -> Event {
+        Event {
+            pos: Position { lsn, ord },
+            commit_time: 0,
+            rel_ver: 1,
+            op: Op::Insert,
+            old_key: None,
+            vals: Some(vec![Some(format!("{lsn}/{ord}"))]),
+            unchanged: None,
+        }
+    }
+
+    fn handoff(after: Position, events: &[Event], durable: Option<u64>) -> Handoff {
+        let mut rows = CopyRows::default();
+        for e in events {
+            rows.push_event("p", e);
+        }
+        Handoff {
+            after,
+            rows: rows.to_bytes(),
+            last: rows.last(),
+            durable,
+        }
+    }
+
+    fn queue(last: Position) -> Queue {
+        Queue {
+            events: VecDeque::new(),
+            last,
+            covered: 0,
+            durable: 0,
+            cap: 100,
+        }
+    }
+
+    #[test]
+    fn handoffs_are_taken_only_where_the_queue_ends() {
+        let start = Position { lsn: 10, ord: 1 };
+        let mut q = queue(start);
+        // Rows of a transaction (commit LSN 20) still open, then its end, then the next one.
+        let a = [ev(20, 0), ev(20, 1)];
+        let b = [ev(20, 2)];
+        let c = [ev(30, 0)];
+        q.offer(handoff(start, &a, None)).unwrap();
+        assert_eq!((q.events.len(), q.last, q.covered), (2, a[1].pos, 0));
+        // Not durable yet: nothing to deliver, and the buffer holds nothing more that is.
+        assert!(q.pop_durable(15, 10).is_empty());
+        assert!(!q.behind(15));
+        // A handoff after a gap (one was dropped) is not taken.
+        q.offer(handoff(b[0].pos, &c, Some(35))).unwrap();
+        assert_eq!(q.events.len(), 2);
+        q.offer(handoff(a[1].pos, &b, Some(25))).unwrap();
+        assert_eq!((q.events.len(), q.last, q.covered), (3, b[0].pos, 25));
+        // The durable watch may lag behind the handoffs; they carry the durable position themselves.
+        assert!(!q.behind(25));
+        let batch = q.pop_durable(q.durable, 2);
+        assert_eq!(
+            batch.iter().map(|e| e.pos).collect::<Vec<_>>(),
+            vec![a[0].pos, a[1].pos]
+        );
+        // The dropped handoff's rows come from the buffer: durable moved past what the queue covers.
+        assert!(q.behind(35));
+        q.read(Some(c[0].pos), 1, 10, 35);
+        assert_eq!((q.last, q.covered), (c[0].pos, 35));
+        // Stale handoffs (rows already read) are dropped too.
+        q.offer(handoff(b[0].pos, &c, Some(35))).unwrap();
+        assert_eq!(q.events.len(), 1);
+    }
+
+    #[test]
+    fn a_full_queue_leaves_rows_to_the_buffer() {
+        let start = Position::default();
+        let mut q = queue(start);
+        q.cap = 2;
+        let rows = [ev(5, 0), ev(5, 1), ev(5, 2)];
+        q.offer(handoff(start, &rows, Some(6))).unwrap();
+        assert!(q.events.is_empty());
+        assert_eq!((q.last, q.covered), (start, 0));
+        assert!(q.behind(6));
+        // A full read leaves the rest unknown.
+        q.read(Some(rows[1].pos), 2, 2, 6);
+        assert_eq!((q.last, q.covered), (rows[1].pos, 0));
+        q.read(Some(rows[2].pos), 1, 2, 6);
+        assert_eq!(q.covered, 6);
     }
 }

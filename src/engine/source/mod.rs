@@ -26,10 +26,12 @@ use super::buffer::{Buffer, CopyRows};
 use super::config::PipelineConfig;
 use super::error::EngineError;
 use super::event::{Op, Position, RelationInfo};
+use super::processor::{self, Handoff};
 
-/// While the writer is busy the next batch grows up to this many bytes of encoded rows; then reading
-/// waits for the writer.
-const MAX_BATCH_BYTES: usize = 8 << 20;
+/// While the writer is busy the next batch grows up to this many bytes of encoded rows (some 6,000
+/// changes of a few hundred bytes); then reading waits for the writer. Larger batches gain little
+/// and cost memory twice: here and in the processor's queue, which takes them in memory.
+const MAX_BATCH_BYTES: usize = 2 << 20;
 /// Received events handled in one go before the reader looks at the writer and at shutdown again.
 const DRAIN: usize = 1024;
 
@@ -121,7 +123,8 @@ fn key<'a>(
 }
 
 /// Stores the reader's batches in the buffer, each in one transaction, in order. After each commit it
-/// moves the durable position (for the processor and, through the reader, for the source).
+/// moves the durable position (for the processor and, through the reader, for the source), and hands
+/// the rows to the processor of this session, which then need not read them back from the buffer.
 async fn write_batches(
     mut buffer: Buffer,
     mut rx: mpsc::Receiver<Batch>,
@@ -130,9 +133,34 @@ async fn write_batches(
     ack_tx: watch::Sender<Ack>,
 ) -> Result<(), EngineError> {
     let (mut seq, mut durable) = *ack_tx.borrow();
+    let mut handoff = Some(processor::offer_handoff(&durable_tx));
+    // The newest event already in the buffer: what the first batch follows.
+    let processed = buffer.checkpoint().await?.processed;
+    let mut written = buffer
+        .last_position()
+        .await?
+        .map_or(processed, |p| p.max(processed));
     while let Some(b) = rx.recv().await {
+        let last = b.rows.last();
+        // A copy only when the processor has room for it; else it reads the rows from the buffer.
+        let copy = handoff
+            .as_ref()
+            .filter(|h| h.capacity() > 0)
+            .map(|_| b.rows.to_bytes());
         buffer.write(&b.relations, b.rows, b.durable_lsn).await?;
         seq += 1;
+        if let (Some(h), Some(rows)) = (&handoff, copy) {
+            let sent = h.try_send(Handoff {
+                after: written,
+                rows,
+                last,
+                durable: b.durable_lsn,
+            });
+            if let Err(mpsc::error::TrySendError::Closed(_)) = sent {
+                handoff = None;
+            }
+        }
+        written = last.unwrap_or(written);
         if let Some(lsn) = b.durable_lsn {
             durable = lsn;
             shared.stats.buffer_depth.inc_by(b.completed_events);
