@@ -82,24 +82,65 @@ struct Queue {
     durable: u64,
     /// Most events the queue holds; a handoff that would exceed it is left to the buffer.
     cap: usize,
+    /// Handoffs that start beyond `last` (the processor is reading the buffer behind the writer),
+    /// kept until the reads reach them.
+    later: VecDeque<Handoff>,
 }
 
+/// Most handoffs kept for later (each at most one write batch).
+const LATER: usize = 8;
+
 impl Queue {
-    /// Takes a handoff that continues exactly where the queue ends; drops one that does not (its rows
-    /// were read from the buffer already, or some before it were not handed over).
+    /// Takes what a handoff adds after `last` when it starts at or before `last`; keeps it for later
+    /// when it starts beyond; drops it when its rows are known already.
     fn offer(&mut self, h: Handoff) -> Result<(), EngineError> {
-        if h.after != self.last {
-            return Ok(());
+        match h.last {
+            // No rows: only the durable position moved, which tells something only where the queue
+            // ends exactly.
+            None => {
+                if h.after == self.last {
+                    self.durable_at(h.durable);
+                }
+            }
+            Some(last) if last <= self.last => {}
+            Some(_) if h.after > self.last => {
+                if self.later.len() == LATER {
+                    self.later.pop_front();
+                }
+                self.later.push_back(h);
+            }
+            Some(last) => {
+                let known = self.last;
+                let events: Vec<Event> = decode_rows(&h.rows)?
+                    .into_iter()
+                    .filter(|e| e.pos > known)
+                    .collect();
+                if self.events.len() + events.len() <= self.cap {
+                    self.events.extend(events);
+                    self.last = last;
+                    self.durable_at(h.durable);
+                }
+            }
         }
-        let events = decode_rows(&h.rows)?;
-        if self.events.len() + events.len() > self.cap {
-            return Ok(());
-        }
-        self.events.extend(events);
-        self.last = h.last.unwrap_or(self.last);
-        if let Some(d) = h.durable {
+        Ok(())
+    }
+
+    fn durable_at(&mut self, d: Option<u64>) {
+        if let Some(d) = d {
             self.covered = self.covered.max(d);
             self.durable = self.durable.max(d);
+        }
+    }
+
+    /// Takes the handoffs kept for later that the queue has reached.
+    fn settle(&mut self) -> Result<(), EngineError> {
+        while let Some(h) = self.later.front() {
+            if h.after > self.last {
+                break;
+            }
+            if let Some(h) = self.later.pop_front() {
+                self.offer(h)?;
+            }
         }
         Ok(())
     }
@@ -121,7 +162,8 @@ impl Queue {
     }
 
     /// Notes a read of the buffer after `last` up to `durable`: `got` of the `asked` events came back,
-    /// the last one at `read_last`. Fewer than asked means every durable event is known now.
+    /// the last one at `read_last`. Fewer than asked means every durable event is known now. The rows
+    /// read must be in place (queued, or in the batch ahead) before [`settle`](Self::settle).
     fn read(&mut self, read_last: Option<Position>, got: usize, asked: usize, durable: u64) {
         self.last = read_last.unwrap_or(self.last);
         if got < asked {
@@ -172,6 +214,7 @@ impl<S: Sink> Processor<S> {
             covered: 0,
             durable: 0,
             cap: (8 * limit).max(16_384),
+            later: VecDeque::new(),
         };
         let mut handoffs: Option<mpsc::Receiver<Handoff>> = None;
         let mut claimed = false;
@@ -208,6 +251,7 @@ impl<S: Sink> Processor<S> {
                     let more = self.buffer.read_batch(q.last, durable, limit).await?;
                     q.read(more.last().map(|e| e.pos), more.len(), limit, durable);
                     q.events.extend(more);
+                    q.settle()?;
                 }
                 let more = q.pop_durable(durable, limit - batch.len());
                 if !more.is_empty() {
@@ -296,6 +340,7 @@ impl<S: Sink> Processor<S> {
             let (next, read, p) = next?;
             if let Some((read_last, got, asked)) = read {
                 q.read(read_last, got, asked, durable);
+                q.settle()?;
             }
             let caught_up = next.is_empty();
             if caught_up || marked.1.elapsed() >= MARK_EVERY {
@@ -493,41 +538,58 @@ mod tests {
             covered: 0,
             durable: 0,
             cap: 100,
+            later: VecDeque::new(),
         }
     }
 
     #[test]
-    fn handoffs_are_taken_only_where_the_queue_ends() {
+    fn handoffs_continue_the_queue_or_wait_for_the_reads() {
         let start = Position { lsn: 10, ord: 1 };
         let mut q = queue(start);
         // Rows of a transaction (commit LSN 20) still open, then its end, then the next one.
         let a = [ev(20, 0), ev(20, 1)];
         let b = [ev(20, 2)];
-        let c = [ev(30, 0)];
+        let c = [ev(30, 0), ev(30, 1)];
         q.offer(handoff(start, &a, None)).unwrap();
         assert_eq!((q.events.len(), q.last, q.covered), (2, a[1].pos, 0));
         // Not durable yet: nothing to deliver, and the buffer holds nothing more that is.
         assert!(q.pop_durable(15, 10).is_empty());
         assert!(!q.behind(15));
-        // A handoff after a gap (one was dropped) is not taken.
+        // A handoff after a gap (one was dropped) waits for the reads to reach it.
         q.offer(handoff(b[0].pos, &c, Some(35))).unwrap();
-        assert_eq!(q.events.len(), 2);
-        q.offer(handoff(a[1].pos, &b, Some(25))).unwrap();
-        assert_eq!((q.events.len(), q.last, q.covered), (3, b[0].pos, 25));
+        assert_eq!((q.events.len(), q.later.len()), (2, 1));
         // The durable watch may lag behind the handoffs; they carry the durable position themselves.
-        assert!(!q.behind(25));
-        let batch = q.pop_durable(q.durable, 2);
+        let batch = q.pop_durable(25, 10);
         assert_eq!(
             batch.iter().map(|e| e.pos).collect::<Vec<_>>(),
             vec![a[0].pos, a[1].pos]
         );
-        // The dropped handoff's rows come from the buffer: durable moved past what the queue covers.
-        assert!(q.behind(35));
-        q.read(Some(c[0].pos), 1, 10, 35);
-        assert_eq!((q.last, q.covered), (c[0].pos, 35));
-        // Stale handoffs (rows already read) are dropped too.
+        // The dropped rows come from the buffer (durable moved past what the queue covers); then the
+        // waiting handoff continues the queue.
+        assert!(q.behind(25));
+        q.events.extend(b.iter().cloned());
+        q.read(Some(b[0].pos), 1, 10, 25);
+        q.settle().unwrap();
+        assert_eq!((q.last, q.covered, q.durable), (c[1].pos, 35, 35));
+        assert!(q.later.is_empty());
+        assert_eq!(
+            q.pop_durable(35, 10)
+                .iter()
+                .map(|e| e.pos)
+                .collect::<Vec<_>>(),
+            vec![b[0].pos, c[0].pos, c[1].pos]
+        );
+        // A handoff whose rows are known already is dropped; one that overlaps gives the rest.
         q.offer(handoff(b[0].pos, &c, Some(35))).unwrap();
-        assert_eq!(q.events.len(), 1);
+        assert!(q.events.is_empty());
+        let d = [ev(40, 0), ev(40, 1)];
+        q.read(Some(d[0].pos), 1, 1, 35);
+        q.offer(handoff(c[1].pos, &d, Some(45))).unwrap();
+        assert_eq!(
+            q.events.iter().map(|e| e.pos).collect::<Vec<_>>(),
+            vec![d[1].pos]
+        );
+        assert_eq!((q.last, q.covered), (d[1].pos, 45));
     }
 
     #[test]
