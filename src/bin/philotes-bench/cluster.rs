@@ -53,14 +53,16 @@ fn is_root() -> bool {
 }
 
 impl Cluster {
-    pub fn start(keep: bool) -> anyhow::Result<Cluster> {
+    /// Starts a cluster; `logical` sets wal_level=logical (the source), otherwise the WAL level stays
+    /// at its default (a sink).
+    pub fn start(name: &str, logical: bool, keep: bool) -> anyhow::Result<Cluster> {
         let bindir = bindir()?;
         let as_postgres = is_root();
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)?
             .as_nanos();
         let dir = std::env::temp_dir().join(format!(
-            "philotes-bench-{}-{}",
+            "philotes-bench-{name}-{}-{}",
             std::process::id(),
             nanos % 1_000_000_000
         ));
@@ -102,10 +104,14 @@ impl Cluster {
         // Capacity only: 50 idle pipelines need ~350 connections and 50+ slots. Durability (fsync,
         // synchronous_commit, full_page_writes, wal_sync_method) and memory settings stay default.
         let conf = format!(
-            "\n# philotes-bench\nlisten_addresses = '127.0.0.1'\nport = {}\nunix_socket_directories = '{}'\n\
-             wal_level = logical\nmax_replication_slots = 100\nmax_wal_senders = 100\nmax_connections = 500\n",
+            "\n# philotes-bench\nlisten_addresses = '127.0.0.1'\nport = {}\nunix_socket_directories = '{}'\n{}max_connections = 500\n",
             c.port,
-            c.dir.display()
+            c.dir.display(),
+            if logical {
+                "wal_level = logical\nmax_replication_slots = 100\nmax_wal_senders = 100\n"
+            } else {
+                ""
+            }
         );
         let path = c.data().join("postgresql.conf");
         let mut all = std::fs::read_to_string(&path)?;

@@ -2,14 +2,16 @@
 //! WAL, on a throwaway PostgreSQL. See README.md, "Performance".
 //!
 //! Phases, in order:
-//! 1. a cluster with wal_level=logical; slots `bench_ref`, `bench_e2e`, `bench_reader` are created, then
-//!    the workload is generated, so all three read exactly the same WAL;
+//! 1. a source cluster with wal_level=logical (the buffer lives in the source database, the default)
+//!    and a sink cluster of its own (`--sink-in-source-cluster` puts the sink database in the source
+//!    cluster); slots `bench_ref`, `bench_e2e`, `bench_reader` are created, then the workload is
+//!    generated, so all three read exactly the same WAL;
 //! 2. reference: `pg_recvlogical` (pgoutput, proto 1) to /dev/null with `--endpos` at the workload end;
 //! 3. Philotes end to end into a PostgreSQL sink, until the sink has committed the last change (then
 //!    count and checksum are compared with the source);
 //! 4. Philotes reader + buffer only (delivery Paused), until `durable_lsn` is past the workload end;
 //! 5. latency at a steady rate in small transactions: source commit → sink commit, from commit
-//!    timestamps (the cluster is restarted with track_commit_timestamp=on for this phase only);
+//!    timestamps (the clusters are restarted with track_commit_timestamp=on for this phase only);
 //! 6. many idle pipelines in one process: RSS and CPU while idle.
 //!
 //! Philotes runs as a child process (this binary, `pipelines -f FILE`, which is `philotes run -f FILE`),
@@ -69,9 +71,17 @@ struct Cli {
     /// Phases to skip: reference, e2e, reader, latency, idle (comma-separated).
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,
-    /// Keep the cluster's directory (logs, Philotes logs) after the run.
+    /// Keep the clusters' directories (logs, Philotes logs) after the run.
     #[arg(long)]
     keep: bool,
+    /// Put the sink database in the source's cluster instead of a cluster of its own (then the sink
+    /// shares the source's WAL and its flushes).
+    #[arg(long)]
+    sink_in_source_cluster: bool,
+    /// Skip writing (and recycling) 1 GiB of WAL in each cluster before the workload, so that the
+    /// writers pay for creating every WAL segment as on a freshly initialised server.
+    #[arg(long)]
+    no_wal_warmup: bool,
     /// Command to run the Philotes process under, e.g. "perf record -g -o /tmp/p.data --" (the
     /// measured pid is then the wrapper's child).
     #[arg(long, allow_hyphen_values = true)]
@@ -157,9 +167,21 @@ struct Target {
 }
 
 #[derive(Debug, Clone, Serialize)]
+struct Setup {
+    /// "own cluster" or "source cluster".
+    sink: String,
+    /// Extra spec lines of the end-to-end pipeline (PHILOTES_BENCH_E2E_SPEC), empty for the defaults.
+    e2e_spec: String,
+    /// Whether each cluster wrote and recycled 1 GiB of WAL before the workload.
+    wal_warmup: bool,
+    postgres_settings: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
 struct Results {
     command: String,
     machine: Machine,
+    setup: Setup,
     workload: Option<Workload>,
     throughput: Vec<Throughput>,
     latency: Option<Latency>,
@@ -251,20 +273,37 @@ fn machine() -> Machine {
 }
 
 struct Ctx {
+    /// The source cluster (wal_level=logical; the buffer lives in the source database).
     cl: Cluster,
+    /// The sink's cluster, when it has one of its own.
+    sink_cl: Option<Cluster>,
     wrapper: Vec<String>,
 }
 
 impl Ctx {
+    fn sink_cluster(&self) -> &Cluster {
+        self.sink_cl.as_ref().unwrap_or(&self.cl)
+    }
+
+    fn clusters(&self) -> Vec<&Cluster> {
+        std::iter::once(&self.cl).chain(&self.sink_cl).collect()
+    }
+
+    /// CPU seconds of every PostgreSQL process so far (source and sink clusters).
     fn pg_cpu(&self) -> f64 {
-        self.cl
-            .postmaster_pid()
+        self.clusters()
+            .iter()
+            .filter_map(|c| c.postmaster_pid())
             .map(procstat::cluster_cpu)
-            .unwrap_or(0.0)
+            .sum()
     }
 
     fn spawn(&self, label: &str, specs: &[Spec]) -> anyhow::Result<Pipelines> {
-        let m = child::manifest(&self.cl.uri("source"), &self.cl.uri("sink"), specs);
+        let m = child::manifest(
+            &self.cl.uri("source"),
+            &self.sink_cluster().uri("sink"),
+            specs,
+        );
         Pipelines::spawn(self.cl.dir(), label, &m, &self.wrapper)
     }
 }
@@ -284,12 +323,21 @@ async fn bench(cli: &Cli) -> anyhow::Result<()> {
         cli.rows, machine.cpus, machine.cpu_model, machine.postgres
     );
 
-    let cl = Cluster::start(cli.keep)?;
+    let cl = Cluster::start("source", true, cli.keep)?;
+    let sink_cl = if cli.sink_in_source_cluster {
+        None
+    } else {
+        Some(Cluster::start("sink", false, cli.keep)?)
+    };
     if cli.keep {
-        eprintln!("  cluster directory: {}", cl.dir().display());
+        eprintln!("  source cluster directory: {}", cl.dir().display());
+        if let Some(s) = &sink_cl {
+            eprintln!("  sink cluster directory: {}", s.dir().display());
+        }
     }
     let ctx = Ctx {
         cl,
+        sink_cl,
         wrapper: cli
             .wrapper
             .as_deref()
@@ -298,9 +346,21 @@ async fn bench(cli: &Cli) -> anyhow::Result<()> {
     };
     let admin = ctx.cl.client("postgres").await?;
     admin.batch_execute("CREATE DATABASE source").await?;
-    admin.batch_execute("CREATE DATABASE sink").await?;
+    ctx.sink_cluster()
+        .client("postgres")
+        .await?
+        .batch_execute("CREATE DATABASE sink")
+        .await?;
     let src = ctx.cl.client("source").await?;
-    let sink = ctx.cl.client("sink").await?;
+    let sink = ctx.sink_cluster().client("sink").await?;
+
+    if !cli.no_wal_warmup {
+        // A running server recycles old WAL segments; a fresh cluster has none and zero-fills every
+        // new one (wal_init_zero), which only the writers (Philotes' buffer and sink) would pay for.
+        for (c, db) in [(&ctx.cl, "source"), (ctx.sink_cluster(), "sink")] {
+            warm_wal(&c.client(db).await?, if cli.quick { 64 } else { 1024 }).await?;
+        }
+    }
 
     // Slots first, then the workload: every consumer reads the same WAL.
     workload::prepare(&src).await?;
@@ -363,6 +423,16 @@ async fn bench(cli: &Cli) -> anyhow::Result<()> {
     let results = Results {
         command,
         machine,
+        setup: Setup {
+            sink: if cli.sink_in_source_cluster {
+                "source cluster".into()
+            } else {
+                "own cluster".into()
+            },
+            e2e_spec: std::env::var("PHILOTES_BENCH_E2E_SPEC").unwrap_or_default(),
+            wal_warmup: !cli.no_wal_warmup,
+            postgres_settings: "defaults, plus listen_addresses, port, max_connections = 500; source: wal_level = logical, max_replication_slots = max_wal_senders = 100; latency phase: track_commit_timestamp = on".into(),
+        },
         workload: Some(w),
         throughput,
         latency,
@@ -400,6 +470,19 @@ async fn sessions_cpu(c: &Client, prefix: &str) -> Vec<(String, f64)> {
     }
     by.sort_by(|a, b| b.1.total_cmp(&a.1));
     by
+}
+
+/// Writes `mb` MiB of WAL (logical messages, no table) and checkpoints, so that the cluster has
+/// recycled WAL segments ready, as a server that has been running has.
+async fn warm_wal(c: &Client, mb: i32) -> anyhow::Result<()> {
+    c.execute(
+        "SELECT count(pg_logical_emit_message(false, 'philotes-bench', repeat('x', 1048576))) FROM generate_series(1, $1)",
+        &[&mb],
+    )
+    .await?;
+    c.batch_execute("CHECKPOINT").await?;
+    c.batch_execute("CHECKPOINT").await?;
+    Ok(())
 }
 
 async fn drop_slot(src: &Client, slot: &str) -> anyhow::Result<()> {
@@ -619,6 +702,8 @@ async fn end_to_end(
     checkpoint(src).await?;
     eprintln!("Philotes end to end ...");
     let id = "bench-e2e";
+    // Extra spec lines for experiments (e.g. "  buffer: {batchSize: 5000}"); none by default.
+    let e2e_extra = std::env::var("PHILOTES_BENCH_E2E_SPEC").unwrap_or_default();
     let pg0 = ctx.pg_cpu();
     let mut p = ctx.spawn(
         "e2e",
@@ -630,7 +715,7 @@ async fn end_to_end(
             publication: "bench_pub",
             slot: "bench_e2e",
             sink_schema: "replica",
-            extra: "",
+            extra: &e2e_extra,
         }],
     )?;
     wait_for(
@@ -663,7 +748,11 @@ async fn end_to_end(
     let seconds = p.started.elapsed().as_secs_f64();
     let (cpu, rss, switches) = (p.cpu(), p.peak_rss(), procstat::context_switches(p.pid));
     let pg = ctx.pg_cpu() - pg0;
-    let sessions = sessions_cpu(src, "philotes-").await;
+    let mut sessions = sessions_cpu(src, "philotes-").await;
+    if ctx.sink_cl.is_some() {
+        sessions.extend(sessions_cpu(sink, "philotes-").await);
+        sessions.sort_by(|a, b| b.1.total_cmp(&a.1));
+    }
     p.stop().await?;
     let want = workload::checksum(src, "items").await?;
     let have = workload::checksum(sink, "replica.items").await?;
@@ -684,8 +773,14 @@ async fn end_to_end(
         postgres_cpu_s: pg,
         postgres_cpu_by_session: sessions,
         note: format!(
-            "default settings; all in the buffer after {read_seconds:.2}s; sink = source: {} rows, checksum {}",
-            have.0, have.1
+            "default settings, sink in {}; all in the buffer after {read_seconds:.2}s; sink = source: {} rows, checksum {}",
+            if ctx.sink_cl.is_some() {
+                "a cluster of its own"
+            } else {
+                "the source's cluster"
+            },
+            have.0,
+            have.1
         ),
     };
     eprintln!(
@@ -700,15 +795,15 @@ async fn latency_phase(ctx: &Ctx, rate: u64, secs: u64) -> anyhow::Result<Latenc
     eprintln!(
         "latency: {rate} rows/s for {secs}s (restarting PostgreSQL with track_commit_timestamp=on) ..."
     );
-    {
-        let admin = ctx.cl.client("postgres").await?;
-        admin
+    for c in ctx.clusters() {
+        c.client("postgres")
+            .await?
             .batch_execute("ALTER SYSTEM SET track_commit_timestamp = on")
             .await?;
+        c.restart()?;
     }
-    ctx.cl.restart()?;
     let src = ctx.cl.client("source").await?;
-    let sink = ctx.cl.client("sink").await?;
+    let sink = ctx.sink_cluster().client("sink").await?;
     src.batch_execute(&workload::create_table("public.ticks"))
         .await?;
     src.batch_execute("CREATE PUBLICATION bench_lat_pub FOR TABLE public.ticks")
@@ -988,8 +1083,8 @@ fn print_table(r: &Results) {
     let m = &r.machine;
     println!();
     println!(
-        "Machine: {} CPUs ({}), {:.0} GB RAM; {} on the same machine",
-        m.cpus, m.cpu_model, m.memory_gb, m.postgres
+        "Machine: {} CPUs ({}), {:.0} GB RAM; {} on the same machine (sink: {})",
+        m.cpus, m.cpu_model, m.memory_gb, m.postgres, r.setup.sink
     );
     if let Some(w) = &r.workload {
         println!(
