@@ -115,6 +115,10 @@ struct Throughput {
     client_context_switches: u64,
     /// CPU seconds of the whole PostgreSQL cluster meanwhile (walsender, COPY/sink backends, ...).
     postgres_cpu_s: f64,
+    /// CPU seconds the rest of the machine used meanwhile (busy CPU time of the machine minus the
+    /// client's and PostgreSQL's): other processes competing for the same cores, this benchmark's
+    /// own polling included.
+    other_cpu_s: f64,
     /// CPU seconds of the measured client's PostgreSQL sessions, by application_name (walsender,
     /// buffer writer, buffer reader, sink), sampled at the end of the measurement.
     postgres_cpu_by_session: Vec<(String, f64)>,
@@ -504,6 +508,7 @@ async fn reference(ctx: &Ctx, src: &Client, w: &Workload) -> anyhow::Result<Thro
     checkpoint(src).await?;
     eprintln!("reference: pg_recvlogical ...");
     let pg0 = ctx.pg_cpu();
+    let busy0 = procstat::machine_busy();
     let started = Instant::now();
     let mut child = tokio::process::Command::new(ctx.cl.bin("pg_recvlogical"))
         .args([
@@ -543,6 +548,7 @@ async fn reference(ctx: &Ctx, src: &Client, w: &Workload) -> anyhow::Result<Thro
     };
     let seconds = started.elapsed().as_secs_f64();
     let pg = ctx.pg_cpu() - pg0;
+    let other = procstat::machine_busy() - busy0 - pg - cpu;
     if !status.success() {
         bail!("pg_recvlogical failed: {status}");
     }
@@ -564,6 +570,7 @@ async fn reference(ctx: &Ctx, src: &Client, w: &Workload) -> anyhow::Result<Thro
         client_peak_rss_mb: rss as f64 / MB,
         client_context_switches: switches,
         postgres_cpu_s: pg,
+        other_cpu_s: other.max(0.0),
         postgres_cpu_by_session: sessions,
         note: format!(
             "--endpos {} (slot confirmed {})",
@@ -624,7 +631,7 @@ async fn reader_only(ctx: &Ctx, src: &Client, w: &Workload) -> anyhow::Result<Th
     checkpoint(src).await?;
     eprintln!("Philotes reader + buffer (Paused) ...");
     let id = "bench-reader";
-    let pg0 = ctx.pg_cpu();
+    let (pg0, busy0) = (ctx.pg_cpu(), procstat::machine_busy());
     let mut p = ctx.spawn(
         "reader",
         &[Spec {
@@ -648,6 +655,7 @@ async fn reader_only(ctx: &Ctx, src: &Client, w: &Workload) -> anyhow::Result<Th
     let seconds = p.started.elapsed().as_secs_f64();
     let (cpu, rss, switches) = (p.cpu(), p.peak_rss(), procstat::context_switches(p.pid));
     let pg = ctx.pg_cpu() - pg0;
+    let other = (procstat::machine_busy() - busy0 - pg - cpu).max(0.0);
     let sessions = sessions_cpu(src, "philotes-").await;
     p.stop().await?;
     let n: i64 = src
@@ -680,6 +688,7 @@ async fn reader_only(ctx: &Ctx, src: &Client, w: &Workload) -> anyhow::Result<Th
         client_peak_rss_mb: rss as f64 / MB,
         client_context_switches: switches,
         postgres_cpu_s: pg,
+        other_cpu_s: other,
         postgres_cpu_by_session: sessions,
         note: format!(
             "until durable_lsn > {}; {n} events in the buffer; slot confirmed {}",
@@ -704,7 +713,7 @@ async fn end_to_end(
     let id = "bench-e2e";
     // Extra spec lines for experiments (e.g. "  buffer: {batchSize: 5000}"); none by default.
     let e2e_extra = std::env::var("PHILOTES_BENCH_E2E_SPEC").unwrap_or_default();
-    let pg0 = ctx.pg_cpu();
+    let (pg0, busy0) = (ctx.pg_cpu(), procstat::machine_busy());
     let mut p = ctx.spawn(
         "e2e",
         &[Spec {
@@ -748,6 +757,7 @@ async fn end_to_end(
     let seconds = p.started.elapsed().as_secs_f64();
     let (cpu, rss, switches) = (p.cpu(), p.peak_rss(), procstat::context_switches(p.pid));
     let pg = ctx.pg_cpu() - pg0;
+    let other = (procstat::machine_busy() - busy0 - pg - cpu).max(0.0);
     let mut sessions = sessions_cpu(src, "philotes-").await;
     if ctx.sink_cl.is_some() {
         sessions.extend(sessions_cpu(sink, "philotes-").await);
@@ -771,6 +781,7 @@ async fn end_to_end(
         client_peak_rss_mb: rss as f64 / MB,
         client_context_switches: switches,
         postgres_cpu_s: pg,
+        other_cpu_s: other,
         postgres_cpu_by_session: sessions,
         note: format!(
             "default settings, sink in {}; all in the buffer after {read_seconds:.2}s; sink = source: {} rows, checksum {}",
@@ -1099,12 +1110,12 @@ fn print_table(r: &Results) {
     }
     println!();
     println!(
-        "| measurement | changes/s | × reference | seconds | client CPU s per M changes | client peak RSS MB | PostgreSQL CPU s |"
+        "| measurement | changes/s | × reference | seconds | client CPU s per M changes | client peak RSS MB | PostgreSQL CPU s | other processes' CPU s |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for t in &r.throughput {
         println!(
-            "| {} | {:.0} | {} | {:.2} | {:.2} | {:.0} | {:.1} |",
+            "| {} | {:.0} | {} | {:.2} | {:.2} | {:.0} | {:.1} | {:.1} |",
             t.name,
             t.changes_per_s,
             t.ratio_to_reference
@@ -1113,12 +1124,13 @@ fn print_table(r: &Results) {
             t.seconds,
             t.client_cpu_s_per_million,
             t.client_peak_rss_mb,
-            t.postgres_cpu_s
+            t.postgres_cpu_s,
+            t.other_cpu_s
         );
     }
     if let Some(l) = &r.latency {
         println!(
-            "| latency at {} rows/s ({:.0} achieved, {:.0}s, {} small transactions), source commit → sink commit | p50 {:.1} ms | p99 {:.1} ms | max {:.1} ms | {:.2} (CPU {:.0}%) | {:.0} | – |",
+            "| latency at {} rows/s ({:.0} achieved, {:.0}s, {} small transactions), source commit → sink commit | p50 {:.1} ms | p99 {:.1} ms | max {:.1} ms | {:.2} (CPU {:.0}%) | {:.0} | – | – |",
             l.target_rows_per_s,
             l.achieved_rows_per_s,
             l.seconds,
@@ -1133,7 +1145,7 @@ fn print_table(r: &Results) {
     }
     if let Some(i) = &r.idle {
         println!(
-            "| {} idle pipelines in one process ({} PostgreSQL connections) | CPU {:.2}s over {:.0}s | – | – | – | {:.0} (now {:.0}) | {:.1} |",
+            "| {} idle pipelines in one process ({} PostgreSQL connections) | CPU {:.2}s over {:.0}s | – | – | – | {:.0} (now {:.0}) | {:.1} | – |",
             i.pipelines,
             i.postgres_connections,
             i.philotes_cpu_s,
