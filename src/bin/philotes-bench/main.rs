@@ -141,6 +141,11 @@ struct Latency {
     philotes_cpu_s: f64,
     philotes_cpu_percent: f64,
     philotes_peak_rss_mb: f64,
+    /// CPU seconds of both PostgreSQL clusters meanwhile (this includes autovacuum of the tables
+    /// the earlier phases filled).
+    postgres_cpu_s: f64,
+    /// CPU seconds other processes used meanwhile (see `Throughput::other_cpu_s`).
+    other_cpu_s: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -152,6 +157,8 @@ struct Idle {
     philotes_cpu_s: f64,
     postgres_cpu_s: f64,
     postgres_connections: i64,
+    /// CPU seconds other processes used meanwhile (see `Throughput::other_cpu_s`).
+    other_cpu_s: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -864,7 +871,7 @@ async fn latency_phase(ctx: &Ctx, rate: u64, secs: u64) -> anyhow::Result<Latenc
     )
     .await?;
     let hist0 = p.metrics().await.unwrap_or_default();
-    let cpu0 = p.cpu();
+    let (cpu0, pg0, busy0) = (p.cpu(), ctx.pg_cpu(), procstat::machine_busy());
 
     let conns = 4u64;
     let next_id = Arc::new(AtomicU64::new(1));
@@ -917,6 +924,8 @@ async fn latency_phase(ctx: &Ctx, rate: u64, secs: u64) -> anyhow::Result<Latenc
     )
     .await?;
     let cpu = p.cpu() - cpu0;
+    let pg = ctx.pg_cpu() - pg0;
+    let other = (procstat::machine_busy() - busy0 - pg - cpu).max(0.0);
     let rss = p.peak_rss();
     let hist1 = p.metrics().await.unwrap_or_default();
     p.stop().await?;
@@ -965,6 +974,8 @@ async fn latency_phase(ctx: &Ctx, rate: u64, secs: u64) -> anyhow::Result<Latenc
         philotes_cpu_s: cpu,
         philotes_cpu_percent: cpu / seconds * 100.0,
         philotes_peak_rss_mb: rss as f64 / MB,
+        postgres_cpu_s: pg,
+        other_cpu_s: other,
     };
     eprintln!(
         "  {:.0} rows/s: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
@@ -1020,11 +1031,12 @@ async fn idle_phase(ctx: &Ctx, n: usize, secs: u64) -> anyhow::Result<Idle> {
     )
     .await?;
     tokio::time::sleep(Duration::from_secs(if secs >= 10 { 5 } else { 1 })).await;
-    let (cpu0, pg0) = (p.cpu(), ctx.pg_cpu());
+    let (cpu0, pg0, busy0) = (p.cpu(), ctx.pg_cpu(), procstat::machine_busy());
     let t0 = Instant::now();
     tokio::time::sleep(Duration::from_secs(secs)).await;
     let seconds = t0.elapsed().as_secs_f64();
     let (cpu, pg) = (p.cpu() - cpu0, ctx.pg_cpu() - pg0);
+    let other = (procstat::machine_busy() - busy0 - pg - cpu).max(0.0);
     let (rss, hwm) = (p.rss(), p.peak_rss());
     let conns: i64 = src
         .query_one(
@@ -1042,6 +1054,7 @@ async fn idle_phase(ctx: &Ctx, n: usize, secs: u64) -> anyhow::Result<Idle> {
         philotes_cpu_s: cpu,
         postgres_cpu_s: pg,
         postgres_connections: conns,
+        other_cpu_s: other,
     };
     eprintln!(
         "  RSS {:.1} MB, CPU {:.2}s over {:.0}s",
@@ -1130,7 +1143,7 @@ fn print_table(r: &Results) {
     }
     if let Some(l) = &r.latency {
         println!(
-            "| latency at {} rows/s ({:.0} achieved, {:.0}s, {} small transactions), source commit → sink commit | p50 {:.1} ms | p99 {:.1} ms | max {:.1} ms | {:.2} (CPU {:.0}%) | {:.0} | – | – |",
+            "| latency at {} rows/s ({:.0} achieved, {:.0}s, {} small transactions), source commit → sink commit | p50 {:.1} ms | p99 {:.1} ms | max {:.1} ms | {:.2} (CPU {:.0}%) | {:.0} | {:.1} | {:.1} |",
             l.target_rows_per_s,
             l.achieved_rows_per_s,
             l.seconds,
@@ -1140,19 +1153,22 @@ fn print_table(r: &Results) {
             l.max_ms,
             l.philotes_cpu_s / (l.rows as f64 / 1e6),
             l.philotes_cpu_percent,
-            l.philotes_peak_rss_mb
+            l.philotes_peak_rss_mb,
+            l.postgres_cpu_s,
+            l.other_cpu_s
         );
     }
     if let Some(i) = &r.idle {
         println!(
-            "| {} idle pipelines in one process ({} PostgreSQL connections) | CPU {:.2}s over {:.0}s | – | – | – | {:.0} (now {:.0}) | {:.1} | – |",
+            "| {} idle pipelines in one process ({} PostgreSQL connections) | CPU {:.2}s over {:.0}s | – | – | – | {:.0} (now {:.0}) | {:.1} | {:.1} |",
             i.pipelines,
             i.postgres_connections,
             i.philotes_cpu_s,
             i.seconds,
             i.philotes_peak_rss_mb,
             i.philotes_rss_mb,
-            i.postgres_cpu_s
+            i.postgres_cpu_s,
+            i.other_cpu_s
         );
     }
     if !r.targets.is_empty() {
