@@ -39,7 +39,9 @@ pub async fn replay(cfg: &PipelineConfig) -> Result<ReplayOutcome, EngineError> 
     let mut out = ReplayOutcome::default();
     for d in letters {
         let batch = [d.event.clone()];
-        let rejected = sink.apply_isolated(&batch, &rels).await?;
+        let rejected = sink
+            .apply_isolated(&batch, &rels, crate::engine::sink::Part::WHOLE, false)
+            .await?;
         match rejected.first() {
             None => {
                 dlq::remove(buffer.client(), &cfg.id, d.event.pos).await?;

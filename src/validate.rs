@@ -281,6 +281,20 @@ pub fn validate(
     }
     let check_interval = c.duration("spec.backpressure.checkInterval", &bp.check_interval);
 
+    // The sink is the source: captured tables would be written into themselves, a feedback loop.
+    if let (Some(src), Some(dst)) = (&source, &sink)
+        && src.same_database(dst)
+        && let Some(t) = tables.iter().find(|t| t.schema == sink_schema)
+    {
+        c.err(
+            "spec.sink.postgres.schema",
+            format!(
+                "schema {sink_schema} of the source database is the sink, so captured table {t} would receive its own changes"
+            ),
+            "name another sink schema, or a sink database other than the source",
+        );
+    }
+
     if !c.errors.is_empty() {
         return Err(c.errors);
     }
@@ -391,6 +405,21 @@ mod tests {
         let errs = validate(&id(), &spec(GOOD), &s, None).unwrap_err();
         assert_eq!(errs[0].field, "spec.source.connectionSecretRef");
         assert!(!errs[0].to_string().contains("topsecret"), "{}", errs[0]);
+    }
+
+    #[test]
+    fn a_sink_that_is_the_source_is_refused() {
+        let mut s = secrets();
+        s.get_mut("dst")
+            .unwrap()
+            .insert("uri".into(), "postgres://other:pw@db:5432/shop".into());
+        let loop_spec = "source: {connectionSecretRef: {name: src, key: uri}, tables: [public.orders]}\nsink: {postgres: {connectionSecretRef: {name: dst, key: uri}}}";
+        let errs = validate(&id(), &spec(loop_spec), &s, None).unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].field, "spec.sink.postgres.schema");
+        assert!(errs[0].problem.contains("public.orders"), "{}", errs[0]);
+        // Another schema of the same database is fine.
+        assert!(validate(&id(), &spec(GOOD), &s, None).is_ok());
     }
 
     #[test]

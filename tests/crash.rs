@@ -204,3 +204,116 @@ async fn sigkill_during_the_initial_snapshot_starts_it_over() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// A large transaction whose commit record directly follows a one-row transaction's: its rows are
+/// keyed by its commit LSN, which equals the durable position the one-row transaction left. SIGKILL
+/// while it streams into the buffer; the restart must discard those rows (they are not durable) and
+/// read the transaction again, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_in_a_transaction_committed_right_after_another_loses_nothing() {
+    let pg = Pg::start();
+    // Buffer and sink in a cluster of their own, so that no buffer write lands between the commits.
+    let sink = Pg::start();
+    pg.create_db("shop").await;
+    sink.create_db("warehouse").await;
+    let src = pg.client("shop").await;
+    let dst = sink.client("warehouse").await;
+    src.batch_execute("CREATE TABLE t (id bigint PRIMARY KEY, v text); CREATE EXTENSION dblink")
+        .await
+        .unwrap();
+    let file = pg.dir().join("pipeline.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"apiVersion: v1
+kind: Secret
+metadata: {{name: db}}
+stringData: {{source: "{}", sink: "{}"}}
+---
+apiVersion: philotes.io/v1alpha1
+kind: CdcPipeline
+metadata: {{name: boundary}}
+spec:
+  source: {{connectionSecretRef: {{name: db, key: source}}, tables: [t]}}
+  sink: {{postgres: {{connectionSecretRef: {{name: db, key: sink}}, schema: replica}}}}
+  buffer: {{connectionSecretRef: {{name: db, key: sink}}, batchSize: 2000, flushInterval: 200ms}}
+  backpressure: {{highWatermark: 1000000, lowWatermark: 500000}}
+"#,
+            pg.uri("shop"),
+            sink.uri("warehouse")
+        ),
+    )
+    .unwrap();
+    let log = pg.dir().join("philotes.log");
+    let mut child = start(&file, &log);
+    eventually(
+        "the sink table to be created",
+        Duration::from_secs(60),
+        || async { count(&dst, "replica.t").await >= 0 },
+    )
+    .await;
+
+    // Two more sessions (dblink): the large transaction is open in one; the one-row transaction
+    // commits in the other, and the large one commits in the same statement right after.
+    let conn = format!(
+        "host=127.0.0.1 port={} dbname=shop user={} password={}",
+        pg.port,
+        support::USER,
+        support::PASSWORD
+    );
+    src.batch_execute(&format!(
+        "SELECT dblink_connect('big', '{conn}'); SELECT dblink_connect('small', '{conn}');
+         SELECT dblink_exec('big', 'BEGIN');
+         SELECT dblink_exec('big', 'INSERT INTO t SELECT i, md5(i::text) FROM generate_series(1, 400000) i');"
+    ))
+    .await
+    .unwrap();
+    src.batch_execute(
+        "SELECT dblink_exec('small', 'INSERT INTO t VALUES (0, ''one'')'), dblink_exec('big', 'COMMIT')",
+    )
+    .await
+    .unwrap();
+
+    eventually(
+        "the large transaction to be under way in the buffer",
+        Duration::from_secs(120),
+        || async { count(&dst, "philotes.events").await >= 20_000 },
+    )
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mid: bool = dst
+        .query_one(
+            "SELECT (SELECT max(lsn) FROM philotes.events) >= durable_lsn FROM philotes.pipelines",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        mid,
+        "the kill should land while the large transaction streams"
+    );
+    // Nothing of the incomplete transaction reached the sink.
+    assert!(count(&dst, "replica.t").await <= 1);
+
+    let mut child = start(&file, &log);
+    wait_same(&src, "t", &dst, "replica.t", "id", Duration::from_secs(240)).await;
+    assert_eq!(count(&dst, "replica.t").await, 400_001);
+    let gap: i64 = dst
+        .query_one(
+            "SELECT max(lsn) - min(lsn) FROM (SELECT DISTINCT lsn FROM philotes.events) e",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    println!("the large transaction's commit record starts {gap} bytes after the one-row one's");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let output = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        !output.contains("duplicate key"),
+        "the restart hit rows it had kept:\n{output}"
+    );
+}

@@ -34,10 +34,20 @@ pub async fn migrate(uri: &ConnString) -> Result<(), EngineError> {
         .await
         .map_err(err.clone())?;
     let result = async {
-        sqlx::query("CREATE SCHEMA IF NOT EXISTS philotes")
-            .execute(&mut conn)
-            .await
-            .map_err(err.clone())?;
+        // Created only when missing: a buffer user that owns schema philotes needs no CREATE on the
+        // database.
+        let exists: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'philotes')",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .map_err(err.clone())?;
+        if !exists {
+            sqlx::query("CREATE SCHEMA IF NOT EXISTS philotes")
+                .execute(&mut conn)
+                .await
+                .map_err(err.clone())?;
+        }
         MIGRATOR
             .run_direct(None, &mut conn, false)
             .await
@@ -407,11 +417,13 @@ impl Buffer {
     }
 
     /// Drops rows of a transaction whose commit never reached the buffer (the reader stopped inside it);
-    /// the source sends that transaction again.
+    /// the source sends that transaction again. Rows are keyed by their transaction's commit LSN and
+    /// the durable position is the previous commit's end LSN, which the next commit record may start
+    /// at: so a row at exactly `durable_lsn` belongs to an incomplete transaction.
     pub async fn discard_incomplete(&self, durable_lsn: u64) -> Result<u64, EngineError> {
         self.client
             .execute(
-                "DELETE FROM philotes.events WHERE pipeline_id = $1 AND lsn > $2",
+                "DELETE FROM philotes.events WHERE pipeline_id = $1 AND lsn >= $2",
                 &[&self.pipeline_id, &(durable_lsn as i64)],
             )
             .await
@@ -484,7 +496,7 @@ impl Buffer {
             .map_err(EngineError::pg("committing a buffer transaction"))
     }
 
-    /// Events after `after`, up to the durable position, in order.
+    /// Events after `after` whose transactions are durable (commit LSN before `durable_lsn`), in order.
     pub async fn read_batch(
         &self,
         after: Position,
@@ -503,7 +515,7 @@ impl Buffer {
                 self.client
                     .prepare(
                         "SELECT lsn, ord, commit_time, rel_ver, op, old_key, vals, unchanged FROM philotes.events
-                         WHERE pipeline_id = $1 AND (lsn, ord) > ($2, $3) AND lsn <= $4
+                         WHERE pipeline_id = $1 AND (lsn, ord) > ($2, $3) AND lsn < $4
                          ORDER BY lsn, ord LIMIT $5",
                     )
                     .await
@@ -569,7 +581,7 @@ impl Buffer {
         let row = self
             .client
             .query_one(
-                "SELECT count(*) FROM philotes.events WHERE pipeline_id = $1 AND (lsn, ord) > ($2, $3) AND lsn <= $4",
+                "SELECT count(*) FROM philotes.events WHERE pipeline_id = $1 AND (lsn, ord) > ($2, $3) AND lsn < $4",
                 &[&self.pipeline_id, &(cp.processed.lsn as i64), &cp.processed.ord, &(cp.durable_lsn as i64)],
             )
             .await

@@ -98,6 +98,7 @@ impl ConnString {
         )
         .with_port(self.port())
         .with_tls(self.replication_tls())
+        .with_options(super::pg::session_options(self.config.get_options()))
         .with_application_name(application)
     }
 

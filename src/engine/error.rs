@@ -11,13 +11,20 @@ pub enum ErrorClass {
     Transient,
     /// The data itself is refused (bad value, constraint): retried `maxAttempts`, then dead-lettered.
     Data,
+    /// A database is set up wrong for what Philotes does there (a missing privilege, table or column,
+    /// SQLSTATE class 42): a person must fix it, but the pipeline keeps its place and retries with
+    /// backoff meanwhile. Never dead-lettered: the data is not at fault.
+    Setup,
     /// Configuration that a person must fix (password, missing table, privileges): not retried.
     Config,
 }
 
 impl ErrorClass {
     pub fn retries_forever(self) -> bool {
-        matches!(self, ErrorClass::Connection | ErrorClass::Transient)
+        matches!(
+            self,
+            ErrorClass::Connection | ErrorClass::Transient | ErrorClass::Setup
+        )
     }
 }
 
@@ -64,7 +71,9 @@ impl EngineError {
             EngineError::Postgres { source, .. } => classify_pg(source),
             EngineError::Replication { source, .. } => classify_wire(source),
             EngineError::Migrate(_) => ErrorClass::Connection,
-            EngineError::Decode(_) | EngineError::Protocol(_) => ErrorClass::Transient,
+            // The same bytes decode the same way: retrying cannot help.
+            EngineError::Decode(_) => ErrorClass::Config,
+            EngineError::Protocol(_) => ErrorClass::Transient,
             EngineError::Invalid { .. } => ErrorClass::Config,
         }
     }
@@ -73,6 +82,9 @@ impl EngineError {
     pub fn fix(&self) -> String {
         match self {
             EngineError::Invalid { fix, .. } => fix.clone(),
+            EngineError::Decode(_) => {
+                "a replication message could not be decoded: report it with the log; the pipeline stopped before the message, so nothing is lost".into()
+            }
             _ => match self.class() {
                 ErrorClass::Connection => {
                     "check that the database is up and reachable from the operator; Philotes retries with backoff".into()
@@ -82,6 +94,7 @@ impl EngineError {
                     "the sink refuses the data; the events go to the dead-letter queue (`philotes dlq list`)".into()
                 }
                 ErrorClass::Config => config_fix(self),
+                ErrorClass::Setup => setup_fix(self),
             },
         }
     }
@@ -131,6 +144,23 @@ fn config_fix(e: &EngineError) -> String {
     }
 }
 
+fn setup_fix(e: &EngineError) -> String {
+    let code = match e {
+        EngineError::Postgres { source, .. } => source.code().map(|c| c.code().to_string()),
+        _ => None,
+    };
+    let what = match code.as_deref() {
+        Some("42501") => {
+            "grant the user the privilege the error names (the README lists what each database needs)"
+        }
+        Some("42P01") | Some("42703") | Some("3F000") => {
+            "re-create the table, column or schema the error names (or restart the pipeline, which creates missing sink tables)"
+        }
+        _ => "correct the database object the error names",
+    };
+    format!("{what}; Philotes keeps its place and retries until then, and dead-letters nothing")
+}
+
 fn classify_pg(e: &tokio_postgres::Error) -> ErrorClass {
     let Some(code) = e.code() else {
         // No SQLSTATE: an I/O error, a closed connection or a timeout.
@@ -149,7 +179,8 @@ pub fn classify_sqlstate(code: &str) -> ErrorClass {
         "55006" => ErrorClass::Transient, // object in use, e.g. slot active in another session
         _ => match &code[..code.len().min(2)] {
             "08" => ErrorClass::Connection,
-            "22" | "23" | "42" | "2F" => ErrorClass::Data,
+            "22" | "23" | "2F" => ErrorClass::Data,
+            "42" => ErrorClass::Setup,
             "28" | "3D" | "3F" | "55" => ErrorClass::Config,
             _ => ErrorClass::Transient,
         },
@@ -165,7 +196,7 @@ fn classify_wire(e: &pgwire_replication::PgWireError) -> ErrorClass {
                 let code: String = text[i + 9..].chars().take(5).collect();
                 match classify_sqlstate(&code) {
                     // A refused replication command is a configuration problem, not bad data.
-                    ErrorClass::Data => ErrorClass::Config,
+                    ErrorClass::Data | ErrorClass::Setup => ErrorClass::Config,
                     c => c,
                 }
             }
@@ -190,6 +221,14 @@ mod tests {
         assert_eq!(classify_sqlstate("23514"), ErrorClass::Data);
         assert_eq!(classify_sqlstate("28P01"), ErrorClass::Config);
         assert_eq!(classify_sqlstate("3D000"), ErrorClass::Config);
+        // Privileges and missing objects are not the data's fault.
+        assert_eq!(classify_sqlstate("42501"), ErrorClass::Setup);
+        assert_eq!(classify_sqlstate("42P01"), ErrorClass::Setup);
+        assert!(ErrorClass::Setup.retries_forever());
+        let decode = EngineError::Decode(crate::engine::source::pgoutput::DecodeError::Truncated(
+            "a test",
+        ));
+        assert_eq!(decode.class(), ErrorClass::Config);
         assert!(ErrorClass::Connection.retries_forever());
         assert!(!ErrorClass::Data.retries_forever());
     }

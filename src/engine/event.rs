@@ -119,6 +119,14 @@ impl RelationInfo {
             .collect()
     }
 
+    /// Whether column `name` is part of the key.
+    pub fn key_of(&self, name: &str) -> bool {
+        self.columns
+            .iter()
+            .zip(&self.key)
+            .any(|(c, k)| *k && c == name)
+    }
+
     pub fn qualified(&self) -> String {
         format!("{}.{}", self.schema, self.name)
     }

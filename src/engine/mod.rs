@@ -437,6 +437,8 @@ async fn run_session(
     let monitor = pg::connect(&cfg.source, "monitor").await?;
 
     let session = cancel.child_token();
+    // The writer hands the rows it just committed to the processor, which then need not read them back.
+    let (handoff_tx, handoff_rx) = tokio::sync::mpsc::channel(4);
     let reader = Reader {
         cfg: cfg.clone(),
         sql: source,
@@ -444,6 +446,7 @@ async fn run_session(
         shared: shared.clone(),
         cancel: session.clone(),
         durable_tx,
+        handoff: Some(handoff_tx),
     };
     let processor = Processor {
         cfg: cfg.clone(),
@@ -453,6 +456,7 @@ async fn run_session(
         cancel: session.clone(),
         durable_rx,
         delivery_rx: delivery_rx.clone(),
+        handoffs: Some(handoff_rx),
     };
     let mut tasks = JoinSet::new();
     tasks.spawn(reader.run(cp.durable_lsn));

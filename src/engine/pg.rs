@@ -14,11 +14,26 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use super::config::ConnString;
 use super::error::EngineError;
 
-/// Connects with a 10 s timeout and TCP keepalives; the connection is driven by a spawned task that
-/// ends when the client is dropped.
+/// Settings every session that reads or writes values runs with (walsender, snapshot, buffer, sink),
+/// whatever the server's or the user's defaults: values travel in their text form, and these make
+/// that form exact and unambiguous on both ends (ISO dates, shortest exact floats, UTC, hex bytea).
+pub const SESSION_OPTIONS: &str = "-c DateStyle=ISO,MDY -c IntervalStyle=postgres -c extra_float_digits=3 -c TimeZone=UTC -c bytea_output=hex";
+
+/// `options` of a URI with [`SESSION_OPTIONS`] after them (later settings win).
+pub fn session_options(existing: Option<&str>) -> String {
+    match existing.map(str::trim).filter(|o| !o.is_empty()) {
+        Some(o) => format!("{o} {SESSION_OPTIONS}"),
+        None => SESSION_OPTIONS.to_string(),
+    }
+}
+
+/// Connects with a 10 s timeout, TCP keepalives and [`SESSION_OPTIONS`]; the connection is driven
+/// by a spawned task that ends when the client is dropped.
 pub async fn connect(uri: &ConnString, purpose: &str) -> Result<Client, EngineError> {
     let mut config = uri.config().clone();
+    let options = session_options(config.get_options());
     config
+        .options(&options)
         .application_name(format!("philotes-{purpose}"))
         .connect_timeout(Duration::from_secs(10))
         .keepalives(true)
@@ -147,5 +162,10 @@ mod tests {
         assert_eq!(lsn_text(0x1_016B_3748), "1/16B3748");
         assert_eq!(parse_lsn("1/16B3748"), Some(0x1_016B_3748));
         assert_eq!(parse_lsn("x"), None);
+        assert_eq!(session_options(None), SESSION_OPTIONS);
+        assert_eq!(
+            session_options(Some("-c work_mem=64MB")),
+            format!("-c work_mem=64MB {SESSION_OPTIONS}")
+        );
     }
 }

@@ -9,8 +9,8 @@
 //! the buffer. Only durable events are delivered either way.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -24,7 +24,7 @@ use super::dlq;
 use super::error::{EngineError, ErrorClass};
 use super::event::{Event, Position, RelationInfo};
 use super::retry;
-use super::sink::Sink;
+use super::sink::{Part, Sink};
 
 pub struct Processor<S: Sink> {
     pub cfg: Arc<PipelineConfig>,
@@ -34,6 +34,8 @@ pub struct Processor<S: Sink> {
     pub cancel: CancellationToken,
     pub durable_rx: watch::Receiver<u64>,
     pub delivery_rx: watch::Receiver<Delivery>,
+    /// Rows the buffer writer of the same session has just committed (see [`Handoff`]).
+    pub handoffs: Option<mpsc::Receiver<Handoff>>,
 }
 
 /// Rows the buffer writer has just committed, for the processor of the same session.
@@ -47,28 +49,6 @@ pub struct Handoff {
     pub last: Option<Position>,
     /// The durable position after this batch, when it completed a transaction.
     pub durable: Option<u64>,
-}
-
-/// Handoff channels not yet taken by their processor, with the session's durable-position channel,
-/// which identifies the session (the reader and the processor of a session share it).
-#[allow(clippy::type_complexity)]
-static HANDOFFS: Mutex<Vec<(watch::Receiver<u64>, mpsc::Receiver<Handoff>)>> =
-    Mutex::new(Vec::new());
-
-/// Opens the handoff channel of the session whose durable position `durable` publishes.
-pub fn offer_handoff(durable: &watch::Sender<u64>) -> mpsc::Sender<Handoff> {
-    let (tx, rx) = mpsc::channel(4);
-    let mut all = HANDOFFS.lock().unwrap_or_else(|p| p.into_inner());
-    // Channels of sessions that ended before their processor took them.
-    all.retain(|(d, _)| d.has_changed().is_ok());
-    all.push((durable.subscribe(), rx));
-    tx
-}
-
-fn claim_handoff(durable: &watch::Receiver<u64>) -> Option<mpsc::Receiver<Handoff>> {
-    let mut all = HANDOFFS.lock().unwrap_or_else(|p| p.into_inner());
-    let at = all.iter().position(|(d, _)| d.same_channel(durable))?;
-    Some(all.swap_remove(at).1)
 }
 
 /// Events known to follow the processed position, in order.
@@ -145,20 +125,40 @@ impl Queue {
         Ok(())
     }
 
-    /// Up to `n` events from the front whose transactions are durable.
+    /// Up to `n` events from the front whose transactions are durable: their commit LSN is before the
+    /// durable position (the end of the last commit in the buffer, where the next commit may start).
     fn pop_durable(&mut self, durable: u64, n: usize) -> Vec<Event> {
         let k = self
             .events
             .iter()
             .take(n)
-            .take_while(|e| e.pos.lsn <= durable)
+            .take_while(|e| e.pos.lsn < durable)
             .count();
         self.events.drain(..k).collect()
     }
 
     /// Whether the buffer may hold durable events the queue lacks.
     fn behind(&self, durable: u64) -> bool {
-        durable > self.covered && self.events.back().is_none_or(|e| e.pos.lsn <= durable)
+        durable > self.covered && self.events.back().is_none_or(|e| e.pos.lsn < durable)
+    }
+
+    /// Whether the source transaction of `last` (durable, so complete in the buffer) ends there:
+    /// the next known event belongs to another one, or every durable event is known. None: the
+    /// buffer must be read to tell.
+    fn ends_txn(&self, last: Position, durable: u64) -> Option<bool> {
+        match self.events.front() {
+            Some(e) => Some(e.pos.lsn != last.lsn),
+            None if !self.behind(durable) => Some(true),
+            None => None,
+        }
+    }
+
+    /// Starts over after `pos` (a sink transaction was rolled back): what was queued is read again.
+    fn rewind(&mut self, pos: Position) {
+        self.events.clear();
+        self.later.clear();
+        self.last = pos;
+        self.covered = 0;
     }
 
     /// Notes a read of the buffer after `last` up to `durable`: `got` of the `asked` events came back,
@@ -172,10 +172,16 @@ impl Queue {
     }
 }
 
-/// Whether a delivery finished or was interrupted by shutdown.
+/// How a delivery ended.
 enum Outcome {
     Done,
     Cancelled,
+    /// The sink transaction spanned earlier batches and was rolled back: it is applied again from the
+    /// last committed position.
+    Rewind,
+    /// As `Rewind`, for data the sink refused: the source transaction is applied again change by
+    /// change, so that only refused changes become dead letters.
+    Isolate,
 }
 
 /// While batches follow each other, the buffer records the processed position at most this often (a
@@ -216,15 +222,18 @@ impl<S: Sink> Processor<S> {
             cap: (8 * limit).max(16_384),
             later: VecDeque::new(),
         };
-        let mut handoffs: Option<mpsc::Receiver<Handoff>> = None;
-        let mut claimed = false;
+        let mut handoffs = self.handoffs.take();
         // The next batch, taken (and prepared for the sink) while the previous one was being delivered.
         let mut ahead: Option<(Vec<Event>, Option<S::Prepared>)> = None;
+        // A sink transaction is open: earlier batches of it are applied, not committed. `processed`
+        // stays at the last commit meanwhile; `open` counts the events applied since.
+        let mut open: Option<i64> = None;
         loop {
             if self.cancel.is_cancelled() {
                 return Ok(());
             }
-            if *self.delivery_rx.borrow() == Delivery::Paused {
+            // A pause waits for the open sink transaction to end.
+            if open.is_none() && *self.delivery_rx.borrow() == Delivery::Paused {
                 if marked.0 != *processed {
                     self.buffer.mark_processed(*processed).await?;
                     *marked = (*processed, Instant::now());
@@ -235,10 +244,6 @@ impl<S: Sink> Processor<S> {
                 }
                 continue;
             }
-            if !claimed {
-                handoffs = claim_handoff(&self.durable_rx);
-                claimed = handoffs.is_some();
-            }
             if let Some(rx) = &mut handoffs {
                 while let Ok(h) = rx.try_recv() {
                     q.offer(h)?;
@@ -248,10 +253,7 @@ impl<S: Sink> Processor<S> {
             let (mut batch, mut prepared) = ahead.take().unwrap_or_default();
             if batch.len() < limit {
                 if q.behind(durable) {
-                    let more = self.buffer.read_batch(q.last, durable, limit).await?;
-                    q.read(more.last().map(|e| e.pos), more.len(), limit, durable);
-                    q.events.extend(more);
-                    q.settle()?;
+                    self.read_into(&mut q, durable, limit).await?;
                 }
                 let more = q.pop_durable(durable, limit - batch.len());
                 if !more.is_empty() {
@@ -293,6 +295,17 @@ impl<S: Sink> Processor<S> {
             };
             let started = Instant::now();
             let last = batch.last().map(|e| e.pos).unwrap_or(*processed);
+            // The sink commits only where a source transaction ends.
+            let ends = loop {
+                match q.ends_txn(last, durable) {
+                    Some(ends) => break ends,
+                    None => self.read_into(&mut q, durable, limit).await?,
+                }
+            };
+            let part = Part {
+                begin: open.is_none(),
+                commit: ends,
+            };
             // The next batch: from the queue, topped up from the buffer while this one is delivered.
             let next = q.pop_durable(durable, limit);
             let read_after = (next.len() < limit && q.behind(durable)).then_some(q.last);
@@ -329,19 +342,45 @@ impl<S: Sink> Processor<S> {
                         .flatten();
                     Ok::<_, EngineError>((next, read, p))
                 };
-                tokio::join!(d.deliver(&batch, &prepared, rels), take)
+                tokio::join!(d.deliver(&batch, &prepared, rels, part), take)
             };
             match outcome? {
                 Outcome::Cancelled => return Ok(()),
                 Outcome::Done => {}
+                Outcome::Rewind => {
+                    open = None;
+                    q.rewind(*processed);
+                    continue;
+                }
+                Outcome::Isolate => {
+                    open = None;
+                    match self.isolate_txn(rels, *processed, last.lsn).await? {
+                        Some(upto) => {
+                            *processed = upto;
+                            self.buffer.mark_processed(upto).await?;
+                            *marked = (upto, Instant::now());
+                            q.rewind(upto);
+                        }
+                        None => return Ok(()),
+                    }
+                    continue;
+                }
             }
-            *processed = last;
             self.record(&batch, started);
             let (next, read, p) = next?;
             if let Some((read_last, got, asked)) = read {
                 q.read(read_last, got, asked, durable);
                 q.settle()?;
             }
+            let applied = open.unwrap_or(0) + batch.len() as i64;
+            if !ends {
+                open = Some(applied);
+                ahead = Some((next, p));
+                continue;
+            }
+            open = None;
+            *processed = last;
+            self.committed(applied, last);
             let caught_up = next.is_empty();
             if caught_up || marked.1.elapsed() >= MARK_EVERY {
                 self.buffer.mark_processed(last).await?;
@@ -351,11 +390,103 @@ impl<S: Sink> Processor<S> {
         }
     }
 
-    fn record(&self, batch: &[Event], started: Instant) {
-        let n = batch.len() as i64;
+    /// Reads durable events after the queue's end from the buffer into the queue.
+    async fn read_into(
+        &self,
+        q: &mut Queue,
+        durable: u64,
+        limit: usize,
+    ) -> Result<(), EngineError> {
+        let more = self.buffer.read_batch(q.last, durable, limit).await?;
+        q.read(more.last().map(|e| e.pos), more.len(), limit, durable);
+        q.events.extend(more);
+        q.settle()
+    }
+
+    /// Applies the source transactions after `from`, up to and including the one committed at
+    /// `upto_lsn`, in one sink transaction, change by change, reading them from the buffer in
+    /// batches; refused changes become dead letters once it commits. Returns the position reached,
+    /// or None on shutdown.
+    async fn isolate_txn(
+        &mut self,
+        rels: &mut HashMap<i64, RelationInfo>,
+        from: Position,
+        upto_lsn: u64,
+    ) -> Result<Option<Position>, EngineError> {
+        let limit = self.cfg.batch_size.max(1);
+        let mut outage = retry::backoff(&self.cfg.retry, None);
+        'attempt: loop {
+            let mut after = from;
+            let mut dead: Vec<(Event, String)> = Vec::new();
+            let mut applied = 0i64;
+            let mut begin = true;
+            loop {
+                let mut chunk = self.buffer.read_batch(after, upto_lsn + 1, limit).await?;
+                let done = chunk.len() < limit;
+                chunk.retain(|e| e.pos.lsn <= upto_lsn);
+                if chunk.iter().any(|e| !rels.contains_key(&e.rel_ver)) {
+                    *rels = self.buffer.relations().await?;
+                }
+                let part = Part {
+                    begin,
+                    commit: done || chunk.is_empty(),
+                };
+                let last = chunk.last().map(|e| e.pos).unwrap_or(after);
+                match self.sink.apply_isolated(&chunk, rels, part, true).await {
+                    Ok(rejected) => {
+                        for r in rejected {
+                            for &i in &r.events {
+                                dead.push((chunk[i].clone(), r.error.clone()));
+                            }
+                        }
+                    }
+                    Err(e) if e.class() == ErrorClass::Config => return Err(e),
+                    Err(e) => {
+                        self.shared.set_sink_error(&e);
+                        self.shared.stats.retries.inc();
+                        let delay = outage.next().unwrap_or(self.cfg.retry.max_interval);
+                        tracing::warn!(pipeline = %self.cfg.name, error = %e, ?delay, "sink unavailable; retrying the transaction");
+                        tokio::select! {
+                            _ = self.cancel.cancelled() => return Ok(None),
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                        continue 'attempt;
+                    }
+                }
+                begin = false;
+                applied += chunk.len() as i64;
+                after = last;
+                if part.commit {
+                    break;
+                }
+            }
+            self.shared.set_sink_ok();
+            let dead: Vec<(&Event, String)> = dead.iter().map(|(e, r)| (e, r.clone())).collect();
+            dead_letter(
+                &self.cfg,
+                &self.buffer,
+                &self.shared,
+                &dead,
+                rels,
+                self.cfg.retry.max_attempts,
+            )
+            .await?;
+            self.committed(applied, after);
+            return Ok(Some(after));
+        }
+    }
+
+    /// Counts `n` events as delivered once their sink transaction committed, ending at `last`.
+    fn committed(&self, n: i64, last: Position) {
         let stats = &self.shared.stats;
         stats.events_delivered.inc_by(n as u64);
         stats.buffer_depth.dec_by(n);
+        self.shared.processed_lsn.store(last.lsn, Ordering::Relaxed);
+    }
+
+    /// Observes a batch applied to the sink (committed or not yet).
+    fn record(&self, batch: &[Event], started: Instant) {
+        let stats = &self.shared.stats;
         stats.batch_seconds.observe(started.elapsed().as_secs_f64());
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -365,11 +496,43 @@ impl<S: Sink> Processor<S> {
             let lat = (now - PG_EPOCH_MICROS - e.commit_time).max(0) as f64 / 1e6;
             stats.delivery_latency_seconds.observe(lat);
         }
-        self.shared.processed_lsn.store(
-            batch.last().map(|e| e.pos.lsn).unwrap_or(0),
-            Ordering::Relaxed,
-        );
     }
+}
+
+/// Writes changes the sink refused to the dead-letter queue (or fails when it is disabled).
+async fn dead_letter(
+    cfg: &PipelineConfig,
+    buffer: &Buffer,
+    shared: &Shared,
+    refused: &[(&Event, String)],
+    rels: &HashMap<i64, RelationInfo>,
+    attempts: u32,
+) -> Result<(), EngineError> {
+    let Some((_, first)) = refused.first() else {
+        return Ok(());
+    };
+    if !cfg.dead_letter_enabled {
+        return Err(EngineError::invalid(
+            format!("the sink refused a change and the dead-letter queue is disabled: {first}"),
+            "fix the sink table or the data, or set spec.deadLetter.enabled: true",
+        ));
+    }
+    let dead: Vec<(&Event, &RelationInfo, String)> = refused
+        .iter()
+        .filter_map(|(e, err)| rels.get(&e.rel_ver).map(|r| (*e, r, err.clone())))
+        .collect();
+    dlq::write(
+        buffer.client(),
+        buffer.pipeline_id(),
+        &dead,
+        attempts as i32,
+    )
+    .await?;
+    shared.stats.events_dead_lettered.inc_by(dead.len() as u64);
+    for (e, rel, error) in &dead {
+        tracing::warn!(pipeline = %cfg.name, table = %rel.qualified(), lsn = %super::pg::lsn_text(e.pos.lsn), ord = e.pos.ord, %error, "event dead-lettered");
+    }
+    Ok(())
 }
 
 /// What delivering a batch needs, borrowed from the processor so that the buffer can read the next
@@ -390,12 +553,13 @@ impl<S: Sink> Deliver<'_, S> {
         batch: &[Event],
         prepared: &S::Prepared,
         rels: &HashMap<i64, RelationInfo>,
+        part: Part,
     ) -> Result<Outcome, EngineError> {
         let mut outage = retry::backoff(&self.cfg.retry, None);
         let mut data_delays = retry::backoff(&self.cfg.retry, Some(self.cfg.retry.max_attempts));
         let mut data_attempts = 0u32;
         loop {
-            let err = match self.sink.apply_prepared(prepared, rels).await {
+            let err = match self.sink.apply_prepared(prepared, rels, part).await {
                 Ok(()) => {
                     self.shared.set_sink_ok();
                     return Ok(Outcome::Done);
@@ -403,9 +567,30 @@ impl<S: Sink> Deliver<'_, S> {
                 Err(e) => e,
             };
             self.shared.stats.retries.inc();
+            if !part.is_whole() {
+                // The sink transaction spans batches and was rolled back whole: it is applied again
+                // from its start, by the processor.
+                return match err.class() {
+                    ErrorClass::Config => Err(err),
+                    ErrorClass::Data => {
+                        tracing::warn!(pipeline = %self.cfg.name, error = %err, "sink refused a change of a large transaction; applying it change by change");
+                        Ok(Outcome::Isolate)
+                    }
+                    _ => {
+                        self.shared.set_sink_error(&err);
+                        let delay = outage.next().unwrap_or(self.cfg.retry.max_interval);
+                        tracing::warn!(pipeline = %self.cfg.name, error = %err, ?delay, "sink unavailable; retrying the transaction from its start");
+                        Ok(if self.pause(delay).await {
+                            Outcome::Cancelled
+                        } else {
+                            Outcome::Rewind
+                        })
+                    }
+                };
+            }
             match err.class() {
                 ErrorClass::Config => return Err(err),
-                ErrorClass::Connection | ErrorClass::Transient => {
+                ErrorClass::Connection | ErrorClass::Transient | ErrorClass::Setup => {
                     self.shared.set_sink_error(&err);
                     let delay = outage.next().unwrap_or(self.cfg.retry.max_interval);
                     tracing::warn!(pipeline = %self.cfg.name, error = %err, ?delay, "sink unavailable; retrying");
@@ -451,44 +636,15 @@ impl<S: Sink> Deliver<'_, S> {
         rels: &HashMap<i64, RelationInfo>,
         attempts: u32,
     ) -> Result<(), EngineError> {
-        let rejected = self.sink.apply_isolated(batch, rels).await?;
-        if rejected.is_empty() {
-            return Ok(());
-        }
-        if !self.cfg.dead_letter_enabled {
-            let first = &rejected[0];
-            return Err(EngineError::invalid(
-                format!(
-                    "the sink refused a change and the dead-letter queue is disabled: {}",
-                    first.error
-                ),
-                "fix the sink table or the data, or set spec.deadLetter.enabled: true",
-            ));
-        }
-        let mut dead = Vec::new();
-        for r in &rejected {
-            for &i in &r.events {
-                let e = &batch[i];
-                if let Some(rel) = rels.get(&e.rel_ver) {
-                    dead.push((e, rel, r.error.clone()));
-                }
-            }
-        }
-        dlq::write(
-            self.buffer.client(),
-            self.buffer.pipeline_id(),
-            &dead,
-            attempts as i32,
-        )
-        .await?;
-        self.shared
-            .stats
-            .events_dead_lettered
-            .inc_by(dead.len() as u64);
-        for (e, rel, error) in &dead {
-            tracing::warn!(pipeline = %self.cfg.name, table = %rel.qualified(), lsn = %super::pg::lsn_text(e.pos.lsn), ord = e.pos.ord, %error, "event dead-lettered");
-        }
-        Ok(())
+        let rejected = self
+            .sink
+            .apply_isolated(batch, rels, Part::WHOLE, true)
+            .await?;
+        let dead: Vec<(&Event, String)> = rejected
+            .iter()
+            .flat_map(|r| r.events.iter().map(|&i| (&batch[i], r.error.clone())))
+            .collect();
+        dead_letter(self.cfg, self.buffer, self.shared, &dead, rels, attempts).await
     }
 
     /// Sleeps; true when shutdown came first.
@@ -590,6 +746,17 @@ mod tests {
             vec![d[1].pos]
         );
         assert_eq!((q.last, q.covered), (d[1].pos, 45));
+    }
+
+    #[test]
+    fn a_transaction_committing_at_the_durable_position_is_not_durable() {
+        // T1 ended at 100; T2's commit record starts right there, so T2's rows are keyed 100.
+        let mut q = queue(Position::default());
+        let t2 = [ev(100, 0), ev(100, 1)];
+        q.offer(handoff(Position::default(), &t2, None)).unwrap();
+        assert!(q.pop_durable(100, 10).is_empty());
+        assert!(!q.behind(100));
+        assert_eq!(q.pop_durable(101, 10).len(), 2);
     }
 
     #[test]

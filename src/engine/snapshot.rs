@@ -1,6 +1,6 @@
 //! The initial snapshot: when the pipeline creates its slot, the slot exports a snapshot, and the
 //! tables are copied as of that snapshot into the buffer, before any streamed change. The copy is
-//! stored at the position just before the slot's consistent point, so streamed transactions (which
+//! stored at positions just below the slot's consistent point, so streamed transactions (which
 //! commit after it) sort after it; rows are read in the text form the types' output functions give,
 //! the same form pgoutput sends.
 //!
@@ -21,6 +21,27 @@ use crate::engine::event::{Op, Position, RelationInfo};
 use crate::engine::pg::{self, ident, literal};
 
 const FETCH: usize = 5000;
+
+/// LSNs below the consistent point the copy's positions may use: each holds 2^31 rows (`ord` is an
+/// int4), so a copy of up to 2^41 rows sorts before every streamed transaction.
+const SNAPSHOT_LSNS: u64 = 1024;
+
+/// Position of the `n`th copied row (from 0): `lsn` steps up every 2^31 rows, all of them below the
+/// consistent point, so streamed transactions (committing at or after it) sort after the copy.
+fn snapshot_position(consistent: u64, n: u64) -> Result<Position, EngineError> {
+    let base = consistent.saturating_sub(SNAPSHOT_LSNS);
+    let lsn = base + (n >> 31);
+    if lsn >= consistent {
+        return Err(EngineError::invalid(
+            format!("the initial snapshot has more than {} rows", n),
+            "set spec.source.initialSnapshot: false and copy the tables by other means",
+        ));
+    }
+    Ok(Position {
+        lsn,
+        ord: (n & 0x7fff_ffff) as i32,
+    })
+}
 
 /// Whether the pipeline's snapshot is still to be done (true also when the pipeline is new).
 pub async fn pending(buffer: &Buffer) -> Result<bool, EngineError> {
@@ -103,7 +124,6 @@ pub async fn run(
             "CREATE_REPLICATION_SLOT returned no consistent point or snapshot".into(),
         ));
     };
-    let lsn = consistent.saturating_sub(1);
 
     // The exported snapshot lives as long as `session` does.
     let copy = pg::connect(&cfg.source, "snapshot").await?;
@@ -114,7 +134,7 @@ pub async fn run(
     .await
     .map_err(EngineError::pg("opening the snapshot"))?;
     buffer.write(layouts, CopyRows::default(), None).await?;
-    let mut ord: i32 = 0;
+    let mut n: u64 = 0;
     for rel in layouts {
         let cols: Vec<String> = rel.columns.iter().map(|c| ident(c)).collect();
         copy.batch_execute(&format!(
@@ -142,7 +162,7 @@ pub async fn run(
                 if let SimpleQueryMessage::Row(row) = m {
                     batch.begin_row(
                         buffer.pipeline_id(),
-                        Position { lsn, ord },
+                        snapshot_position(consistent, n)?,
                         0,
                         rel.rel_ver,
                         Op::Insert,
@@ -150,7 +170,7 @@ pub async fn run(
                     batch.null();
                     batch.text_array((0..rel.columns.len()).map(|i| row.get(i).map(str::as_bytes)));
                     batch.null();
-                    ord += 1;
+                    n += 1;
                 }
             }
             if batch.is_empty() {
@@ -187,4 +207,21 @@ pub async fn run(
         .map_err(EngineError::pg("recording the snapshot as done"))?;
     drop(session);
     Ok(consistent)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_positions_go_past_two_to_the_31_rows_in_order_below_the_consistent_point() {
+        let c = 0x1_6000_0000;
+        let at = |n| snapshot_position(c, n).unwrap();
+        assert!(at(0) < at(1));
+        let edge = (1u64 << 31) - 1;
+        assert!(at(edge) < at(edge + 1), "{:?} {:?}", at(edge), at(edge + 1));
+        assert_eq!(at(edge + 1).ord, 0);
+        assert!(at(5 << 31).lsn < c);
+        assert!(snapshot_position(c, SNAPSHOT_LSNS << 31).is_err());
+    }
 }

@@ -12,7 +12,7 @@ use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres::{Client, GenericClient, Statement};
 
 use super::plan::{Action, Change, Step, plan};
-use super::{Rejected, Sink, sql};
+use super::{Part, Rejected, Sink, sql};
 use crate::engine::config::ConnString;
 use crate::engine::error::{EngineError, ErrorClass};
 use crate::engine::event::{Event, RelationInfo};
@@ -53,6 +53,17 @@ impl PostgresSink {
         e
     }
 
+    /// After a failed attempt: ends the transaction the attempt was in, if any (a warning only when
+    /// there is none), so that no transaction stays open; a connection that cannot is dropped.
+    async fn roll_back(&mut self) {
+        if let Some(c) = self.client.as_ref().filter(|c| !c.is_closed())
+            && c.batch_execute("ROLLBACK").await.is_ok()
+        {
+            return;
+        }
+        self.client = None;
+    }
+
     /// Creates the target schema and the tables for `rels` (adding columns they lack).
     pub async fn prepare(&mut self, rels: &[RelationInfo]) -> Result<(), EngineError> {
         self.connect().await.map_err(|e| self.on_error(e))?;
@@ -65,16 +76,30 @@ impl PostgresSink {
             .client
             .as_ref()
             .ok_or_else(|| EngineError::Protocol("sink not connected".into()))?;
-        client
-            .batch_execute(&format!(
-                "CREATE SCHEMA IF NOT EXISTS {}",
-                pg::ident(&self.schema)
-            ))
+        // Created only when missing: a sink user that owns its schema needs no CREATE on the database.
+        let exists: bool = client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)",
+                &[&self.schema],
+            )
             .await
             .map_err(EngineError::pg(format!(
-                "creating sink schema {}",
+                "looking up sink schema {}",
                 self.schema
-            )))?;
+            )))?
+            .get(0);
+        if !exists {
+            client
+                .batch_execute(&format!(
+                    "CREATE SCHEMA IF NOT EXISTS {}",
+                    pg::ident(&self.schema)
+                ))
+                .await
+                .map_err(EngineError::pg(format!(
+                    "creating sink schema {}",
+                    self.schema
+                )))?;
+        }
         for rel in rels {
             if self.ensured.contains(&rel.rel_ver) {
                 continue;
@@ -119,14 +144,30 @@ impl PostgresSink {
         self.connect().await.map_err(|e| self.on_error(e))
     }
 
-    async fn plan_and_prepare<'a>(
+    /// Makes sure the sink tables exist before a batch is sent as `part`. Tables are created between
+    /// transactions only (and a reconnect inside one would lose it): a batch that continues a
+    /// transaction and meets a table not yet there rolls the transaction back, creates the table,
+    /// and fails, so that the transaction is applied again from its start.
+    async fn ready_for(
         &mut self,
-        batch: &'a [Event],
-        rels: &'a HashMap<i64, RelationInfo>,
-    ) -> Result<Vec<Step<'a>>, EngineError> {
-        let steps = plan(batch, rels).map_err(|e| EngineError::Protocol(e.to_string()))?;
-        self.ensure(batch.iter().map(|e| e.rel_ver), rels).await?;
-        Ok(steps)
+        rel_vers: impl IntoIterator<Item = i64>,
+        rels: &HashMap<i64, RelationInfo>,
+        part: Part,
+    ) -> Result<(), EngineError> {
+        if part.begin {
+            return self.ensure(rel_vers, rels).await;
+        }
+        let rel_vers: Vec<i64> = rel_vers.into_iter().collect();
+        if rel_vers.iter().all(|v| self.ensured.contains(v))
+            && self.client.as_ref().is_some_and(|c| !c.is_closed())
+        {
+            return Ok(());
+        }
+        self.roll_back().await;
+        self.ensure(rel_vers, rels).await?;
+        Err(EngineError::Protocol(
+            "a sink transaction met a new table; it is applied again from its start".into(),
+        ))
     }
 }
 
@@ -361,12 +402,14 @@ async fn run_stmt<C: GenericClient>(
 
 type Pending<'a> = Pin<Box<dyn Future<Output = Result<(), EngineError>> + Send + 'a>>;
 
-/// BEGIN, the statements and COMMIT sent at once and answered in order. When a statement fails the
-/// server rolls the transaction back (the COMMIT then ends it), and its error is the one returned.
+/// BEGIN (when `part` opens the transaction), the statements and COMMIT (when it ends it) sent at
+/// once and answered in order. When a statement fails the server aborts the transaction, and its
+/// error is the one returned; the caller then rolls back.
 async fn run_transaction(
     cache: &mut HashMap<String, Statement>,
     client: &Client,
     stmts: &[Stmt],
+    part: Part,
 ) -> Result<(), EngineError> {
     let mut prepared = Vec::with_capacity(stmts.len());
     for s in stmts {
@@ -381,12 +424,14 @@ async fn run_transaction(
         .map(|s| s.params.iter().map(|p| p as &(dyn ToSql + Sync)).collect())
         .collect();
     let mut steps: Vec<Pending> = Vec::with_capacity(stmts.len() + 2);
-    steps.push(Box::pin(async {
-        client
-            .batch_execute("BEGIN")
-            .await
-            .map_err(EngineError::pg("starting a sink transaction"))
-    }));
+    if part.begin {
+        steps.push(Box::pin(async {
+            client
+                .batch_execute("BEGIN")
+                .await
+                .map_err(EngineError::pg("starting a sink transaction"))
+        }));
+    }
     for ((s, st), p) in stmts.iter().zip(&prepared).zip(&params) {
         steps.push(match st {
             None => Box::pin(async move {
@@ -404,12 +449,14 @@ async fn run_transaction(
             }),
         });
     }
-    steps.push(Box::pin(async {
-        client
-            .batch_execute("COMMIT")
-            .await
-            .map_err(EngineError::pg("committing a sink transaction"))
-    }));
+    if part.commit {
+        steps.push(Box::pin(async {
+            client
+                .batch_execute("COMMIT")
+                .await
+                .map_err(EngineError::pg("committing a sink transaction"))
+        }));
+    }
     futures::future::try_join_all(steps).await?;
     Ok(())
 }
@@ -436,12 +483,17 @@ impl Sink for PostgresSink {
         &mut self,
         p: &Prepared,
         rels: &HashMap<i64, RelationInfo>,
+        part: Part,
     ) -> Result<(), EngineError> {
-        self.ensure(p.rel_vers.iter().copied(), rels).await?;
+        self.ready_for(p.rel_vers.iter().copied(), rels, part)
+            .await?;
         let result = match self.client.as_ref() {
-            Some(client) => run_transaction(&mut self.statements, client, &p.stmts).await,
+            Some(client) => run_transaction(&mut self.statements, client, &p.stmts, part).await,
             None => Err(EngineError::Protocol("sink not connected".into())),
         };
+        if result.is_err() {
+            self.roll_back().await;
+        }
         result.map_err(|e| self.on_error(e))
     }
 
@@ -449,17 +501,23 @@ impl Sink for PostgresSink {
         &mut self,
         batch: &[Event],
         rels: &HashMap<i64, RelationInfo>,
+        part: Part,
+        breaker: bool,
     ) -> Result<Vec<Rejected>, EngineError> {
-        let steps = self.plan_and_prepare(batch, rels).await?;
+        let steps = plan(batch, rels).map_err(|e| EngineError::Protocol(e.to_string()))?;
+        self.ready_for(batch.iter().map(|e| e.rel_ver), rels, part)
+            .await?;
         let result = async {
             let client = self
                 .client
-                .as_mut()
+                .as_ref()
                 .ok_or_else(|| EngineError::Protocol("sink not connected".into()))?;
-            let mut tx = client
-                .transaction()
-                .await
-                .map_err(EngineError::pg("starting a sink transaction"))?;
+            let sql = |q: &'static str, what: &'static str| async move {
+                client.batch_execute(q).await.map_err(EngineError::pg(what))
+            };
+            if part.begin {
+                sql("BEGIN", "starting a sink transaction").await?;
+            }
             let mut rejected = Vec::new();
             for step in &steps {
                 let singles: Vec<(Vec<usize>, Option<&Action>, Option<i64>)> = match step {
@@ -470,10 +528,7 @@ impl Sink for PostgresSink {
                     Step::Truncate { rel_ver, event } => vec![(vec![*event], None, Some(*rel_ver))],
                 };
                 for (events, action, truncate) in singles {
-                    let sp = tx
-                        .savepoint("philotes_one")
-                        .await
-                        .map_err(EngineError::pg("starting a savepoint"))?;
+                    sql("SAVEPOINT philotes_one", "starting a savepoint").await?;
                     let r = async {
                         let stmts = match (action, truncate) {
                             (Some(a), _) => statements(&self.schema, &[a], rels)?,
@@ -489,20 +544,21 @@ impl Sink for PostgresSink {
                             (None, None) => Vec::new(),
                         };
                         for s in &stmts {
-                            run_stmt(&mut self.statements, &sp, s).await?;
+                            run_stmt(&mut self.statements, client, s).await?;
                         }
                         Ok::<(), EngineError>(())
                     }
                     .await;
                     match r {
-                        Ok(()) => sp
-                            .commit()
-                            .await
-                            .map_err(EngineError::pg("releasing a savepoint"))?,
+                        Ok(()) => {
+                            sql("RELEASE SAVEPOINT philotes_one", "releasing a savepoint").await?
+                        }
                         Err(e) if e.class() == ErrorClass::Data => {
-                            sp.rollback()
-                                .await
-                                .map_err(EngineError::pg("rolling back a savepoint"))?;
+                            sql(
+                                "ROLLBACK TO SAVEPOINT philotes_one",
+                                "rolling back a savepoint",
+                            )
+                            .await?;
                             rejected.push(Rejected {
                                 events,
                                 error: e.to_string(),
@@ -512,12 +568,20 @@ impl Sink for PostgresSink {
                     }
                 }
             }
-            tx.commit()
-                .await
-                .map_err(EngineError::pg("committing a sink transaction"))?;
+            let refused: usize = rejected.iter().map(|r| r.events.len()).sum();
+            if breaker && super::breaker_trips(refused, batch.len()) {
+                let first = rejected.first().map_or("", |r| r.error.as_str());
+                return Err(super::breaker_error(refused, batch.len(), first));
+            }
+            if part.commit {
+                sql("COMMIT", "committing a sink transaction").await?;
+            }
             Ok(rejected)
         }
         .await;
+        if result.is_err() {
+            self.roll_back().await;
+        }
         result.map_err(|e| self.on_error(e))
     }
 }

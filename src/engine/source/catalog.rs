@@ -24,10 +24,44 @@ pub async fn check_wal_level(client: &Client) -> Result<(), EngineError> {
     Ok(())
 }
 
+/// Columns with their types and whether each is part of the key Philotes uses: the replica identity
+/// index for `REPLICA IDENTITY USING INDEX`, else the primary key (also for FULL, whose old rows
+/// carry every column; FULL without a primary key has no key and is refused).
 const LAYOUT_SQL: &str = "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), \
-     coalesce(a.attnum = ANY(i.indkey), false) \
-     FROM pg_attribute a LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary \
+     coalesce(a.attnum = ANY(k.indkey), false) \
+     FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid \
+     LEFT JOIN LATERAL (SELECT i.indkey FROM pg_index i WHERE i.indrelid = c.oid \
+       AND CASE c.relreplident WHEN 'i' THEN i.indisreplident WHEN 'n' THEN false ELSE i.indisprimary END \
+       LIMIT 1) k ON true \
      WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' ORDER BY a.attnum";
+
+/// Why a table has no key, and the fix, from its replica identity (`d`, `n`, `f`, `i`).
+pub fn no_key(table: &str, identity: u8) -> (String, String) {
+    match identity {
+        b'n' => (
+            format!(
+                "table {table} has REPLICA IDENTITY NOTHING, so its updates and deletes carry no key"
+            ),
+            format!(
+                "ALTER TABLE {table} REPLICA IDENTITY DEFAULT (with a primary key), or USING INDEX on a unique index of NOT NULL columns"
+            ),
+        ),
+        b'f' => (
+            format!(
+                "table {table} has REPLICA IDENTITY FULL but no primary key; Philotes needs a key to apply updates and deletes to the sink"
+            ),
+            format!(
+                "add a primary key to {table}, or ALTER TABLE {table} REPLICA IDENTITY USING INDEX on a unique index of NOT NULL columns"
+            ),
+        ),
+        _ => (
+            format!("table {table} has no primary key"),
+            format!(
+                "add a primary key (ALTER TABLE {table} ADD PRIMARY KEY (...)), or REPLICA IDENTITY USING INDEX on a unique index, or remove the table from spec.source.tables"
+            ),
+        ),
+    }
+}
 
 /// Layouts of the spec's tables as the catalog has them now; errors name the spec field.
 pub async fn table_layouts(
@@ -41,15 +75,15 @@ pub async fn table_layouts(
         .map_err(EngineError::pg("reading the source database name"))?
         .get(0);
     for (i, t) in tables.iter().enumerate() {
-        let oid = client
+        let found = client
             .query_opt(
-                "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                "SELECT c.oid, c.relreplident::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
                  WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
                 &[&t.schema, &t.name],
             )
             .await
             .map_err(EngineError::pg("looking up a source table"))?;
-        let Some(oid) = oid else {
+        let Some(found) = found else {
             return Err(EngineError::invalid(
                 format!(
                     "spec.source.tables[{i}]: table {t} does not exist in source database {db}"
@@ -57,14 +91,14 @@ pub async fn table_layouts(
                 "create the table, or correct or remove the entry in spec.source.tables",
             ));
         };
-        let oid: u32 = oid.get(0);
+        let oid: u32 = found.get(0);
+        let identity = found.get::<_, String>(1).bytes().next().unwrap_or(b'd');
         let rel = layout_of(client, oid, &t.schema, &t.name, None).await?;
         if !rel.key.iter().any(|k| *k) {
+            let (problem, fix) = no_key(&t.to_string(), identity);
             return Err(EngineError::invalid(
-                format!("spec.source.tables[{i}]: table {t} has no primary key"),
-                format!(
-                    "add a primary key (ALTER TABLE {t} ADD PRIMARY KEY (...)) or remove the table from spec.source.tables"
-                ),
+                format!("spec.source.tables[{i}]: {problem}"),
+                fix,
             ));
         }
         out.push(rel);
@@ -72,34 +106,51 @@ pub async fn table_layouts(
     Ok(out)
 }
 
-/// Layout of relation `oid`; `columns` (name, type oid, typmod) as a Relation message sent them, or
-/// the current catalog when None. The key is the table's primary key.
+/// A column as a Relation message describes it.
+pub struct SentColumn {
+    pub name: String,
+    pub type_oid: u32,
+    pub type_modifier: i32,
+    /// Flagged as part of the replica identity.
+    pub is_key: bool,
+}
+
+/// Layout of relation `oid`: from the catalog as it is now when `sent` is None; else the columns a
+/// Relation message sent, whose key flags are the key (except for REPLICA IDENTITY FULL, which flags
+/// every column: then the primary key is looked up by column name). The flags need no catalog, so a
+/// table dropped since the change was made still gets its layout.
 pub async fn layout_of(
     client: &Client,
     oid: u32,
     schema: &str,
     name: &str,
-    columns: Option<&[(String, u32, i32)]>,
+    sent: Option<(&[SentColumn], u8)>,
 ) -> Result<RelationInfo, EngineError> {
-    let rows = client
-        .query(LAYOUT_SQL, &[&oid])
-        .await
-        .map_err(EngineError::pg(format!(
-            "reading the layout of {schema}.{name}"
-        )))?;
-    let catalog: Vec<(String, String, bool)> = rows
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect();
-    let (names, types, key) = match columns {
-        None => (
-            catalog.iter().map(|c| c.0.clone()).collect(),
-            catalog.iter().map(|c| c.1.clone()).collect(),
-            catalog.iter().map(|c| c.2).collect(),
-        ),
-        Some(cols) => {
-            let oids: Vec<u32> = cols.iter().map(|c| c.1).collect();
-            let mods: Vec<i32> = cols.iter().map(|c| c.2).collect();
+    let catalog = || async {
+        let rows = client
+            .query(LAYOUT_SQL, &[&oid])
+            .await
+            .map_err(EngineError::pg(format!(
+                "reading the layout of {schema}.{name}"
+            )))?;
+        Ok::<Vec<(String, String, bool)>, EngineError>(
+            rows.iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect(),
+        )
+    };
+    let (names, types, key) = match sent {
+        None => {
+            let catalog = catalog().await?;
+            (
+                catalog.iter().map(|c| c.0.clone()).collect(),
+                catalog.iter().map(|c| c.1.clone()).collect(),
+                catalog.iter().map(|c| c.2).collect(),
+            )
+        }
+        Some((cols, identity)) => {
+            let oids: Vec<u32> = cols.iter().map(|c| c.type_oid).collect();
+            let mods: Vec<i32> = cols.iter().map(|c| c.type_modifier).collect();
             let type_rows = client
                 .query(
                     "SELECT format_type(t, m) FROM unnest($1::oid[], $2::int4[]) WITH ORDINALITY AS x(t, m, n) ORDER BY n",
@@ -108,11 +159,15 @@ pub async fn layout_of(
                 .await
                 .map_err(EngineError::pg("naming column types"))?;
             let types: Vec<String> = type_rows.iter().map(|r| r.get(0)).collect();
-            let key = cols
-                .iter()
-                .map(|c| catalog.iter().any(|k| k.0 == c.0 && k.2))
-                .collect();
-            (cols.iter().map(|c| c.0.clone()).collect(), types, key)
+            let key = if identity == b'f' {
+                let catalog = catalog().await?;
+                cols.iter()
+                    .map(|c| catalog.iter().any(|k| k.0 == c.name && k.2))
+                    .collect()
+            } else {
+                cols.iter().map(|c| c.is_key).collect()
+            };
+            (cols.iter().map(|c| c.name.clone()).collect(), types, key)
         }
     };
     Ok(RelationInfo::new(
@@ -134,6 +189,8 @@ fn table_list(tables: &[TableName]) -> String {
 
 /// Makes sure the publication exists and covers `tables`. Returns whether it was created now. A
 /// publication the pipeline created before (`owned`) is altered to match; another one is only checked.
+/// Publications are made with `publish_via_partition_root`, so a partitioned table's changes arrive
+/// as changes of the table itself (one sink table), not of its partitions.
 pub async fn ensure_publication(
     client: &Client,
     name: &str,
@@ -142,7 +199,7 @@ pub async fn ensure_publication(
 ) -> Result<bool, EngineError> {
     let exists = client
         .query_opt(
-            "SELECT puballtables FROM pg_publication WHERE pubname = $1",
+            "SELECT pubviaroot FROM pg_publication WHERE pubname = $1",
             &[&name],
         )
         .await
@@ -151,7 +208,7 @@ pub async fn ensure_publication(
         None => {
             client
                 .batch_execute(&format!(
-                    "CREATE PUBLICATION {} FOR TABLE {}",
+                    "CREATE PUBLICATION {} FOR TABLE {} WITH (publish_via_partition_root = true)",
                     ident(name),
                     table_list(tables)
                 ))
@@ -162,7 +219,7 @@ pub async fn ensure_publication(
         Some(_) if owned => {
             client
                 .batch_execute(&format!(
-                    "ALTER PUBLICATION {} SET TABLE {}",
+                    "ALTER PUBLICATION {0} SET TABLE {1}; ALTER PUBLICATION {0} SET (publish_via_partition_root = true)",
                     ident(name),
                     table_list(tables)
                 ))
@@ -172,15 +229,60 @@ pub async fn ensure_publication(
                 )))?;
             Ok(false)
         }
-        Some(_) => {
+        Some(row) => {
+            let via_root: bool = row.get(0);
+            let partitioned = client
+                .query_opt(
+                    "SELECT n.nspname::text || '.' || c.relname::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     JOIN unnest($1::text[], $2::text[]) AS t(s, r) ON n.nspname = t.s AND c.relname = t.r WHERE c.relkind = 'p' LIMIT 1",
+                    &[
+                        &tables.iter().map(|t| t.schema.as_str()).collect::<Vec<_>>(),
+                        &tables.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
+                    ],
+                )
+                .await
+                .map_err(EngineError::pg("looking up partitioned tables"))?;
+            if let (false, Some(p)) = (via_root, partitioned) {
+                let p: String = p.get(0);
+                return Err(EngineError::invalid(
+                    format!(
+                        "spec.source.publication: publication {name} publishes the partitions of partitioned table {p}, not the table"
+                    ),
+                    format!(
+                        "ALTER PUBLICATION {} SET (publish_via_partition_root = true), or leave spec.source.publication empty so Philotes manages its own",
+                        ident(name)
+                    ),
+                ));
+            }
             let rows = client
                 .query(
-                    "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
+                    "SELECT schemaname::text, tablename::text, rowfilter IS NOT NULL, \
+                       attnames::text[] IS DISTINCT FROM (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_attribute a \
+                         WHERE a.attrelid = format('%I.%I', schemaname, tablename)::regclass AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '') \
+                     FROM pg_publication_tables WHERE pubname = $1",
                     &[&name],
                 )
                 .await
                 .map_err(EngineError::pg("reading the publication's tables"))?;
             let have: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+            // Row filters and column lists: the initial snapshot and the sink tables would not match
+            // what the publication sends, so such a publication is refused.
+            if let Some(r) = rows.iter().find(|r| {
+                tables
+                    .iter()
+                    .any(|t| t.schema == r.get::<_, String>(0) && t.name == r.get::<_, String>(1))
+                    && (r.get::<_, bool>(2) || r.get::<_, bool>(3))
+            }) {
+                let t = format!("{}.{}", r.get::<_, String>(0), r.get::<_, String>(1));
+                return Err(EngineError::invalid(
+                    format!(
+                        "spec.source.publication: publication {name} has a row filter or column list for table {t}; Philotes copies and replicates whole tables"
+                    ),
+                    format!(
+                        "publish {t} without a WHERE clause or column list, or leave spec.source.publication empty so Philotes manages its own"
+                    ),
+                ));
+            }
             if let Some(t) = tables
                 .iter()
                 .find(|t| !have.contains(&(t.schema.clone(), t.name.clone())))

@@ -26,7 +26,7 @@ use super::buffer::{Buffer, CopyRows};
 use super::config::PipelineConfig;
 use super::error::EngineError;
 use super::event::{Op, Position, RelationInfo};
-use super::processor::{self, Handoff};
+use super::processor::Handoff;
 
 /// While the writer is busy the next batch grows up to this many bytes of encoded rows (some 6,000
 /// changes of a few hundred bytes); then reading waits for the writer. Larger batches gain little
@@ -49,6 +49,9 @@ pub struct Reader {
     pub cancel: CancellationToken,
     /// The durable position, for the processor.
     pub durable_tx: watch::Sender<u64>,
+    /// Where the buffer writer hands its committed rows to the processor; None: the processor reads
+    /// them back from the buffer.
+    pub handoff: Option<mpsc::Sender<Handoff>>,
 }
 
 /// One buffer transaction's worth of changes, from the reader to the writer.
@@ -131,9 +134,9 @@ async fn write_batches(
     shared: Arc<Shared>,
     durable_tx: watch::Sender<u64>,
     ack_tx: watch::Sender<Ack>,
+    mut handoff: Option<mpsc::Sender<Handoff>>,
 ) -> Result<(), EngineError> {
     let (mut seq, mut durable) = *ack_tx.borrow();
-    let mut handoff = Some(processor::offer_handoff(&durable_tx));
     // The newest event already in the buffer: what the first batch follows.
     let processed = buffer.checkpoint().await?.processed;
     let mut written = buffer
@@ -201,6 +204,7 @@ impl Reader {
             shared,
             cancel,
             durable_tx,
+            handoff,
         } = self;
         shared.source_connected.store(true, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(1);
@@ -211,6 +215,7 @@ impl Reader {
             shared.clone(),
             durable_tx,
             ack_tx,
+            handoff,
         ));
         let mut decoder = Decoder {
             pipeline_id: cfg.id.clone(),
@@ -511,21 +516,38 @@ impl Decoder {
     async fn other(&mut self, data: Bytes, st: &mut State) -> Result<(), EngineError> {
         match pgoutput::decode(data)? {
             Message::Relation(r) => {
-                let cols: Vec<(String, u32, i32)> = r
+                let cols: Vec<catalog::SentColumn> = r
                     .columns
                     .iter()
-                    .map(|c| (c.name.clone(), c.type_oid, c.type_modifier))
+                    .map(|c| catalog::SentColumn {
+                        name: c.name.clone(),
+                        type_oid: c.type_oid,
+                        type_modifier: c.type_modifier,
+                        is_key: c.is_key,
+                    })
                     .collect();
-                let info =
-                    catalog::layout_of(&self.sql, r.id, &r.namespace, &r.name, Some(&cols)).await?;
+                let mut info = catalog::layout_of(
+                    &self.sql,
+                    r.id,
+                    &r.namespace,
+                    &r.name,
+                    Some((&cols, r.replica_identity)),
+                )
+                .await?;
+                // FULL identity with the table gone from the catalog: the key it had before.
+                if !info.key.contains(&true)
+                    && let Some(prev) = st.relations.get(&r.id)
+                {
+                    let key = info.columns.iter().map(|c| prev.info.key_of(c)).collect();
+                    info = RelationInfo::new(info.schema, info.name, info.columns, info.types, key);
+                }
                 let key = info.key_indexes();
                 if key.is_empty() {
+                    let (problem, fix) =
+                        catalog::no_key(&format!("{}.{}", r.namespace, r.name), r.replica_identity);
                     return Err(EngineError::invalid(
-                        format!(
-                            "spec.source.tables: table {}.{} has no primary key",
-                            r.namespace, r.name
-                        ),
-                        "add a primary key to the table",
+                        format!("spec.source.tables: {problem}"),
+                        fix,
                     ));
                 }
                 if st.written_rels.insert(info.rel_ver) {
