@@ -5,67 +5,13 @@ mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
-use philotes::crd::DesiredState;
-use philotes::engine::config::{Delivery, PipelineConfig};
+use philotes::engine::PipelineHandle;
+use philotes::engine::config::Delivery;
 use philotes::engine::metrics::Metrics;
 use philotes::engine::state::Phase;
-use philotes::engine::{PipelineHandle, Progress};
 use philotes::{dead_letters, standalone};
+use support::pipeline::{FAST, WAIT, config, manifest, setup, wait_phase};
 use support::{Pg, count, dump, eventually, wait_same};
-
-const WAIT: Duration = Duration::from_secs(60);
-
-fn manifest(name: &str, source: &str, sink: &str, tables: &[&str], extra: &str) -> String {
-    format!(
-        r#"apiVersion: v1
-kind: Secret
-metadata: {{name: source-db}}
-stringData: {{uri: "{source}"}}
----
-apiVersion: v1
-kind: Secret
-metadata: {{name: sink-db}}
-stringData: {{uri: "{sink}"}}
----
-apiVersion: philotes.io/v1alpha1
-kind: CdcPipeline
-metadata: {{name: {name}}}
-spec:
-  source:
-    connectionSecretRef: {{name: source-db, key: uri}}
-    tables: [{tables}]
-  sink:
-    postgres: {{connectionSecretRef: {{name: sink-db, key: uri}}, schema: replica}}
-{extra}
-"#,
-        tables = tables.join(", ")
-    )
-}
-
-fn config(name: &str, source: &str, sink: &str, tables: &[&str], extra: &str) -> PipelineConfig {
-    let m = standalone::parse(&manifest(name, source, sink, tables, extra)).unwrap();
-    let mut all = standalone::configs(&m).unwrap();
-    let (c, state) = all.remove(0);
-    assert_ne!(state, DesiredState::Stopped);
-    c
-}
-
-const FAST: &str = "  retry: {maxAttempts: 2, initialInterval: 100ms, maxInterval: 500ms}\n  buffer: {batchSize: 500, flushInterval: 200ms}\n  backpressure: {highWatermark: 100000, lowWatermark: 50000, checkInterval: 200ms}";
-
-async fn wait_phase(h: &PipelineHandle, phase: Phase) -> Progress {
-    let mut rx = h.progress();
-    let r = tokio::time::timeout(WAIT, rx.wait_for(|p| p.phase == phase)).await;
-    match r {
-        Ok(Ok(p)) => p.clone(),
-        _ => panic!("phase {phase} not reached; progress: {:?}", h.current()),
-    }
-}
-
-async fn setup(pg: &Pg) -> (tokio_postgres::Client, tokio_postgres::Client) {
-    pg.create_db("shop").await;
-    pg.create_db("warehouse").await;
-    (pg.client("shop").await, pg.client("warehouse").await)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn all_change_kinds_and_types_arrive_exactly() {

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod k8s;
+pub mod pipeline;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -65,6 +66,19 @@ impl Pg {
     /// A cluster that also accepts TLS (`ssl = on`, a self-signed certificate made with openssl).
     pub fn start_tls() -> Pg {
         Self::start_with(true)
+    }
+
+    /// A cluster with `extra` appended to its postgresql.conf.
+    pub fn start_conf(extra: &str) -> Pg {
+        let pg = Self::start_with(false);
+        let path = pg.data().join("postgresql.conf");
+        let mut all = std::fs::read_to_string(&path).unwrap();
+        all.push_str(extra);
+        all.push('\n');
+        std::fs::write(&path, all).unwrap();
+        pg.stop_server();
+        pg.start_server();
+        pg
     }
 
     fn start_with(tls: bool) -> Pg {
@@ -219,6 +233,10 @@ impl Pg {
 
     pub fn uri(&self, db: &str) -> String {
         format!("postgres://{USER}:{PASSWORD}@127.0.0.1:{}/{db}", self.port)
+    }
+
+    pub fn uri_as(&self, user: &str, password: &str, db: &str) -> String {
+        format!("postgres://{user}:{password}@127.0.0.1:{}/{db}", self.port)
     }
 
     pub fn uri_with_password(&self, db: &str, password: &str) -> String {
