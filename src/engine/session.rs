@@ -1,0 +1,181 @@
+//! One session of a pipeline: connect, snapshot or slot, register, then run its tasks until one ends.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::buffer::{self, Buffer, Ownership};
+use super::config::{Delivery, PipelineConfig};
+use super::error::EngineError;
+use super::housekeeping::housekeeping;
+use super::pg;
+use super::processor::Processor;
+use super::shared::Shared;
+use super::sink::postgres::PostgresSink;
+use super::snapshot;
+use super::source::{Reader, catalog};
+use super::state::Phase;
+
+/// Connects, takes the initial snapshot or uses the slot, registers the pipeline, and runs the reader,
+/// processor and housekeeping tasks until the first of them fails or the session is cancelled.
+pub(super) async fn run_session(
+    cfg: &Arc<PipelineConfig>,
+    shared: &Arc<Shared>,
+    delivery_rx: watch::Receiver<Delivery>,
+    cancel: CancellationToken,
+) -> Result<(), EngineError> {
+    shared.set_message("connecting");
+    let source = pg::connect(&cfg.source, "source").await?;
+    buffer::migrate(&cfg.buffer).await?;
+    catalog::check_wal_level(&source).await?;
+    let layouts = catalog::table_layouts(&source, &cfg.tables).await?;
+    let control = Buffer::connect(&cfg.buffer, &cfg.id, "buffer").await?;
+    let previous = control.ownership().await?;
+    let owned_publication = previous
+        .as_ref()
+        .is_some_and(|o| o.publication_created && o.publication_name == cfg.publication);
+    let publication_created =
+        catalog::ensure_publication(&source, &cfg.publication, &cfg.tables, owned_publication)
+            .await?;
+    let slot_exists = catalog::slot_exists(&source, &cfg.slot).await?;
+    let ours = previous
+        .as_ref()
+        .is_some_and(|o| o.slot_created && o.slot_name == cfg.slot);
+    let snapshot_owed = snapshot::pending(&control).await?;
+    let slot_created = if cfg.initial_snapshot && snapshot_owed && (!slot_exists || ours) {
+        shared.set_message("initial snapshot");
+        let mut writer = Buffer::connect(&cfg.buffer, &cfg.id, "snapshot").await?;
+        snapshot::run(cfg, &source, &mut writer, &layouts, shared).await?;
+        true
+    } else {
+        if !slot_exists && !snapshot_owed {
+            let cp = control.checkpoint().await?;
+            if cp.durable_lsn > 0 {
+                return Err(EngineError::invalid(
+                    format!(
+                        "replication slot {} is gone although this pipeline streamed from it; changes made since it was dropped are lost to the sink",
+                        cfg.slot
+                    ),
+                    "delete and re-create the pipeline (a new slot and initial snapshot), or restore the slot",
+                ));
+            }
+        }
+        if cfg.initial_snapshot && snapshot_owed && slot_exists {
+            tracing::warn!(pipeline = %cfg.name, slot = %cfg.slot, "the slot was not created by Philotes: no initial snapshot, changes from the slot's position on");
+        }
+        catalog::ensure_slot(&source, &cfg.slot).await? || ours
+    };
+    let own = control
+        .register(
+            &cfg.name,
+            &Ownership {
+                slot_name: cfg.slot.clone(),
+                publication_name: cfg.publication.clone(),
+                slot_created,
+                publication_created,
+            },
+        )
+        .await?;
+    shared.texts().ownership = own;
+
+    let mut sink = PostgresSink::new(cfg.sink.clone(), cfg.sink_schema.clone());
+    sink.prepare(&layouts).await?;
+
+    let cp = control.checkpoint().await?;
+    control.discard_incomplete(cp.durable_lsn).await?;
+    shared.stats.buffer_depth.set(control.depth(&cp).await?);
+    shared.durable_lsn.store(cp.durable_lsn, Ordering::Relaxed);
+    let (durable_tx, durable_rx) = watch::channel(cp.durable_lsn);
+    let monitor = pg::connect(&cfg.source, "monitor").await?;
+
+    let session = cancel.child_token();
+    // The writer hands the rows it just committed to the processor, which then need not read them back.
+    let (handoff_tx, handoff_rx) = tokio::sync::mpsc::channel(4);
+    let reader = Reader {
+        cfg: cfg.clone(),
+        sql: source,
+        buffer: Buffer::connect(&cfg.buffer, &cfg.id, "buffer-writer").await?,
+        shared: shared.clone(),
+        cancel: session.clone(),
+        durable_tx,
+        handoff: Some(handoff_tx),
+    };
+    let processor = Processor {
+        cfg: cfg.clone(),
+        buffer: Buffer::connect(&cfg.buffer, &cfg.id, "buffer-reader").await?,
+        sink,
+        shared: shared.clone(),
+        cancel: session.clone(),
+        durable_rx,
+        delivery_rx: delivery_rx.clone(),
+        handoffs: Some(handoff_rx),
+    };
+    let mut tasks = JoinSet::new();
+    tasks.spawn(reader.run(cp.durable_lsn));
+    tasks.spawn(processor.run());
+    tasks.spawn(housekeeping(
+        cfg.clone(),
+        shared.clone(),
+        control,
+        monitor,
+        session.clone(),
+    ));
+    tasks.spawn(follow_delivery(
+        shared.clone(),
+        delivery_rx,
+        session.clone(),
+    ));
+
+    let mut first_error = None;
+    while let Some(res) = tasks.join_next().await {
+        let err = match res {
+            Ok(Ok(())) if session.is_cancelled() => continue,
+            Ok(Ok(())) => EngineError::Protocol("a pipeline task ended unexpectedly".into()),
+            Ok(Err(e)) => e,
+            Err(join) => EngineError::Protocol(format!("a pipeline task panicked: {join}")),
+        };
+        if first_error.is_none() {
+            first_error = Some(err);
+        }
+        session.cancel();
+    }
+    match first_error {
+        Some(e) if !cancel.is_cancelled() => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// Phase follows the delivery setting once the source is connected.
+async fn follow_delivery(
+    shared: Arc<Shared>,
+    mut delivery_rx: watch::Receiver<Delivery>,
+    cancel: CancellationToken,
+) -> Result<(), EngineError> {
+    while !shared.source_connected.load(Ordering::Relaxed) {
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+    shared.clear_error();
+    loop {
+        let d = *delivery_rx.borrow_and_update();
+        let (phase, msg) = match d {
+            Delivery::Running => (Phase::Running, "streaming"),
+            Delivery::Paused => (
+                Phase::Paused,
+                "paused: delivery to the sink stopped; the slot still drains into the buffer",
+            ),
+        };
+        shared.set_phase(phase);
+        shared.set_message(msg);
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            r = delivery_rx.changed() => if r.is_err() { return Ok(()) },
+        }
+    }
+}
