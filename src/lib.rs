@@ -7,6 +7,7 @@ pub mod health;
 pub mod operator;
 pub mod standalone;
 pub mod supervisor;
+pub mod testkit;
 pub mod validate;
 
 /// Selects ring as the process's TLS crypto provider. Two providers are compiled in (ring, and
