@@ -476,3 +476,43 @@ async fn the_circuit_breaker_stops_delivery_when_most_of_a_batch_is_refused() {
     assert!(dead_letters::list(&cfg, 10).await.unwrap().is_empty());
     assert_eq!(dump(&dst, "replica.t", "id").await, "");
 }
+
+/// Also: a write batch that fills its bytes before `batchSize` rows, inside a transaction, is sent
+/// (it used to stop the reader for good: full, so not reading, and not ready, so not sent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_values_are_read_back_in_batches_capped_by_bytes() {
+    use philotes::engine::config::Delivery;
+    let pg = Pg::start();
+    let (src, dst) = setup(&pg).await;
+    src.batch_execute("CREATE TABLE big (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let cfg = config(
+        "bytes",
+        &pg.uri("shop"),
+        &pg.uri("warehouse"),
+        &["big"],
+        FAST,
+    );
+    let mut h = start(&cfg);
+    wait_phase(&h, Phase::Running).await;
+    // Paused: the rows wait in the buffer, and delivery reads them back (8 MiB per read, so 1 MiB
+    // values take several reads where 500 rows would be asked for).
+    h.set_delivery(Delivery::Paused);
+    wait_phase(&h, Phase::Paused).await;
+    src.batch_execute(
+        "INSERT INTO big SELECT i, repeat(md5(i::text), 32768) FROM generate_series(1, 40) i;
+         INSERT INTO big SELECT i, 'small' FROM generate_series(41, 1040) i;
+         BEGIN; UPDATE big SET v = repeat('u', 1 << 20) WHERE id <= 20; DELETE FROM big WHERE id > 1000; COMMIT;",
+    )
+    .await
+    .unwrap();
+    eventually("the changes to be buffered", WAIT, || async {
+        h.current().buffer_depth >= 1100
+    })
+    .await;
+    h.set_delivery(Delivery::Running);
+    wait_same(&src, "big", &dst, "replica.big", "id", WAIT).await;
+    assert_eq!(h.current().events_dead_lettered, 0);
+    h.stop().await;
+}

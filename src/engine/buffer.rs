@@ -61,6 +61,14 @@ pub async fn migrate(uri: &ConnString) -> Result<(), EngineError> {
     result
 }
 
+/// Events read from the buffer, and whether they are all the durable events after the position read
+/// from (the read stopped at neither its row limit nor its byte cap).
+#[derive(Debug, Default)]
+pub struct Read {
+    pub events: Vec<Event>,
+    pub complete: bool,
+}
+
 /// Where a pipeline stands in the buffer.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Checkpoint {
@@ -88,12 +96,16 @@ pub struct Buffer {
 
 /// Rows of `COPY philotes.events (...) FROM STDIN BINARY`, encoded straight from the values' bytes as
 /// they arrived from the source (no per-value allocation). Column order: pipeline_id, lsn, ord,
-/// commit_time, rel_ver, op, old_key, vals, unchanged.
+/// commit_time, rel_ver, op, old_key, vals, unchanged, size. `size` (the row's encoded bytes, what
+/// reads of the buffer are capped by) comes last: it is written when the row is complete, at the next
+/// [`begin_row`](Self::begin_row) or when the rows are taken.
 #[derive(Debug, Default)]
 pub struct CopyRows {
     data: BytesMut,
     rows: usize,
     last: Option<Position>,
+    /// Where the row still lacking its size field starts.
+    open: Option<usize>,
 }
 
 /// The binary COPY signature, flags and header extension length.
@@ -121,8 +133,18 @@ impl CopyRows {
     }
 
     /// The encoded rows (a copy), to be read back with [`decode_rows`].
-    pub fn to_bytes(&self) -> Bytes {
+    pub fn to_bytes(&mut self) -> Bytes {
+        self.seal();
         Bytes::copy_from_slice(&self.data)
+    }
+
+    /// Completes the last row with its size field.
+    fn seal(&mut self) {
+        if let Some(start) = self.open.take() {
+            let size = (self.data.len() + 8 - start) as i32;
+            self.data.put_i32(4);
+            self.data.put_i32(size);
+        }
     }
 
     /// Starts a row with its scalar columns; then exactly three array columns follow (old_key, vals,
@@ -136,9 +158,11 @@ impl CopyRows {
         rel_ver: i64,
         op: Op,
     ) {
+        self.seal();
+        self.open = Some(self.data.len());
         let d = &mut self.data;
         d.reserve(64 + pipeline_id.len());
-        d.put_i16(9);
+        d.put_i16(10);
         d.put_i32(pipeline_id.len() as i32);
         d.put_slice(pipeline_id.as_bytes());
         d.put_i32(8);
@@ -290,7 +314,7 @@ pub fn decode_rows(data: &[u8]) -> Result<Vec<Event>, EngineError> {
     while pos < data.len() {
         let n = i16::from_be_bytes(be(data.get(pos..pos + 2))?);
         pos += 2;
-        if n != 9 {
+        if n != 10 {
             return Err(malformed());
         }
         let _pipeline_id = field(data, &mut pos)?;
@@ -309,6 +333,7 @@ pub fn decode_rows(data: &[u8]) -> Result<Vec<Event>, EngineError> {
                     .collect::<Result<Vec<i16>, EngineError>>()
             })
             .transpose()?;
+        let _size = field(data, &mut pos)?;
         out.push(Event {
             pos: Position {
                 lsn: lsn as u64,
@@ -458,12 +483,14 @@ impl Buffer {
         if !rows.is_empty() {
             let sink = tx
                 .copy_in::<_, Bytes>(
-                    "COPY philotes.events (pipeline_id, lsn, ord, commit_time, rel_ver, op, old_key, vals, unchanged) FROM STDIN BINARY",
+                    "COPY philotes.events (pipeline_id, lsn, ord, commit_time, rel_ver, op, old_key, vals, unchanged, size) FROM STDIN BINARY",
                 )
                 .await
                 .map_err(EngineError::pg("starting COPY into the buffer"))?;
             pin_mut!(sink);
             let err = |e| EngineError::pg("writing events to the buffer")(e);
+            let mut rows = rows;
+            rows.seal();
             let mut data = rows.data;
             data.put_i16(-1);
             sink.as_mut()
@@ -496,16 +523,19 @@ impl Buffer {
             .map_err(EngineError::pg("committing a buffer transaction"))
     }
 
-    /// Events after `after` whose transactions are durable (commit LSN before `durable_lsn`), in order.
+    /// Events after `after` whose transactions are durable (commit LSN before `durable_lsn`), in
+    /// order: at most `limit`, and no more than the first that reaches `max_bytes` of encoded size.
     pub async fn read_batch(
         &self,
         after: Position,
         durable_lsn: u64,
         limit: usize,
-    ) -> Result<Vec<Event>, EngineError> {
+        max_bytes: usize,
+    ) -> Result<Read, EngineError> {
         // A custom plan for each call, with the table's statistics lagging behind a fast-growing
         // backlog, turns to a bitmap scan that sorts the whole backlog for every batch. The generic
-        // plan walks the primary key in order and stops after `limit` rows.
+        // plan walks the primary key in order and stops after `limit` rows; the running sum of sizes
+        // follows that order without a sort.
         let stmt = self
             .read_stmt
             .get_or_try_init(|| async {
@@ -514,9 +544,13 @@ impl Buffer {
                     .await?;
                 self.client
                     .prepare(
-                        "SELECT lsn, ord, commit_time, rel_ver, op, old_key, vals, unchanged FROM philotes.events
-                         WHERE pipeline_id = $1 AND (lsn, ord) > ($2, $3) AND lsn < $4
-                         ORDER BY lsn, ord LIMIT $5",
+                        "SELECT lsn, ord, commit_time, rel_ver, op, old_key, vals, unchanged, size FROM (
+                           SELECT lsn, ord, commit_time, rel_ver, op, old_key, vals, unchanged, size,
+                             sum(size) OVER (ORDER BY lsn, ord ROWS UNBOUNDED PRECEDING) AS upto
+                           FROM philotes.events
+                           WHERE pipeline_id = $1 AND (lsn, ord) > ($2, $3) AND lsn < $4
+                           ORDER BY lsn, ord LIMIT $5) e
+                         WHERE upto - size < $6",
                     )
                     .await
             })
@@ -532,11 +566,14 @@ impl Buffer {
                     &after.ord,
                     &(durable_lsn as i64),
                     &(limit as i64),
+                    &(max_bytes as i64),
                 ],
             )
             .await
             .map_err(EngineError::pg("reading events from the buffer"))?;
-        rows.iter()
+        let bytes: i64 = rows.iter().map(|r| r.get::<_, i32>(8) as i64).sum();
+        let events = rows
+            .iter()
             .map(|r| {
                 let code: i8 = r.get(4);
                 Ok(Event {
@@ -554,7 +591,10 @@ impl Buffer {
                     unchanged: r.get::<_, Option<Vec<i16>>>(7),
                 })
             })
-            .collect()
+            .collect::<Result<Vec<Event>, EngineError>>()?;
+        // Had there been another event within the limit, it would have started below the cap.
+        let complete = events.len() < limit && bytes < max_bytes as i64;
+        Ok(Read { events, complete })
     }
 
     /// Records that everything up to `upto` is in the sink. The commit does not wait for its WAL to
@@ -691,7 +731,7 @@ mod tests {
         rows.push_event("pipe", &e);
         assert_eq!(rows.len(), 1);
 
-        let mut want = 9i16.to_be_bytes().to_vec();
+        let mut want = 10i16.to_be_bytes().to_vec();
         want.extend(field(&"pipe", &Type::TEXT));
         want.extend(field(&(e.pos.lsn as i64), &Type::INT8));
         want.extend(field(&e.pos.ord, &Type::INT4));
@@ -701,6 +741,8 @@ mod tests {
         want.extend(field(&e.old_key, &Type::TEXT_ARRAY));
         want.extend(field(&e.vals, &Type::TEXT_ARRAY));
         want.extend(field(&e.unchanged, &Type::INT2_ARRAY));
+        want.extend(field(&(want.len() as i32 + 8), &Type::INT4));
+        rows.seal();
         assert_eq!(rows.data.to_vec(), want);
 
         let mut rows = CopyRows::default();
@@ -734,6 +776,7 @@ mod tests {
             field(&d.unchanged, &Type::INT2_ARRAY),
         ]
         .concat();
-        assert!(rows.data.ends_with(&tail));
+        rows.seal();
+        assert!(rows.data[..rows.data.len() - 8].ends_with(&tail));
     }
 }

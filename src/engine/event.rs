@@ -65,6 +65,23 @@ pub struct Event {
     pub unchanged: Option<Vec<i16>>,
 }
 
+impl Event {
+    /// About the bytes the event takes encoded (buffer rows, handoffs): what queues are capped by.
+    pub fn size(&self) -> usize {
+        let row = |r: &Option<Row>| {
+            r.as_ref().map_or(0, |r| {
+                24 + r
+                    .iter()
+                    .map(|v| 4 + v.as_ref().map_or(0, String::len))
+                    .sum::<usize>()
+            })
+        };
+        56 + row(&self.old_key)
+            + row(&self.vals)
+            + self.unchanged.as_ref().map_or(0, |u| 24 + 6 * u.len())
+    }
+}
+
 /// A table's layout at some point of the stream. `rel_ver` is a hash of all of it, so the same layout
 /// always gets the same version, also when a transaction is read again after a restart.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -62,6 +62,9 @@ struct Queue {
     durable: u64,
     /// Most events the queue holds; a handoff that would exceed it is left to the buffer.
     cap: usize,
+    /// Encoded bytes of the queued events ([`Event::size`]); a handoff that would take it past
+    /// [`QUEUE_BYTES`] is left to the buffer.
+    bytes: usize,
     /// Handoffs that start beyond `last` (the processor is reading the buffer behind the writer),
     /// kept until the reads reach them.
     later: VecDeque<Handoff>,
@@ -69,6 +72,13 @@ struct Queue {
 
 /// Most handoffs kept for later (each at most one write batch).
 const LATER: usize = 8;
+
+/// Most encoded bytes of events in one batch, and in one read of the buffer (a batch holds at least one
+/// event, however large).
+const BATCH_BYTES: usize = 8 << 20;
+
+/// Most encoded bytes of events the queue holds.
+const QUEUE_BYTES: usize = 16 << 20;
 
 impl Queue {
     /// Takes what a handoff adds after `last` when it starts at or before `last`; keeps it for later
@@ -95,7 +105,10 @@ impl Queue {
                     .into_iter()
                     .filter(|e| e.pos > known)
                     .collect();
-                if self.events.len() + events.len() <= self.cap {
+                let bytes: usize = events.iter().map(Event::size).sum();
+                if self.events.len() + events.len() <= self.cap && self.bytes + bytes <= QUEUE_BYTES
+                {
+                    self.bytes += bytes;
                     self.events.extend(events);
                     self.last = last;
                     self.durable_at(h.durable);
@@ -125,16 +138,30 @@ impl Queue {
         Ok(())
     }
 
-    /// Up to `n` events from the front whose transactions are durable: their commit LSN is before the
-    /// durable position (the end of the last commit in the buffer, where the next commit may start).
-    fn pop_durable(&mut self, durable: u64, n: usize) -> Vec<Event> {
+    /// Up to `n` events and about `max_bytes` (at least one event) from the front whose transactions
+    /// are durable: their commit LSN is before the durable position (the end of the last commit in
+    /// the buffer, where the next commit may start).
+    fn pop_durable(&mut self, durable: u64, n: usize, max_bytes: usize) -> Vec<Event> {
+        let mut bytes = 0;
         let k = self
             .events
             .iter()
             .take(n)
-            .take_while(|e| e.pos.lsn < durable)
+            .take_while(|e| {
+                let fits = bytes == 0 || bytes + e.size() <= max_bytes;
+                bytes += e.size();
+                fits && e.pos.lsn < durable
+            })
             .count();
-        self.events.drain(..k).collect()
+        let out: Vec<Event> = self.events.drain(..k).collect();
+        self.bytes = self.bytes.saturating_sub(out.iter().map(Event::size).sum());
+        out
+    }
+
+    /// Queues events read from the buffer.
+    fn push_read(&mut self, events: Vec<Event>) {
+        self.bytes += events.iter().map(Event::size).sum::<usize>();
+        self.events.extend(events);
     }
 
     /// Whether the buffer may hold durable events the queue lacks.
@@ -157,16 +184,18 @@ impl Queue {
     fn rewind(&mut self, pos: Position) {
         self.events.clear();
         self.later.clear();
+        self.bytes = 0;
         self.last = pos;
         self.covered = 0;
     }
 
-    /// Notes a read of the buffer after `last` up to `durable`: `got` of the `asked` events came back,
-    /// the last one at `read_last`. Fewer than asked means every durable event is known now. The rows
-    /// read must be in place (queued, or in the batch ahead) before [`settle`](Self::settle).
-    fn read(&mut self, read_last: Option<Position>, got: usize, asked: usize, durable: u64) {
+    /// Notes a read of the buffer after `last` up to `durable`, whose last event is at `read_last`;
+    /// `complete` (the read stopped at neither its limit nor its byte cap) means every durable event
+    /// is known now. The rows read must be in place (queued, or in the batch ahead) before
+    /// [`settle`](Self::settle).
+    fn read(&mut self, read_last: Option<Position>, complete: bool, durable: u64) {
         self.last = read_last.unwrap_or(self.last);
-        if got < asked {
+        if complete {
             self.covered = self.covered.max(durable);
         }
     }
@@ -220,6 +249,7 @@ impl<S: Sink> Processor<S> {
             covered: 0,
             durable: 0,
             cap: (8 * limit).max(16_384),
+            bytes: 0,
             later: VecDeque::new(),
         };
         let mut handoffs = self.handoffs.take();
@@ -255,7 +285,12 @@ impl<S: Sink> Processor<S> {
                 if q.behind(durable) {
                     self.read_into(&mut q, durable, limit).await?;
                 }
-                let more = q.pop_durable(durable, limit - batch.len());
+                let room = BATCH_BYTES.saturating_sub(batch.iter().map(Event::size).sum());
+                let more = if room > 0 {
+                    q.pop_durable(durable, limit - batch.len(), room)
+                } else {
+                    Vec::new()
+                };
                 if !more.is_empty() {
                     batch.extend(more);
                     prepared = None;
@@ -307,8 +342,11 @@ impl<S: Sink> Processor<S> {
                 commit: ends,
             };
             // The next batch: from the queue, topped up from the buffer while this one is delivered.
-            let next = q.pop_durable(durable, limit);
-            let read_after = (next.len() < limit && q.behind(durable)).then_some(q.last);
+            let next = q.pop_durable(durable, limit, BATCH_BYTES);
+            let read_after = (next.len() < limit
+                && next.iter().map(Event::size).sum::<usize>() < BATCH_BYTES
+                && q.behind(durable))
+            .then_some(q.last);
             let (outcome, next) = {
                 let Processor {
                     cfg,
@@ -331,10 +369,12 @@ impl<S: Sink> Processor<S> {
                     let mut next = next;
                     let mut read = None;
                     if let Some(after) = read_after {
-                        let asked = limit - next.len();
-                        let more = buffer.read_batch(after, durable, asked).await?;
-                        read = Some((more.last().map(|e| e.pos), more.len(), asked));
-                        next.extend(more);
+                        let room = BATCH_BYTES.saturating_sub(next.iter().map(Event::size).sum());
+                        let more = buffer
+                            .read_batch(after, durable, limit - next.len(), room.max(1))
+                            .await?;
+                        read = Some((more.events.last().map(|e| e.pos), more.complete));
+                        next.extend(more.events);
                     }
                     // A relation the processor does not know yet is loaded first, at the top.
                     let p = (!next.is_empty())
@@ -368,8 +408,8 @@ impl<S: Sink> Processor<S> {
             }
             self.record(&batch, started);
             let (next, read, p) = next?;
-            if let Some((read_last, got, asked)) = read {
-                q.read(read_last, got, asked, durable);
+            if let Some((read_last, complete)) = read {
+                q.read(read_last, complete, durable);
                 q.settle()?;
             }
             let applied = open.unwrap_or(0) + batch.len() as i64;
@@ -397,9 +437,12 @@ impl<S: Sink> Processor<S> {
         durable: u64,
         limit: usize,
     ) -> Result<(), EngineError> {
-        let more = self.buffer.read_batch(q.last, durable, limit).await?;
-        q.read(more.last().map(|e| e.pos), more.len(), limit, durable);
-        q.events.extend(more);
+        let more = self
+            .buffer
+            .read_batch(q.last, durable, limit, BATCH_BYTES)
+            .await?;
+        q.read(more.events.last().map(|e| e.pos), more.complete, durable);
+        q.push_read(more.events);
         q.settle()
     }
 
@@ -421,8 +464,12 @@ impl<S: Sink> Processor<S> {
             let mut applied = 0i64;
             let mut begin = true;
             loop {
-                let mut chunk = self.buffer.read_batch(after, upto_lsn + 1, limit).await?;
-                let done = chunk.len() < limit;
+                let read = self
+                    .buffer
+                    .read_batch(after, upto_lsn + 1, limit, BATCH_BYTES)
+                    .await?;
+                let done = read.complete;
+                let mut chunk = read.events;
                 chunk.retain(|e| e.pos.lsn <= upto_lsn);
                 if chunk.iter().any(|e| !rels.contains_key(&e.rel_ver)) {
                     *rels = self.buffer.relations().await?;
@@ -694,6 +741,7 @@ mod tests {
             covered: 0,
             durable: 0,
             cap: 100,
+            bytes: 0,
             later: VecDeque::new(),
         }
     }
@@ -709,13 +757,13 @@ mod tests {
         q.offer(handoff(start, &a, None)).unwrap();
         assert_eq!((q.events.len(), q.last, q.covered), (2, a[1].pos, 0));
         // Not durable yet: nothing to deliver, and the buffer holds nothing more that is.
-        assert!(q.pop_durable(15, 10).is_empty());
+        assert!(q.pop_durable(15, 10, BATCH_BYTES).is_empty());
         assert!(!q.behind(15));
         // A handoff after a gap (one was dropped) waits for the reads to reach it.
         q.offer(handoff(b[0].pos, &c, Some(35))).unwrap();
         assert_eq!((q.events.len(), q.later.len()), (2, 1));
         // The durable watch may lag behind the handoffs; they carry the durable position themselves.
-        let batch = q.pop_durable(25, 10);
+        let batch = q.pop_durable(25, 10, BATCH_BYTES);
         assert_eq!(
             batch.iter().map(|e| e.pos).collect::<Vec<_>>(),
             vec![a[0].pos, a[1].pos]
@@ -724,12 +772,12 @@ mod tests {
         // waiting handoff continues the queue.
         assert!(q.behind(25));
         q.events.extend(b.iter().cloned());
-        q.read(Some(b[0].pos), 1, 10, 25);
+        q.read(Some(b[0].pos), true, 25);
         q.settle().unwrap();
         assert_eq!((q.last, q.covered, q.durable), (c[1].pos, 35, 35));
         assert!(q.later.is_empty());
         assert_eq!(
-            q.pop_durable(35, 10)
+            q.pop_durable(35, 10, BATCH_BYTES)
                 .iter()
                 .map(|e| e.pos)
                 .collect::<Vec<_>>(),
@@ -739,7 +787,7 @@ mod tests {
         q.offer(handoff(b[0].pos, &c, Some(35))).unwrap();
         assert!(q.events.is_empty());
         let d = [ev(40, 0), ev(40, 1)];
-        q.read(Some(d[0].pos), 1, 1, 35);
+        q.read(Some(d[0].pos), false, 35);
         q.offer(handoff(c[1].pos, &d, Some(45))).unwrap();
         assert_eq!(
             q.events.iter().map(|e| e.pos).collect::<Vec<_>>(),
@@ -754,9 +802,9 @@ mod tests {
         let mut q = queue(Position::default());
         let t2 = [ev(100, 0), ev(100, 1)];
         q.offer(handoff(Position::default(), &t2, None)).unwrap();
-        assert!(q.pop_durable(100, 10).is_empty());
+        assert!(q.pop_durable(100, 10, BATCH_BYTES).is_empty());
         assert!(!q.behind(100));
-        assert_eq!(q.pop_durable(101, 10).len(), 2);
+        assert_eq!(q.pop_durable(101, 10, BATCH_BYTES).len(), 2);
     }
 
     #[test]
@@ -770,9 +818,9 @@ mod tests {
         assert_eq!((q.last, q.covered), (start, 0));
         assert!(q.behind(6));
         // A full read leaves the rest unknown.
-        q.read(Some(rows[1].pos), 2, 2, 6);
+        q.read(Some(rows[1].pos), false, 6);
         assert_eq!((q.last, q.covered), (rows[1].pos, 0));
-        q.read(Some(rows[2].pos), 1, 2, 6);
+        q.read(Some(rows[2].pos), true, 6);
         assert_eq!(q.covered, 6);
     }
 }

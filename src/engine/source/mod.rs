@@ -70,10 +70,11 @@ impl Batch {
         self.rows.is_empty() && self.relations.is_empty() && self.durable_lsn.is_none()
     }
 
-    /// Worth a buffer transaction now: a transaction completed, or `batch_size` rows (of a large
-    /// transaction) are waiting.
+    /// Worth a buffer transaction now: a transaction completed, or `batch_size` rows or
+    /// [`MAX_BATCH_BYTES`] (of a large transaction) are waiting. A full batch is always ready:
+    /// reading waits for it to be sent.
     fn ready(&self, batch_size: usize) -> bool {
-        self.durable_lsn.is_some() || self.rows.len() >= batch_size
+        self.durable_lsn.is_some() || self.rows.len() >= batch_size || self.full()
     }
 
     fn full(&self) -> bool {
@@ -143,7 +144,7 @@ async fn write_batches(
         .last_position()
         .await?
         .map_or(processed, |p| p.max(processed));
-    while let Some(b) = rx.recv().await {
+    while let Some(mut b) = rx.recv().await {
         let last = b.rows.last();
         // A copy only when the processor has room for it; else it reads the rows from the buffer.
         let copy = handoff
