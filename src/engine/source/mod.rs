@@ -32,6 +32,9 @@ use super::processor::Handoff;
 /// changes of a few hundred bytes); then reading waits for the writer. Larger batches gain little
 /// and cost memory twice: here and in the processor's queue, which takes them in memory.
 const MAX_BATCH_BYTES: usize = 2 << 20;
+/// Most bytes of row data received but not yet taken by the reader (besides 16,384 events): past it
+/// the replication worker stops reading the socket.
+const REPLICATION_BUFFER_BYTES: usize = 16 << 20;
 /// Received events handled in one go before the reader looks at the writer and at shutdown again.
 const DRAIN: usize = 1024;
 
@@ -186,6 +189,7 @@ impl Reader {
             .with_status_interval(Duration::from_millis(500))
             .with_wakeup_interval(Duration::from_secs(5))
             .with_buffer_size(16384)
+            .with_buffer_bytes(REPLICATION_BUFFER_BYTES)
     }
 
     pub async fn run(self, start: u64) -> Result<(), EngineError> {
