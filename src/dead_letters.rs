@@ -35,7 +35,11 @@ pub async fn replay(cfg: &PipelineConfig) -> Result<ReplayOutcome, EngineError> 
     let buffer = Buffer::connect(&cfg.buffer, &cfg.id, "dlq").await?;
     let rels = buffer.relations().await?;
     let letters = dlq::list(buffer.client(), Some(&cfg.id), i64::MAX).await?;
-    let mut sink = PostgresSink::new(cfg.sink.clone(), cfg.sink_schema.clone());
+    let mut sink = PostgresSink::new(
+        cfg.sink.clone(),
+        cfg.sink_schema.clone(),
+        cfg.response_timeout,
+    );
     let mut out = ReplayOutcome::default();
     for d in letters {
         let batch = [d.event.clone()];

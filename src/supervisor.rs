@@ -217,6 +217,7 @@ mod tests {
             high_watermark: 10,
             low_watermark: 5,
             check_interval: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(20),
             delivery: Delivery::Running,
         }
     }

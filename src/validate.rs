@@ -281,6 +281,22 @@ pub fn validate(
     }
     let check_interval = c.duration("spec.backpressure.checkInterval", &bp.check_interval);
 
+    let t = &spec.timeouts;
+    let connect_timeout = c.duration("spec.timeouts.connect", &t.connect);
+    let response_timeout = c.duration("spec.timeouts.response", &t.response);
+    for (field, d) in [
+        ("spec.timeouts.connect", connect_timeout),
+        ("spec.timeouts.response", response_timeout),
+    ] {
+        if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&d) {
+            c.err(
+                field,
+                format!("{} is out of range", humantime::format_duration(d)),
+                "use 1s to 10m, e.g. 20s",
+            );
+        }
+    }
+
     // The sink is the source: captured tables would be written into themselves, a feedback loop.
     if let (Some(src), Some(dst)) = (&source, &sink)
         && src.same_database(dst)
@@ -301,6 +317,11 @@ pub fn validate(
     let (Some(source), Some(sink), Some(buffer)) = (source, sink, buffer) else {
         return Err(c.errors);
     };
+    let (source, sink, buffer) = (
+        source.with_connect_timeout(connect_timeout),
+        sink.with_connect_timeout(connect_timeout),
+        buffer.with_connect_timeout(connect_timeout),
+    );
     let config = PipelineConfig {
         id: id.uid.clone(),
         name: format!("{}/{}", id.namespace, id.name),
@@ -327,6 +348,7 @@ pub fn validate(
         high_watermark: bp.high_watermark,
         low_watermark: bp.low_watermark,
         check_interval,
+        response_timeout,
         delivery: match spec.state {
             DesiredState::Paused => Delivery::Paused,
             _ => Delivery::Running,

@@ -41,6 +41,8 @@ pub struct CdcPipelineSpec {
     pub dead_letter: DeadLetterSpec,
     #[serde(default)]
     pub backpressure: BackpressureSpec,
+    #[serde(default)]
+    pub timeouts: TimeoutsSpec,
     /// What happens to the slot and publication Philotes created when the pipeline is deleted.
     #[serde(default)]
     pub reclaim_policy: ReclaimPolicy,
@@ -202,6 +204,36 @@ impl Default for DeadLetterSpec {
             retention: default_retention(),
         }
     }
+}
+
+/// How soon a dead connection is noticed: no connection waits forever.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TimeoutsSpec {
+    /// Connecting to a database (TCP, TLS, login) may take this long.
+    #[serde(default = "default_connect_timeout")]
+    pub connect: String,
+    /// A database that owes an answer this long, or a replication stream silent this long although
+    /// asked for a reply, counts as unreachable: the connection is dropped and made again.
+    #[serde(default = "default_response_timeout")]
+    pub response: String,
+}
+
+impl Default for TimeoutsSpec {
+    fn default() -> Self {
+        Self {
+            connect: default_connect_timeout(),
+            response: default_response_timeout(),
+        }
+    }
+}
+
+fn default_connect_timeout() -> String {
+    "10s".into()
+}
+
+fn default_response_timeout() -> String {
+    "20s".into()
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]

@@ -654,23 +654,28 @@ impl Buffer {
             .collect())
     }
 
-    /// Deletes delivered events older than `retention`, and dead letters older than `dlq_retention`.
+    /// Deletes up to `limit` delivered events older than `retention`, and dead letters older than
+    /// `dlq_retention`; returns how many events went. Called again while it returns `limit`, so that no
+    /// statement runs long.
     pub async fn cleanup(
         &self,
         retention: Duration,
         dlq_retention: Duration,
+        limit: i64,
     ) -> Result<u64, EngineError> {
         let cp = self.checkpoint().await?;
         let n = self
             .client
             .execute(
-                "DELETE FROM philotes.events WHERE pipeline_id = $1 AND (lsn, ord) <= ($2, $3)
-                   AND buffered_at < now() - make_interval(secs => $4)",
+                "DELETE FROM philotes.events WHERE ctid = ANY(ARRAY(
+                   SELECT ctid FROM philotes.events WHERE pipeline_id = $1 AND (lsn, ord) <= ($2, $3)
+                     AND buffered_at < now() - make_interval(secs => $4) LIMIT $5))",
                 &[
                     &self.pipeline_id,
                     &(cp.processed.lsn as i64),
                     &cp.processed.ord,
                     &retention.as_secs_f64(),
+                    &limit,
                 ],
             )
             .await

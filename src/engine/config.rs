@@ -35,6 +35,19 @@ impl ConnString {
         &self.config
     }
 
+    /// How long connecting may take (TCP, TLS and login).
+    pub fn connect_timeout(&self) -> Duration {
+        self.config
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(Duration::from_secs(10))
+    }
+
+    pub fn with_connect_timeout(mut self, d: Duration) -> Self {
+        self.config.connect_timeout(d);
+        self
+    }
+
     /// The full URI, for connecting only.
     pub fn expose(&self) -> &str {
         &self.uri
@@ -180,6 +193,9 @@ pub struct PipelineConfig {
     pub high_watermark: u64,
     pub low_watermark: u64,
     pub check_interval: Duration,
+    /// How long a database may owe an answer (or a replication stream stay silent) before the
+    /// connection counts as dead. The connect timeout is in each [`ConnString`].
+    pub response_timeout: Duration,
     pub delivery: Delivery,
 }
 

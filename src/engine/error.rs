@@ -46,6 +46,12 @@ pub enum EngineError {
     Migrate(String),
     #[error("pgoutput: {0}")]
     Decode(#[from] crate::engine::source::pgoutput::DecodeError),
+    /// A database owed an answer for too long: the connection counts as dead.
+    #[error("{what}: no answer within {}; the connection is taken for dead and made again", humantime::format_duration(*after))]
+    Timeout {
+        what: String,
+        after: std::time::Duration,
+    },
     /// A problem a person must fix, with the fix.
     #[error("{problem}")]
     Invalid { problem: String, fix: String },
@@ -70,7 +76,7 @@ impl EngineError {
         match self {
             EngineError::Postgres { source, .. } => classify_pg(source),
             EngineError::Replication { source, .. } => classify_wire(source),
-            EngineError::Migrate(_) => ErrorClass::Connection,
+            EngineError::Migrate(_) | EngineError::Timeout { .. } => ErrorClass::Connection,
             // The same bytes decode the same way: retrying cannot help.
             EngineError::Decode(_) => ErrorClass::Config,
             EngineError::Protocol(_) => ErrorClass::Transient,

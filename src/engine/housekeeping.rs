@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 use super::buffer::Buffer;
 use super::config::PipelineConfig;
 use super::error::EngineError;
+use super::pg;
 use super::shared::Shared;
 use super::source::catalog;
 
@@ -27,7 +28,14 @@ pub(super) async fn housekeeping(
         .clamp(Duration::from_secs(1), Duration::from_secs(60));
     let mut last_cleanup = tokio::time::Instant::now();
     loop {
-        match catalog::slot_lag(&monitor, &cfg.slot).await? {
+        let t = cfg.response_timeout;
+        let lag = pg::deadline(
+            t,
+            "reading the slot position",
+            catalog::slot_lag(&monitor, &cfg.slot),
+        )
+        .await?;
+        match lag {
             Some((lsn, lag)) => {
                 shared.stats.lag_bytes.set(lag);
                 shared.texts().confirmed_lsn = Some(lsn).filter(|l| !l.is_empty());
@@ -44,11 +52,21 @@ pub(super) async fn housekeeping(
         }
         if last_cleanup.elapsed() >= cleanup_every {
             last_cleanup = tokio::time::Instant::now();
-            let n = control
-                .cleanup(cfg.retention, cfg.dead_letter_retention)
+            // In chunks, each a short statement.
+            const CHUNK: i64 = 20_000;
+            loop {
+                let n = pg::deadline(
+                    t,
+                    "cleaning up the buffer",
+                    control.cleanup(cfg.retention, cfg.dead_letter_retention, CHUNK),
+                )
                 .await?;
-            if n > 0 {
-                tracing::debug!(pipeline = %cfg.name, rows = n, "buffer cleanup");
+                if n > 0 {
+                    tracing::debug!(pipeline = %cfg.name, rows = n, "buffer cleanup");
+                }
+                if n < CHUNK as u64 || cancel.is_cancelled() {
+                    break;
+                }
             }
         }
         tokio::select! {

@@ -19,6 +19,23 @@ use super::error::EngineError;
 /// that form exact and unambiguous on both ends (ISO dates, shortest exact floats, UTC, hex bytea).
 pub const SESSION_OPTIONS: &str = "-c DateStyle=ISO,MDY -c IntervalStyle=postgres -c extra_float_digits=3 -c TimeZone=UTC -c bytea_output=hex";
 
+/// Runs `fut`, a request to a database, giving up after `after`: an answer owed that long means the
+/// path is dead (TCP does not notice a middlebox that swallows traffic). The caller then drops the
+/// connection.
+pub async fn deadline<T>(
+    after: Duration,
+    what: &str,
+    fut: impl std::future::Future<Output = Result<T, EngineError>>,
+) -> Result<T, EngineError> {
+    match tokio::time::timeout(after, fut).await {
+        Ok(r) => r,
+        Err(_) => Err(EngineError::Timeout {
+            what: what.to_string(),
+            after,
+        }),
+    }
+}
+
 /// `options` of a URI with [`SESSION_OPTIONS`] after them (later settings win).
 pub fn session_options(existing: Option<&str>) -> String {
     match existing.map(str::trim).filter(|o| !o.is_empty()) {
@@ -30,14 +47,29 @@ pub fn session_options(existing: Option<&str>) -> String {
 /// Connects with a 10 s timeout, TCP keepalives and [`SESSION_OPTIONS`]; the connection is driven
 /// by a spawned task that ends when the client is dropped.
 pub async fn connect(uri: &ConnString, purpose: &str) -> Result<Client, EngineError> {
+    let limit = uri.connect_timeout();
+    // The connect timeout of tokio-postgres covers the TCP connect; this covers TLS and login too.
+    deadline(
+        limit,
+        &format!("connecting to {purpose} database {uri}"),
+        connect_once(uri, purpose),
+    )
+    .await
+}
+
+async fn connect_once(uri: &ConnString, purpose: &str) -> Result<Client, EngineError> {
     let mut config = uri.config().clone();
     let options = session_options(config.get_options());
     config
         .options(&options)
         .application_name(format!("philotes-{purpose}"))
-        .connect_timeout(Duration::from_secs(10))
+        .connect_timeout(uri.connect_timeout())
         .keepalives(true)
-        .keepalives_idle(Duration::from_secs(30));
+        .keepalives_idle(Duration::from_secs(10))
+        .keepalives_interval(Duration::from_secs(5))
+        .keepalives_retries(3)
+        // Unacknowledged data this long: the peer is gone (a pulled cable, a crashed host).
+        .tcp_user_timeout(Duration::from_secs(30));
     let context = format!("connecting to {purpose} database {uri}");
     let client = if config.get_ssl_mode() == SslMode::Disable {
         let (client, connection) = config

@@ -23,6 +23,7 @@ use super::config::{Delivery, PipelineConfig};
 use super::dlq;
 use super::error::{EngineError, ErrorClass};
 use super::event::{Event, Position, RelationInfo};
+use super::pg;
 use super::retry;
 use super::sink::{Part, Sink};
 
@@ -223,14 +224,30 @@ const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
 
 impl<S: Sink> Processor<S> {
     pub async fn run(mut self) -> Result<(), EngineError> {
-        let mut rels = self.buffer.relations().await?;
-        let mut processed = self.buffer.checkpoint().await?.processed;
+        let mut rels = pg::deadline(
+            self.cfg.response_timeout,
+            "reading relations from the buffer",
+            self.buffer.relations(),
+        )
+        .await?;
+        let mut processed = pg::deadline(
+            self.cfg.response_timeout,
+            "reading the buffer checkpoint",
+            self.buffer.checkpoint(),
+        )
+        .await?
+        .processed;
         let mut marked = (processed, Instant::now());
         let result = self
             .deliver_batches(&mut rels, &mut processed, &mut marked)
             .await;
         if result.is_ok() && marked.0 != processed {
-            self.buffer.mark_processed(processed).await?;
+            pg::deadline(
+                self.cfg.response_timeout,
+                "marking a batch processed",
+                self.buffer.mark_processed(processed),
+            )
+            .await?;
         }
         result
     }
@@ -265,7 +282,12 @@ impl<S: Sink> Processor<S> {
             // A pause waits for the open sink transaction to end.
             if open.is_none() && *self.delivery_rx.borrow() == Delivery::Paused {
                 if marked.0 != *processed {
-                    self.buffer.mark_processed(*processed).await?;
+                    pg::deadline(
+                        self.cfg.response_timeout,
+                        "marking a batch processed",
+                        self.buffer.mark_processed(*processed),
+                    )
+                    .await?;
                     *marked = (*processed, Instant::now());
                 }
                 tokio::select! {
@@ -298,7 +320,12 @@ impl<S: Sink> Processor<S> {
             }
             if batch.is_empty() {
                 if marked.0 != *processed {
-                    self.buffer.mark_processed(*processed).await?;
+                    pg::deadline(
+                        self.cfg.response_timeout,
+                        "marking a batch processed",
+                        self.buffer.mark_processed(*processed),
+                    )
+                    .await?;
                     *marked = (*processed, Instant::now());
                 }
                 let handoff = async {
@@ -321,7 +348,12 @@ impl<S: Sink> Processor<S> {
                 continue;
             }
             if batch.iter().any(|e| !rels.contains_key(&e.rel_ver)) {
-                *rels = self.buffer.relations().await?;
+                *rels = pg::deadline(
+                    self.cfg.response_timeout,
+                    "reading relations from the buffer",
+                    self.buffer.relations(),
+                )
+                .await?;
                 prepared = None;
             }
             let prepared = match prepared {
@@ -365,14 +397,18 @@ impl<S: Sink> Processor<S> {
                     cancel,
                 };
                 let (planner, rels) = (&planner, &*rels);
+                let response_timeout = cfg.response_timeout;
                 let take = async move {
                     let mut next = next;
                     let mut read = None;
                     if let Some(after) = read_after {
                         let room = BATCH_BYTES.saturating_sub(next.iter().map(Event::size).sum());
-                        let more = buffer
-                            .read_batch(after, durable, limit - next.len(), room.max(1))
-                            .await?;
+                        let more = pg::deadline(
+                            response_timeout,
+                            "reading events from the buffer",
+                            buffer.read_batch(after, durable, limit - next.len(), room.max(1)),
+                        )
+                        .await?;
                         read = Some((more.events.last().map(|e| e.pos), more.complete));
                         next.extend(more.events);
                     }
@@ -397,7 +433,12 @@ impl<S: Sink> Processor<S> {
                     match self.isolate_txn(rels, *processed, last.lsn).await? {
                         Some(upto) => {
                             *processed = upto;
-                            self.buffer.mark_processed(upto).await?;
+                            pg::deadline(
+                                self.cfg.response_timeout,
+                                "marking a batch processed",
+                                self.buffer.mark_processed(upto),
+                            )
+                            .await?;
                             *marked = (upto, Instant::now());
                             q.rewind(upto);
                         }
@@ -423,7 +464,12 @@ impl<S: Sink> Processor<S> {
             self.committed(applied, last);
             let caught_up = next.is_empty();
             if caught_up || marked.1.elapsed() >= MARK_EVERY {
-                self.buffer.mark_processed(last).await?;
+                pg::deadline(
+                    self.cfg.response_timeout,
+                    "marking a batch processed",
+                    self.buffer.mark_processed(last),
+                )
+                .await?;
                 *marked = (last, Instant::now());
             }
             ahead = (!caught_up).then_some((next, p));
@@ -437,10 +483,12 @@ impl<S: Sink> Processor<S> {
         durable: u64,
         limit: usize,
     ) -> Result<(), EngineError> {
-        let more = self
-            .buffer
-            .read_batch(q.last, durable, limit, BATCH_BYTES)
-            .await?;
+        let more = pg::deadline(
+            self.cfg.response_timeout,
+            "reading events from the buffer",
+            self.buffer.read_batch(q.last, durable, limit, BATCH_BYTES),
+        )
+        .await?;
         q.read(more.events.last().map(|e| e.pos), more.complete, durable);
         q.push_read(more.events);
         q.settle()
@@ -464,15 +512,23 @@ impl<S: Sink> Processor<S> {
             let mut applied = 0i64;
             let mut begin = true;
             loop {
-                let read = self
-                    .buffer
-                    .read_batch(after, upto_lsn + 1, limit, BATCH_BYTES)
-                    .await?;
+                let read = pg::deadline(
+                    self.cfg.response_timeout,
+                    "reading events from the buffer",
+                    self.buffer
+                        .read_batch(after, upto_lsn + 1, limit, BATCH_BYTES),
+                )
+                .await?;
                 let done = read.complete;
                 let mut chunk = read.events;
                 chunk.retain(|e| e.pos.lsn <= upto_lsn);
                 if chunk.iter().any(|e| !rels.contains_key(&e.rel_ver)) {
-                    *rels = self.buffer.relations().await?;
+                    *rels = pg::deadline(
+                        self.cfg.response_timeout,
+                        "reading relations from the buffer",
+                        self.buffer.relations(),
+                    )
+                    .await?;
                 }
                 let part = Part {
                     begin,
@@ -577,7 +633,7 @@ async fn dead_letter(
     .await?;
     shared.stats.events_dead_lettered.inc_by(dead.len() as u64);
     for (e, rel, error) in &dead {
-        tracing::warn!(pipeline = %cfg.name, table = %rel.qualified(), lsn = %super::pg::lsn_text(e.pos.lsn), ord = e.pos.ord, %error, "event dead-lettered");
+        tracing::warn!(pipeline = %cfg.name, table = %rel.qualified(), lsn = %pg::lsn_text(e.pos.lsn), ord = e.pos.ord, %error, "event dead-lettered");
     }
     Ok(())
 }

@@ -29,23 +29,39 @@ pub(super) async fn run_session(
     cancel: CancellationToken,
 ) -> Result<(), EngineError> {
     shared.set_message("connecting");
+    // Every request of the setup gets an answer within the response timeout, or the session ends
+    // and is made again.
+    let t = cfg.response_timeout;
     let source = pg::connect(&cfg.source, "source").await?;
-    buffer::migrate(&cfg.buffer).await?;
-    catalog::check_wal_level(&source).await?;
-    let layouts = catalog::table_layouts(&source, &cfg.tables).await?;
+    pg::deadline(t, "migrating the buffer", buffer::migrate(&cfg.buffer)).await?;
+    pg::deadline(t, "checking the source", catalog::check_wal_level(&source)).await?;
+    let layouts = pg::deadline(
+        t,
+        "reading the source tables",
+        catalog::table_layouts(&source, &cfg.tables),
+    )
+    .await?;
     let control = Buffer::connect(&cfg.buffer, &cfg.id, "buffer").await?;
-    let previous = control.ownership().await?;
+    let previous = pg::deadline(t, "reading the buffer", control.ownership()).await?;
     let owned_publication = previous
         .as_ref()
         .is_some_and(|o| o.publication_created && o.publication_name == cfg.publication);
-    let publication_created =
-        catalog::ensure_publication(&source, &cfg.publication, &cfg.tables, owned_publication)
-            .await?;
-    let slot_exists = catalog::slot_exists(&source, &cfg.slot).await?;
+    let publication_created = pg::deadline(
+        t,
+        "preparing the publication",
+        catalog::ensure_publication(&source, &cfg.publication, &cfg.tables, owned_publication),
+    )
+    .await?;
+    let slot_exists = pg::deadline(
+        t,
+        "looking up the slot",
+        catalog::slot_exists(&source, &cfg.slot),
+    )
+    .await?;
     let ours = previous
         .as_ref()
         .is_some_and(|o| o.slot_created && o.slot_name == cfg.slot);
-    let snapshot_owed = snapshot::pending(&control).await?;
+    let snapshot_owed = pg::deadline(t, "reading the buffer", snapshot::pending(&control)).await?;
     let slot_created = if cfg.initial_snapshot && snapshot_owed && (!slot_exists || ours) {
         shared.set_message("initial snapshot");
         let mut writer = Buffer::connect(&cfg.buffer, &cfg.id, "snapshot").await?;
@@ -53,7 +69,7 @@ pub(super) async fn run_session(
         true
     } else {
         if !slot_exists && !snapshot_owed {
-            let cp = control.checkpoint().await?;
+            let cp = pg::deadline(t, "reading the buffer", control.checkpoint()).await?;
             if cp.durable_lsn > 0 {
                 return Err(EngineError::invalid(
                     format!(
@@ -67,27 +83,40 @@ pub(super) async fn run_session(
         if cfg.initial_snapshot && snapshot_owed && slot_exists {
             tracing::warn!(pipeline = %cfg.name, slot = %cfg.slot, "the slot was not created by Philotes: no initial snapshot, changes from the slot's position on");
         }
-        catalog::ensure_slot(&source, &cfg.slot).await? || ours
-    };
-    let own = control
-        .register(
-            &cfg.name,
-            &Ownership {
-                slot_name: cfg.slot.clone(),
-                publication_name: cfg.publication.clone(),
-                slot_created,
-                publication_created,
-            },
+        pg::deadline(
+            t,
+            "preparing the slot",
+            catalog::ensure_slot(&source, &cfg.slot),
         )
-        .await?;
+        .await?
+            || ours
+    };
+    let ownership = Ownership {
+        slot_name: cfg.slot.clone(),
+        publication_name: cfg.publication.clone(),
+        slot_created,
+        publication_created,
+    };
+    let own = pg::deadline(
+        t,
+        "registering the pipeline",
+        control.register(&cfg.name, &ownership),
+    )
+    .await?;
     shared.texts().ownership = own;
 
-    let mut sink = PostgresSink::new(cfg.sink.clone(), cfg.sink_schema.clone());
+    let mut sink = PostgresSink::new(cfg.sink.clone(), cfg.sink_schema.clone(), t);
     sink.prepare(&layouts).await?;
 
-    let cp = control.checkpoint().await?;
-    control.discard_incomplete(cp.durable_lsn).await?;
-    shared.stats.buffer_depth.set(control.depth(&cp).await?);
+    let cp = pg::deadline(t, "reading the buffer", control.checkpoint()).await?;
+    pg::deadline(
+        t,
+        "discarding an incomplete transaction",
+        control.discard_incomplete(cp.durable_lsn),
+    )
+    .await?;
+    let depth = pg::deadline(t, "counting buffered events", control.depth(&cp)).await?;
+    shared.stats.buffer_depth.set(depth);
     shared.durable_lsn.store(cp.durable_lsn, Ordering::Relaxed);
     let (durable_tx, durable_rx) = watch::channel(cp.durable_lsn);
     let monitor = pg::connect(&cfg.source, "monitor").await?;

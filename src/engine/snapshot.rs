@@ -150,13 +150,16 @@ pub async fn run(
         )))?;
         let mut copied = 0u64;
         loop {
-            let messages = copy
-                .simple_query(&format!("FETCH {FETCH} FROM philotes_snapshot"))
-                .await
-                .map_err(EngineError::pg(format!(
-                    "reading {} for the snapshot",
-                    rel.qualified()
-                )))?;
+            let fetch = format!("FETCH {FETCH} FROM philotes_snapshot");
+            let messages = pg::deadline(cfg.response_timeout, "reading the snapshot", async {
+                copy.simple_query(&fetch)
+                    .await
+                    .map_err(EngineError::pg(format!(
+                        "reading {} for the snapshot",
+                        rel.qualified()
+                    )))
+            })
+            .await?;
             let mut batch = CopyRows::default();
             for m in &messages {
                 if let SimpleQueryMessage::Row(row) = m {
@@ -178,7 +181,12 @@ pub async fn run(
             }
             copied += batch.len() as u64;
             shared.stats.events_read.inc_by(batch.len() as u64);
-            buffer.write(&[], batch, None).await?;
+            pg::deadline(
+                cfg.response_timeout,
+                "writing the snapshot to the buffer",
+                buffer.write(&[], batch, None),
+            )
+            .await?;
             shared.set_message(format!(
                 "initial snapshot: {} rows of {} copied",
                 copied,

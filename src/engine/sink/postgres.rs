@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
+use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
@@ -21,16 +22,19 @@ use crate::engine::pg;
 pub struct PostgresSink {
     uri: ConnString,
     schema: String,
+    timeout: Duration,
     client: Option<Client>,
     ensured: HashSet<i64>,
     statements: HashMap<String, Statement>,
 }
 
 impl PostgresSink {
-    pub fn new(uri: ConnString, schema: String) -> Self {
+    /// A sink that takes a request unanswered for `timeout` for a dead connection.
+    pub fn new(uri: ConnString, schema: String, timeout: Duration) -> Self {
         Self {
             uri,
             schema,
+            timeout,
             client: None,
             ensured: HashSet::new(),
             statements: HashMap::new(),
@@ -53,11 +57,23 @@ impl PostgresSink {
         e
     }
 
+    /// Ends an attempt: after a failure no transaction stays open (a dead connection is dropped).
+    async fn after<T>(&mut self, result: Result<T, EngineError>) -> Result<T, EngineError> {
+        if let Err(e) = &result
+            && e.class() != ErrorClass::Connection
+        {
+            self.roll_back().await;
+        }
+        result.map_err(|e| self.on_error(e))
+    }
+
     /// After a failed attempt: ends the transaction the attempt was in, if any (a warning only when
     /// there is none), so that no transaction stays open; a connection that cannot is dropped.
     async fn roll_back(&mut self) {
         if let Some(c) = self.client.as_ref().filter(|c| !c.is_closed())
-            && c.batch_execute("ROLLBACK").await.is_ok()
+            && tokio::time::timeout(self.timeout, c.batch_execute("ROLLBACK"))
+                .await
+                .is_ok_and(|r| r.is_ok())
         {
             return;
         }
@@ -67,7 +83,8 @@ impl PostgresSink {
     /// Creates the target schema and the tables for `rels` (adding columns they lack).
     pub async fn prepare(&mut self, rels: &[RelationInfo]) -> Result<(), EngineError> {
         self.connect().await.map_err(|e| self.on_error(e))?;
-        let r = self.prepare_inner(rels).await;
+        let t = self.timeout;
+        let r = pg::deadline(t, "preparing the sink tables", self.prepare_inner(rels)).await;
         r.map_err(|e| self.on_error(e))
     }
 
@@ -488,13 +505,17 @@ impl Sink for PostgresSink {
         self.ready_for(p.rel_vers.iter().copied(), rels, part)
             .await?;
         let result = match self.client.as_ref() {
-            Some(client) => run_transaction(&mut self.statements, client, &p.stmts, part).await,
+            Some(client) => {
+                pg::deadline(
+                    self.timeout,
+                    "applying a batch to the sink",
+                    run_transaction(&mut self.statements, client, &p.stmts, part),
+                )
+                .await
+            }
             None => Err(EngineError::Protocol("sink not connected".into())),
         };
-        if result.is_err() {
-            self.roll_back().await;
-        }
-        result.map_err(|e| self.on_error(e))
+        self.after(result).await
     }
 
     async fn apply_isolated(
@@ -507,81 +528,86 @@ impl Sink for PostgresSink {
         let steps = plan(batch, rels).map_err(|e| EngineError::Protocol(e.to_string()))?;
         self.ready_for(batch.iter().map(|e| e.rel_ver), rels, part)
             .await?;
-        let result = async {
-            let client = self
-                .client
-                .as_ref()
-                .ok_or_else(|| EngineError::Protocol("sink not connected".into()))?;
-            let sql = |q: &'static str, what: &'static str| async move {
-                client.batch_execute(q).await.map_err(EngineError::pg(what))
-            };
-            if part.begin {
-                sql("BEGIN", "starting a sink transaction").await?;
-            }
-            let mut rejected = Vec::new();
-            for step in &steps {
-                let singles: Vec<(Vec<usize>, Option<&Action>, Option<i64>)> = match step {
-                    Step::Apply(actions) => actions
-                        .iter()
-                        .map(|a| (a.events.clone(), Some(a), None))
-                        .collect(),
-                    Step::Truncate { rel_ver, event } => vec![(vec![*event], None, Some(*rel_ver))],
+        let timeout = self.timeout;
+        let result = pg::deadline(
+            timeout,
+            "applying a batch to the sink change by change",
+            async {
+                let client = self
+                    .client
+                    .as_ref()
+                    .ok_or_else(|| EngineError::Protocol("sink not connected".into()))?;
+                let sql = |q: &'static str, what: &'static str| async move {
+                    client.batch_execute(q).await.map_err(EngineError::pg(what))
                 };
-                for (events, action, truncate) in singles {
-                    sql("SAVEPOINT philotes_one", "starting a savepoint").await?;
-                    let r = async {
-                        let stmts = match (action, truncate) {
-                            (Some(a), _) => statements(&self.schema, &[a], rels)?,
-                            (None, Some(v)) => {
-                                let r = rel(rels, v)?;
-                                vec![Stmt {
-                                    sql: sql::truncate(&self.schema, r),
-                                    params: Vec::new(),
-                                    truncate: true,
-                                    what: format!("truncating {}", sql::table(&self.schema, r)),
-                                }]
+                if part.begin {
+                    sql("BEGIN", "starting a sink transaction").await?;
+                }
+                let mut rejected = Vec::new();
+                for step in &steps {
+                    let singles: Vec<(Vec<usize>, Option<&Action>, Option<i64>)> = match step {
+                        Step::Apply(actions) => actions
+                            .iter()
+                            .map(|a| (a.events.clone(), Some(a), None))
+                            .collect(),
+                        Step::Truncate { rel_ver, event } => {
+                            vec![(vec![*event], None, Some(*rel_ver))]
+                        }
+                    };
+                    for (events, action, truncate) in singles {
+                        sql("SAVEPOINT philotes_one", "starting a savepoint").await?;
+                        let r = async {
+                            let stmts = match (action, truncate) {
+                                (Some(a), _) => statements(&self.schema, &[a], rels)?,
+                                (None, Some(v)) => {
+                                    let r = rel(rels, v)?;
+                                    vec![Stmt {
+                                        sql: sql::truncate(&self.schema, r),
+                                        params: Vec::new(),
+                                        truncate: true,
+                                        what: format!("truncating {}", sql::table(&self.schema, r)),
+                                    }]
+                                }
+                                (None, None) => Vec::new(),
+                            };
+                            for s in &stmts {
+                                run_stmt(&mut self.statements, client, s).await?;
                             }
-                            (None, None) => Vec::new(),
-                        };
-                        for s in &stmts {
-                            run_stmt(&mut self.statements, client, s).await?;
+                            Ok::<(), EngineError>(())
                         }
-                        Ok::<(), EngineError>(())
-                    }
-                    .await;
-                    match r {
-                        Ok(()) => {
-                            sql("RELEASE SAVEPOINT philotes_one", "releasing a savepoint").await?
+                        .await;
+                        match r {
+                            Ok(()) => {
+                                sql("RELEASE SAVEPOINT philotes_one", "releasing a savepoint")
+                                    .await?
+                            }
+                            Err(e) if e.class() == ErrorClass::Data => {
+                                sql(
+                                    "ROLLBACK TO SAVEPOINT philotes_one",
+                                    "rolling back a savepoint",
+                                )
+                                .await?;
+                                rejected.push(Rejected {
+                                    events,
+                                    error: e.to_string(),
+                                });
+                            }
+                            Err(e) => return Err(e),
                         }
-                        Err(e) if e.class() == ErrorClass::Data => {
-                            sql(
-                                "ROLLBACK TO SAVEPOINT philotes_one",
-                                "rolling back a savepoint",
-                            )
-                            .await?;
-                            rejected.push(Rejected {
-                                events,
-                                error: e.to_string(),
-                            });
-                        }
-                        Err(e) => return Err(e),
                     }
                 }
-            }
-            let refused: usize = rejected.iter().map(|r| r.events.len()).sum();
-            if breaker && super::breaker_trips(refused, batch.len()) {
-                let first = rejected.first().map_or("", |r| r.error.as_str());
-                return Err(super::breaker_error(refused, batch.len(), first));
-            }
-            if part.commit {
-                sql("COMMIT", "committing a sink transaction").await?;
-            }
-            Ok(rejected)
-        }
+                let refused: usize = rejected.iter().map(|r| r.events.len()).sum();
+                if breaker && super::breaker_trips(refused, batch.len()) {
+                    let first = rejected.first().map_or("", |r| r.error.as_str());
+                    return Err(super::breaker_error(refused, batch.len(), first));
+                }
+                if part.commit {
+                    sql("COMMIT", "committing a sink transaction").await?;
+                }
+                Ok(rejected)
+            },
+        )
         .await;
-        if result.is_err() {
-            self.roll_back().await;
-        }
-        result.map_err(|e| self.on_error(e))
+        self.after(result).await
     }
 }

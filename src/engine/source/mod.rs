@@ -26,6 +26,7 @@ use super::buffer::{Buffer, CopyRows};
 use super::config::PipelineConfig;
 use super::error::EngineError;
 use super::event::{Op, Position, RelationInfo};
+use super::pg;
 use super::processor::Handoff;
 
 /// While the writer is busy the next batch grows up to this many bytes of encoded rows (some 6,000
@@ -139,10 +140,14 @@ async fn write_batches(
     durable_tx: watch::Sender<u64>,
     ack_tx: watch::Sender<Ack>,
     mut handoff: Option<mpsc::Sender<Handoff>>,
+    shared_timeout: Duration,
 ) -> Result<(), EngineError> {
     let (mut seq, mut durable) = *ack_tx.borrow();
     // The newest event already in the buffer: what the first batch follows.
-    let processed = buffer.checkpoint().await?.processed;
+    let t = shared_timeout;
+    let processed = pg::deadline(t, "reading the buffer checkpoint", buffer.checkpoint())
+        .await?
+        .processed;
     let mut written = buffer
         .last_position()
         .await?
@@ -154,7 +159,12 @@ async fn write_batches(
             .as_ref()
             .filter(|h| h.capacity() > 0)
             .map(|_| b.rows.to_bytes());
-        buffer.write(&b.relations, b.rows, b.durable_lsn).await?;
+        pg::deadline(
+            t,
+            "writing events to the buffer",
+            buffer.write(&b.relations, b.rows, b.durable_lsn),
+        )
+        .await?;
         seq += 1;
         if let (Some(h), Some(rows)) = (&handoff, copy) {
             let sent = h.try_send(Handoff {
@@ -187,21 +197,33 @@ impl Reader {
             .with_start_lsn(Lsn(start))
             .with_ack_lsn(Lsn(start))
             .with_status_interval(Duration::from_millis(500))
-            .with_wakeup_interval(Duration::from_secs(5))
+            // Idle for a quarter of the response timeout: ask the server for a reply; silent for the
+            // whole of it: the path is dead.
+            .with_wakeup_interval((self.cfg.response_timeout / 4).max(Duration::from_millis(250)))
+            .with_server_timeout(self.cfg.response_timeout)
             .with_buffer_size(16384)
             .with_buffer_bytes(REPLICATION_BUFFER_BYTES)
     }
 
     pub async fn run(self, start: u64) -> Result<(), EngineError> {
-        let mut client = ReplicationClient::connect(self.replication_config(start))
-            .await
-            .map_err(|source| EngineError::Replication {
-                context: format!(
-                    "starting replication from slot {} on {}",
-                    self.cfg.slot, self.cfg.source
-                ),
-                source,
-            })?;
+        let what = format!(
+            "starting replication from slot {} on {}",
+            self.cfg.slot, self.cfg.source
+        );
+        let connect = async {
+            ReplicationClient::connect(self.replication_config(start))
+                .await
+                .map_err(|source| EngineError::Replication {
+                    context: what.clone(),
+                    source,
+                })
+        };
+        let mut client = pg::deadline(
+            self.cfg.source.connect_timeout() + self.cfg.response_timeout,
+            &what,
+            connect,
+        )
+        .await?;
         let Reader {
             cfg,
             sql,
@@ -221,6 +243,7 @@ impl Reader {
             durable_tx,
             ack_tx,
             handoff,
+            cfg.response_timeout,
         ));
         let mut decoder = Decoder {
             pipeline_id: cfg.id.clone(),
@@ -531,12 +554,16 @@ impl Decoder {
                         is_key: c.is_key,
                     })
                     .collect();
-                let mut info = catalog::layout_of(
-                    &self.sql,
-                    r.id,
-                    &r.namespace,
-                    &r.name,
-                    Some((&cols, r.replica_identity)),
+                let mut info = pg::deadline(
+                    self.cfg.response_timeout,
+                    "reading a table layout on the source",
+                    catalog::layout_of(
+                        &self.sql,
+                        r.id,
+                        &r.namespace,
+                        &r.name,
+                        Some((&cols, r.replica_identity)),
+                    ),
                 )
                 .await?;
                 // FULL identity with the table gone from the catalog: the key it had before.

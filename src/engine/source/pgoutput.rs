@@ -147,7 +147,8 @@ impl Reader {
 
     fn tuple(&mut self) -> Result<Tuple, DecodeError> {
         let n = self.i16("tuple column count")?.max(0) as usize;
-        let mut values = Vec::with_capacity(n);
+        // Untrusted count: reserve no more columns than bytes are left (each takes one or more).
+        let mut values = Vec::with_capacity(n.min(self.buf.remaining()));
         for _ in 0..n {
             let kind = self.u8("column kind")?;
             values.push(match kind {
@@ -211,7 +212,8 @@ fn tuple_cols(buf: &[u8], pos: &mut usize, out: &mut Vec<Col>) -> Result<(), Dec
     };
     let at = take(pos, 2, "tuple column count")?;
     let n = i16::from_be_bytes([buf[at], buf[at + 1]]).max(0) as usize;
-    out.reserve(n);
+    // Untrusted count: reserve no more columns than bytes are left (each takes one or more).
+    out.reserve(n.min(buf.len() - *pos));
     for _ in 0..n {
         let kind = buf[take(pos, 1, "column kind")?];
         match kind {
@@ -321,7 +323,8 @@ pub fn decode(buf: Bytes) -> Result<Message, DecodeError> {
             let name = r.cstr("relation name")?;
             let replica_identity = r.u8("replica identity")?;
             let n = r.i16("relation column count")?.max(0) as usize;
-            let mut columns = Vec::with_capacity(n);
+            // Untrusted, as in a tuple: no more columns than bytes are left.
+            let mut columns = Vec::with_capacity(n.min(r.buf.remaining()));
             for _ in 0..n {
                 let flags = r.u8("column flags")?;
                 columns.push(Column {
@@ -412,6 +415,72 @@ pub fn decode(buf: Bytes) -> Result<Message, DecodeError> {
 mod tests {
     use super::*;
     use bytes::{BufMut, BytesMut};
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    /// The system allocator, noting each thread's largest single allocation (for this crate's unit
+    /// tests only: it changes nothing else).
+    struct Tracking;
+
+    thread_local! {
+        static LARGEST: Cell<usize> = const { Cell::new(0) };
+    }
+
+    fn note(size: usize) {
+        let _ = LARGEST.try_with(|l| l.set(l.get().max(size)));
+    }
+
+    unsafe impl GlobalAlloc for Tracking {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            note(layout.size());
+            unsafe { System.alloc(layout) }
+        }
+        unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+            note(layout.size());
+            unsafe { System.alloc_zeroed(layout) }
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            note(new_size);
+            unsafe { System.realloc(ptr, layout, new_size) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            unsafe { System.dealloc(ptr, layout) }
+        }
+    }
+
+    #[global_allocator]
+    static ALLOC: Tracking = Tracking;
+
+    /// What `f` returned, and the largest single allocation it made.
+    fn largest_allocation<T>(f: impl FnOnce() -> T) -> (T, usize) {
+        LARGEST.with(|l| l.set(0));
+        let out = f();
+        (out, LARGEST.with(|l| l.get()))
+    }
+
+    #[test]
+    fn a_column_count_larger_than_the_message_reserves_nothing_for_it() {
+        // Found by the fuzzer (fuzz/): an Insert whose tuple claims 0x4e00 = 19,968 columns and
+        // holds none. decode reserved 19,968 values (780 KiB) and parse_change 19,968 columns
+        // (234 KiB) for these 8 bytes before finding them too short.
+        let input = [b'I', 0, 0, 1, 0, b'N', 0x4e, 0];
+        let (res, largest) = largest_allocation(|| decode(Bytes::copy_from_slice(&input)));
+        assert_eq!(res, Err(DecodeError::Truncated("column kind")));
+        assert!(largest <= 64, "decode allocated {largest} bytes at once");
+        let (mut old, mut new) = (Vec::new(), Vec::new());
+        let (res, largest) = largest_allocation(|| parse_change(&input, &mut old, &mut new));
+        assert_eq!(res, Err(DecodeError::Truncated("column kind")));
+        assert!(
+            largest <= 64,
+            "parse_change allocated {largest} bytes at once"
+        );
+
+        // The same for a relation's columns: 0x7fff claimed, none there.
+        let input = b"R\0\0\x40\0public\0orders\0d\x7f\xff";
+        let (res, largest) = largest_allocation(|| decode(Bytes::from_static(input)));
+        assert_eq!(res, Err(DecodeError::Truncated("column flags")));
+        assert!(largest <= 64, "decode allocated {largest} bytes at once");
+    }
 
     fn tuple(b: &mut BytesMut, vals: &[Option<&str>], unchanged: &[usize]) {
         b.put_i16(vals.len() as i16);

@@ -401,6 +401,13 @@ pub struct ReplicationConfig {
     /// Default: 10 seconds
     pub idle_wakeup_interval: Duration,
 
+    /// Silence after which the server is taken for dead and the stream ends with a
+    /// `TimedOut` I/O error; `None`: never. While it is set, idle wakeups ask the server
+    /// for a reply, which a live server sends at once, so a silent one is a dead path (a
+    /// network black hole that TCP does not notice). (Added to the vendored copy for
+    /// Philotes.)
+    pub server_timeout: Option<Duration>,
+
     /// Size of the bounded event buffer between replication worker and consumer.
     ///
     /// Larger buffers can smooth out processing latency spikes but use more memory.
@@ -511,6 +518,7 @@ impl Default for ReplicationConfig {
             stop_at_lsn: None,
             status_interval: Duration::from_secs(10),
             idle_wakeup_interval: Duration::from_secs(10),
+            server_timeout: None,
             buffer_events: 8192,
             buffer_bytes: None,
             binary: false,
@@ -667,6 +675,13 @@ impl ReplicationConfig {
     /// Set the idle wakeup interval.
     pub fn with_wakeup_interval(mut self, timeout: Duration) -> Self {
         self.idle_wakeup_interval = timeout;
+        self
+    }
+
+    /// Take the server for dead after this long without a message (see
+    /// [`server_timeout`](Self::server_timeout)).
+    pub fn with_server_timeout(mut self, timeout: Duration) -> Self {
+        self.server_timeout = Some(timeout);
         self
     }
 

@@ -369,6 +369,8 @@ impl WorkerState {
         stream: &mut BufReader<S>,
     ) -> Result<()> {
         let mut last_status_sent = Instant::now() - self.cfg.status_interval;
+        // Idle wakeups in a row without a message from the server (for `server_timeout`).
+        let mut silent_wakeups: u32 = 0;
         let mut last_applied = self.progress.load_applied();
         // Wakes the wait phase when the consumer raises the applied LSN.
         let mut applied_rx = self.progress.subscribe();
@@ -419,6 +421,7 @@ impl WorkerState {
             // If we drained messages, loop back to check stop/status before
             // potentially blocking on the next read.
             if drained > 0 {
+                silent_wakeups = 0;
                 // Check stop signal without blocking
                 if self.stop_rx.has_changed().unwrap_or(false) && *self.stop_rx.borrow() {
                     let _ = write_copy_done(stream).await;
@@ -472,15 +475,26 @@ impl WorkerState {
                     match msg_result {
                         Ok(res) => res?,
                         Err(_) => {
+                            // Silent: a server that has said nothing for `server_timeout` is taken
+                            // for dead; until then, ask it for a reply, which a live one sends at once.
+                            silent_wakeups += 1;
+                            let silent = self.cfg.idle_wakeup_interval * silent_wakeups;
+                            if self.cfg.server_timeout.is_some_and(|limit| silent >= limit) {
+                                return Err(PgWireError::Io(std::sync::Arc::new(std::io::Error::new(
+                                    std::io::ErrorKind::TimedOut,
+                                    format!("no message from the server for {silent:?}"),
+                                ))));
+                            }
                             let applied = self.progress.load_applied();
                             last_applied = applied;
-                            self.send_feedback(stream, applied, false).await?;
+                            self.send_feedback(stream, applied, self.cfg.server_timeout.is_some()).await?;
                             last_status_sent = Instant::now();
                             continue;
                         }
                     }
                 }
             };
+            silent_wakeups = 0;
 
             if msg.tag == b'E' {
                 return Err(PgWireError::Server(parse_error_response(&msg.payload)));
