@@ -174,6 +174,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Fail points (tests only: none is set unless the FAILPOINTS variable names it).
+    let _failpoints = fail::FailScenario::setup();
     philotes::install_crypto_provider();
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -2,26 +2,13 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use support::{Pg, count, eventually, wait_same};
 
 fn start(file: &std::path::Path, log: &std::path::Path) -> Child {
-    let out = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .unwrap();
-    Command::new(env!("CARGO_BIN_EXE_philotes"))
-        .args(["run", "-f"])
-        .arg(file)
-        .args(["--health-addr", "127.0.0.1:0"])
-        .env("RUST_LOG", "warn,philotes=info")
-        .stdout(Stdio::from(out.try_clone().unwrap()))
-        .stderr(Stdio::from(out))
-        .spawn()
-        .unwrap()
+    support::run_philotes(file, log, &[])
 }
 
 /// Databases shop and warehouse, the table made by `ddl`, and a manifest file for one pipeline of

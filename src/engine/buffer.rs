@@ -518,6 +518,7 @@ impl Buffer {
             .await
             .map_err(EngineError::pg("moving the buffer checkpoint"))?;
         }
+        crate::engine::failpoint::crash_point("buffer-before-commit");
         tx.commit()
             .await
             .map_err(EngineError::pg("committing a buffer transaction"))

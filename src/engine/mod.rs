@@ -6,6 +6,7 @@ pub mod buffer;
 pub mod config;
 pub mod dlq;
 pub mod error;
+pub mod failpoint;
 pub mod event;
 mod handle;
 mod housekeeping;

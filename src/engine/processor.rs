@@ -159,6 +159,14 @@ impl Queue {
         out
     }
 
+    /// Puts events taken from the front back there, in order.
+    fn unpop(&mut self, events: Vec<Event>) {
+        self.bytes += events.iter().map(Event::size).sum::<usize>();
+        for e in events.into_iter().rev() {
+            self.events.push_front(e);
+        }
+    }
+
     /// Queues events read from the buffer.
     fn push_read(&mut self, events: Vec<Event>) {
         self.bytes += events.iter().map(Event::size).sum::<usize>();
@@ -356,19 +364,29 @@ impl<S: Sink> Processor<S> {
                 .await?;
                 prepared = None;
             }
-            let prepared = match prepared {
-                Some(p) => p,
-                None => S::prepare(&planner, &batch, rels)?,
-            };
-            let started = Instant::now();
-            let last = batch.last().map(|e| e.pos).unwrap_or(*processed);
+            let mut last = batch.last().map(|e| e.pos).unwrap_or(*processed);
             // The sink commits only where a source transaction ends.
-            let ends = loop {
+            let mut ends = loop {
                 match q.ends_txn(last, durable) {
                     Some(ends) => break ends,
                     None => self.read_into(&mut q, durable, limit).await?,
                 }
             };
+            // A batch that ends inside a transaction but holds the end of an earlier one is cut
+            // there, so the sink commits at that end; the rest starts the next batch. Only a
+            // transaction larger than a batch keeps its sink transaction open across batches.
+            if !ends && let Some(cut) = batch.iter().rposition(|e| e.pos.lsn != last.lsn) {
+                let rest = batch.split_off(cut + 1);
+                q.unpop(rest);
+                prepared = None;
+                ends = true;
+                last = batch.last().map(|e| e.pos).unwrap_or(*processed);
+            }
+            let prepared = match prepared {
+                Some(p) => p,
+                None => S::prepare(&planner, &batch, rels)?,
+            };
+            let started = Instant::now();
             let part = Part {
                 begin: open.is_none(),
                 commit: ends,
@@ -461,6 +479,7 @@ impl<S: Sink> Processor<S> {
             }
             open = None;
             *processed = last;
+            crate::engine::failpoint::crash_point("sink-before-mark");
             self.committed(applied, last);
             let caught_up = next.is_empty();
             if caught_up || marked.1.elapsed() >= MARK_EVERY {
@@ -631,6 +650,7 @@ async fn dead_letter(
         attempts as i32,
     )
     .await?;
+    crate::engine::failpoint::crash_point("dlq-before-mark");
     shared.stats.events_dead_lettered.inc_by(dead.len() as u64);
     for (e, rel, error) in &dead {
         tracing::warn!(pipeline = %cfg.name, table = %rel.qualified(), lsn = %pg::lsn_text(e.pos.lsn), ord = e.pos.ord, %error, "event dead-lettered");

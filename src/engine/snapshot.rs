@@ -187,6 +187,7 @@ pub async fn run(
                 buffer.write(&[], batch, None),
             )
             .await?;
+            crate::engine::failpoint::crash_point("snapshot-mid-copy");
             shared.set_message(format!(
                 "initial snapshot: {} rows of {} copied",
                 copied,

@@ -287,6 +287,11 @@ impl Cluster {
         self.pg_ctl(&["-m", "fast", "stop"])
     }
 
+    /// Stops the server as a crash would (immediate shutdown: no checkpoint, recovery on start).
+    pub fn stop_server_immediate(&self) -> anyhow::Result<()> {
+        self.pg_ctl(&["-m", "immediate", "stop"])
+    }
+
     /// Restarts the server (fast shutdown), e.g. after ALTER SYSTEM of a restart-only setting.
     pub fn restart(&self) -> anyhow::Result<()> {
         self.pg_ctl(&["-m", "fast", "restart"])

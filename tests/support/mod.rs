@@ -61,6 +61,13 @@ impl Pg {
             .unwrap_or_else(|e| panic!("{e:#}"));
     }
 
+    /// Stops the server as a crash would (immediate shutdown).
+    pub fn stop_server_immediate(&self) {
+        self.cluster
+            .stop_server_immediate()
+            .unwrap_or_else(|e| panic!("{e:#}"));
+    }
+
     /// Stops the server (fast shutdown: sessions are cut, committed data stays).
     pub fn stop_server(&self) {
         self.cluster
@@ -98,6 +105,25 @@ impl Pg {
     pub fn dir(&self) -> &Path {
         self.cluster.dir()
     }
+}
+
+/// Starts `philotes run -f file` with its output appended to `log` and `env` set.
+pub fn run_philotes(file: &Path, log: &Path, env: &[(&str, &str)]) -> std::process::Child {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_philotes"))
+        .args(["run", "-f"])
+        .arg(file)
+        .args(["--health-addr", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn,philotes=info")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::from(out.try_clone().unwrap()))
+        .stderr(std::process::Stdio::from(out))
+        .spawn()
+        .unwrap()
 }
 
 /// Every row of `table` as text, ordered by `order` (what a comparison of full contents needs).

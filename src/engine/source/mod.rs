@@ -177,6 +177,7 @@ async fn write_batches(
                 handoff = None;
             }
         }
+        crate::engine::failpoint::crash_point("buffer-before-ack");
         written = last.unwrap_or(written);
         if let Some(lsn) = b.durable_lsn {
             durable = lsn;

@@ -1,0 +1,371 @@
+//! The fault-injection matrix: `philotes run` dies (abort, as SIGKILL would) at each step where a
+//! crash matters, via fail points (`fail` crate, set through the FAILPOINTS variable), then runs again.
+//! Each time the sink must equal the source, dead letters must be there exactly once, and the slot
+//! must not have been acknowledged past a change the buffer lacks.
+
+mod support;
+
+use std::os::unix::process::ExitStatusExt;
+use std::time::{Duration, Instant};
+
+use support::{Pg, count, eventually, run_philotes, wait_same};
+
+const POISON: i64 = 3;
+
+struct Outcome {
+    point: &'static str,
+    aborted: bool,
+    sink_matches: bool,
+    dead_letters: i64,
+    slot_vs_buffer: String,
+}
+
+/// One row of the matrix: a fresh source and sink/buffer cluster, a pipeline that aborts at `point`
+/// on its `skip + 1`th pass, the restart, and the checks.
+async fn scenario(point: &'static str, skip: u32, snapshot_rows: i64) -> Outcome {
+    let pg = Pg::start();
+    let sink = Pg::start();
+    pg.create_db("shop").await;
+    sink.create_db("warehouse").await;
+    let src = pg.client("shop").await;
+    let dst = sink.client("warehouse").await;
+    src.batch_execute(&format!(
+        "CREATE TABLE t (id bigint PRIMARY KEY, v text);
+         INSERT INTO t SELECT i, md5(i::text) FROM generate_series(1, {snapshot_rows}) i;
+         CREATE VIEW t_ok AS SELECT * FROM t WHERE v <> 'poison';"
+    ))
+    .await
+    .unwrap();
+    // The sink refuses the poison rows: they become dead letters.
+    dst.batch_execute(
+        "CREATE SCHEMA replica; CREATE TABLE replica.t (id bigint PRIMARY KEY, v text CHECK (v <> 'poison'))",
+    )
+    .await
+    .unwrap();
+    let file = pg.dir().join("pipeline.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"apiVersion: v1
+kind: Secret
+metadata: {{name: db}}
+stringData: {{source: "{}", sink: "{}"}}
+---
+apiVersion: philotes.io/v1alpha1
+kind: CdcPipeline
+metadata: {{name: faults}}
+spec:
+  source: {{connectionSecretRef: {{name: db, key: source}}, tables: [t]}}
+  sink: {{postgres: {{connectionSecretRef: {{name: db, key: sink}}, schema: replica}}}}
+  buffer: {{connectionSecretRef: {{name: db, key: sink}}, batchSize: 1000, flushInterval: 100ms}}
+  retry: {{maxAttempts: 2, initialInterval: 100ms, maxInterval: 500ms}}
+"#,
+            pg.uri("shop"),
+            sink.uri("warehouse")
+        ),
+    )
+    .unwrap();
+    let log = pg.dir().join("philotes.log");
+    let failpoints = format!("{point}={skip}*off->return");
+    let mut child = run_philotes(&file, &log, &[("FAILPOINTS", failpoints.as_str())]);
+
+    if snapshot_rows == 0 {
+        let up = tokio::time::timeout(
+            Duration::from_secs(60),
+            eventually(
+                "the pipeline to start",
+                Duration::from_secs(3600),
+                || async {
+                    dst.query_one(
+                        "SELECT bool_and(snapshot_done) FROM philotes.pipelines",
+                        &[],
+                    )
+                    .await
+                    .map(|r| r.get::<_, Option<bool>>(0) == Some(true))
+                    .unwrap_or(false)
+                },
+            ),
+        )
+        .await;
+        assert!(
+            up.is_ok(),
+            "{point}: the pipeline did not start; log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        // 20 transactions of 1,000 rows with updates and deletes, and the poison rows on their own.
+        for k in 0..20i64 {
+            src.batch_execute(&format!(
+                "BEGIN; INSERT INTO t SELECT i, md5(i::text) FROM generate_series({}, {}) i;
+                 UPDATE t SET v = 'u' || v WHERE id % 7 = 0 AND id > {}; DELETE FROM t WHERE id % 50 = 0 AND id > {}; COMMIT;",
+                k * 1000 + 1,
+                k * 1000 + 1000,
+                k * 1000 - 1000,
+                k * 1000 - 1000
+            ))
+            .await
+            .unwrap();
+            if k % 7 == 3 {
+                src.batch_execute(&format!(
+                    "INSERT INTO t VALUES ({}, 'poison')",
+                    1_000_000 + k
+                ))
+                .await
+                .unwrap();
+            }
+        }
+    }
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break Some(s);
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let aborted = status.is_some_and(|s| s.signal() == Some(6));
+    if status.is_none() {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    // What the slot was told, against what the buffer holds.
+    let confirmed: Option<String> = src
+        .query_one(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots",
+            &[],
+        )
+        .await
+        .ok()
+        .and_then(|r| r.get(0));
+    let durable: Option<i64> = dst
+        .query_one("SELECT durable_lsn FROM philotes.pipelines", &[])
+        .await
+        .ok()
+        .map(|r| r.get(0));
+    let slot_vs_buffer = format!(
+        "slot {} / buffer {}",
+        confirmed.unwrap_or_default(),
+        durable.map_or(String::new(), |d| format!(
+            "{:X}/{:X}",
+            d >> 32,
+            d & 0xffff_ffff
+        ))
+    );
+
+    // Again, without fail points.
+    let mut child = run_philotes(&file, &log, &[]);
+    let same = tokio::time::timeout(
+        Duration::from_secs(180),
+        wait_same(
+            &src,
+            "t_ok",
+            &dst,
+            "replica.t",
+            "id",
+            Duration::from_secs(3600),
+        ),
+    )
+    .await
+    .is_ok();
+    let want_dead = if snapshot_rows == 0 { POISON } else { 0 };
+    let dead_letters = if same {
+        let mut n = 0;
+        for _ in 0..100 {
+            n = count(&dst, "philotes.dead_letters").await;
+            if n >= want_dead {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        n
+    } else {
+        count(&dst, "philotes.dead_letters").await
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    if !(aborted && same && dead_letters == want_dead) {
+        println!(
+            "{point}: log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+    Outcome {
+        point,
+        aborted,
+        sink_matches: same,
+        dead_letters,
+        slot_vs_buffer,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_at_every_step_leaves_sink_equal_to_source() {
+    let mut rows = Vec::new();
+    for (point, skip, snapshot_rows) in [
+        // Passes before the crash: the snapshot's two buffer writes, then the stream's.
+        ("buffer-before-commit", 3, 0),
+        ("buffer-before-ack", 1, 0),
+        ("sink-before-mark", 2, 0),
+        ("dlq-before-mark", 0, 0),
+        ("snapshot-mid-copy", 2, 30_000),
+    ] {
+        rows.push(scenario(point, skip, snapshot_rows).await);
+    }
+    println!("\nfault matrix (step × outcome):");
+    println!(
+        "{:<22} {:<9} {:<13} {:<13} slot / buffer after the crash",
+        "step", "aborted", "sink==source", "dead letters"
+    );
+    for r in &rows {
+        println!(
+            "{:<22} {:<9} {:<13} {:<13} {}",
+            r.point, r.aborted, r.sink_matches, r.dead_letters, r.slot_vs_buffer
+        );
+    }
+    for r in &rows {
+        let want_dead = if r.point == "snapshot-mid-copy" {
+            0
+        } else {
+            POISON
+        };
+        assert!(
+            r.aborted,
+            "{}: the process did not die at the fail point",
+            r.point
+        );
+        assert!(
+            r.sink_matches,
+            "{}: the sink does not match the source",
+            r.point
+        );
+        assert_eq!(r.dead_letters, want_dead, "{}: dead letters", r.point);
+    }
+}
+
+/// The buffer database restarts mid-stream (fast, then immediate shutdown), then refuses writes for a
+/// while (its events table locked past the response timeout): the pipeline retries, the slot keeps
+/// what was not buffered, and the sink ends equal to the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffer_database_restarts_and_stalls_lose_nothing() {
+    use philotes::engine::PipelineHandle;
+    use philotes::engine::metrics::Metrics;
+    use philotes::engine::state::Phase;
+    use std::sync::Arc;
+    use support::pipeline::wait_phase;
+
+    let pg = Pg::start();
+    let buffer = Pg::start();
+    pg.create_db("shop").await;
+    pg.create_db("warehouse").await;
+    buffer.create_db("buf").await;
+    let src = pg.client("shop").await;
+    let dst = pg.client("warehouse").await;
+    src.batch_execute("CREATE TABLE t (id bigint PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let yaml = format!(
+        r#"apiVersion: v1
+kind: Secret
+metadata: {{name: db}}
+stringData: {{source: "{}", sink: "{}", buffer: "{}"}}
+---
+apiVersion: philotes.io/v1alpha1
+kind: CdcPipeline
+metadata: {{name: bufferfaults}}
+spec:
+  source: {{connectionSecretRef: {{name: db, key: source}}, tables: [t]}}
+  sink: {{postgres: {{connectionSecretRef: {{name: db, key: sink}}, schema: replica}}}}
+  buffer: {{connectionSecretRef: {{name: db, key: buffer}}, batchSize: 500, flushInterval: 100ms}}
+  retry: {{maxAttempts: 2, initialInterval: 100ms, maxInterval: 1s}}
+  timeouts: {{response: 5s}}
+"#,
+        pg.uri("shop"),
+        pg.uri("warehouse"),
+        buffer.uri("buf")
+    );
+    let m = philotes::standalone::parse(&yaml).unwrap();
+    let cfg = philotes::standalone::configs(&m).unwrap().remove(0).0;
+    let h = PipelineHandle::start(cfg, Arc::new(Metrics::new()));
+    wait_phase(&h, Phase::Running).await;
+    let load = |from: i64, client: tokio_postgres::Client| {
+        tokio::spawn(async move {
+            for k in 0..20 {
+                let a = from + k * 500;
+                client
+                    .batch_execute(&format!(
+                        "INSERT INTO t SELECT i, md5(i::text) FROM generate_series({a}, {}) i; UPDATE t SET v = 'u' WHERE id = {a}",
+                        a + 499
+                    ))
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            client
+        })
+    };
+
+    let mut client = pg.client("shop").await;
+    for (round, how) in ["fast", "immediate"].into_iter().enumerate() {
+        let running = load(1 + round as i64 * 100_000, client);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        match how {
+            "fast" => buffer.stop_server(),
+            _ => buffer.stop_server_immediate(),
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        buffer.start_server();
+        client = running.await.unwrap();
+        wait_same(&src, "t", &dst, "replica.t", "id", Duration::from_secs(120)).await;
+        println!("buffer restarted ({how}): sink == source");
+    }
+
+    // The events table locked past the response timeout: buffer writes cannot finish.
+    let locker = buffer.client("buf").await;
+    locker
+        .batch_execute("BEGIN; LOCK TABLE philotes.events IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    // Where the source's WAL stood before the load that the buffer cannot take.
+    let before: String = src
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let running = load(500_000, client);
+    eventually(
+        "the stalled buffer to show",
+        Duration::from_secs(60),
+        || async {
+            h.current()
+                .last_error
+                .as_deref()
+                .unwrap_or("")
+                .contains("buffer")
+        },
+    )
+    .await;
+    // Nothing of the load was acknowledged: the buffer holds none of it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let row = src
+        .query_one(
+            "SELECT confirmed_flush_lsn::text, confirmed_flush_lsn <= $1::text::pg_lsn FROM pg_replication_slots",
+            &[&before],
+        )
+        .await
+        .unwrap();
+    let (during, held): (String, bool) = (row.get(0), row.get(1));
+    println!(
+        "stalled: {:?}; slot at {during}, the load began at {before}",
+        h.current().last_error
+    );
+    assert!(held, "the slot was acknowledged past what the buffer holds");
+    locker.batch_execute("COMMIT").await.unwrap();
+    running.await.unwrap();
+    wait_same(&src, "t", &dst, "replica.t", "id", Duration::from_secs(120)).await;
+    eventually("Running again", Duration::from_secs(60), || async {
+        h.current().phase == Phase::Running
+    })
+    .await;
+    h.stop().await;
+}
