@@ -516,3 +516,45 @@ async fn large_values_are_read_back_in_batches_capped_by_bytes() {
     assert_eq!(h.current().events_dead_lettered, 0);
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_publication_with_a_row_filter_or_column_list_is_refused() {
+    let pg = Pg::start();
+    let (src, _dst) = setup(&pg).await;
+    src.batch_execute(
+        "CREATE TABLE a (id int PRIMARY KEY, v text, secret text);
+         CREATE PUBLICATION filtered FOR TABLE a WHERE (id > 10);
+         CREATE PUBLICATION narrow FOR TABLE a (id, v);
+         CREATE PUBLICATION whole FOR TABLE a;",
+    )
+    .await
+    .unwrap();
+    for (publication, refused) in [("filtered", true), ("narrow", true), ("whole", false)] {
+        let cfg = config(
+            publication,
+            &pg.uri("shop"),
+            &pg.uri("warehouse"),
+            &["a"],
+            &format!("{FAST}\n"),
+        );
+        let cfg = PipelineConfig {
+            publication: publication.into(),
+            ..cfg
+        };
+        let h = start(&cfg);
+        if refused {
+            let p = wait_phase(&h, Phase::Failed).await;
+            let err = p.last_error.clone().unwrap_or_default();
+            assert!(
+                err.contains("spec.source.publication")
+                    && err.contains("row filter or column list")
+                    && err.contains("public.a"),
+                "{p:?}"
+            );
+            assert!(!p.retrying);
+        } else {
+            wait_phase(&h, Phase::Running).await;
+        }
+        h.stop().await;
+    }
+}
