@@ -218,6 +218,7 @@ mod tests {
             low_watermark: 5,
             check_interval: Duration::from_secs(1),
             response_timeout: Duration::from_secs(20),
+            wal_at_risk_bytes: 1 << 30,
             delivery: Delivery::Running,
         }
     }

@@ -349,6 +349,7 @@ pub fn validate(
         low_watermark: bp.low_watermark,
         check_interval,
         response_timeout,
+        wal_at_risk_bytes: spec.source.wal_at_risk_bytes,
         delivery: match spec.state {
             DesiredState::Paused => Delivery::Paused,
             _ => Delivery::Running,

@@ -369,3 +369,80 @@ spec:
     .await;
     h.stop().await;
 }
+
+/// WAL at risk, then lost: a small `max_slot_wal_keep_size` puts the slot at risk (WalAtRisk), and
+/// writing past it while the pipeline is stopped invalidates the slot for real: the restart fails
+/// with SlotLost, saying since when changes cannot be read, and the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_at_risk_then_lost_says_so() {
+    use philotes::engine::PipelineHandle;
+    use philotes::engine::metrics::Metrics;
+    use philotes::engine::state::Phase;
+    use std::sync::Arc;
+    use support::pipeline::{FAST, config, setup, wait_phase};
+
+    let pg = Pg::start_conf(
+        "max_slot_wal_keep_size = 32MB\nwal_keep_size = 0\nmax_wal_size = 64MB\nmin_wal_size = 32MB",
+    );
+    let (src, dst) = setup(&pg).await;
+    src.batch_execute(
+        "CREATE TABLE t (id int PRIMARY KEY, v text); CREATE TABLE filler (id bigserial PRIMARY KEY, v text)",
+    )
+    .await
+    .unwrap();
+    let mut cfg = config("lost", &pg.uri("shop"), &pg.uri("warehouse"), &["t"], FAST);
+    // Any safe_wal_size under 100 MB is at risk: with a 32 MB limit, always.
+    cfg.wal_at_risk_bytes = 100 << 20;
+    let metrics = Arc::new(Metrics::new());
+    let h = PipelineHandle::start(cfg.clone(), metrics.clone());
+    wait_phase(&h, Phase::Running).await;
+    src.batch_execute("INSERT INTO t VALUES (1, 'a')")
+        .await
+        .unwrap();
+    wait_same(&src, "t", &dst, "replica.t", "id", Duration::from_secs(60)).await;
+    eventually("WAL at risk to show", Duration::from_secs(30), || async {
+        let s = h.current().slot;
+        s.at_risk && s.safe_wal_bytes.is_some_and(|b| b < 100 << 20)
+    })
+    .await;
+    println!("at risk: {:?}", h.current().slot);
+    let scrape = metrics.encode();
+    assert!(
+        scrape.contains("philotes_wal_at_risk{pipeline=\"default/lost\"} 1"),
+        "{scrape}"
+    );
+    h.stop().await;
+
+    // Stopped: changes the sink will miss, then WAL past the limit and checkpoints.
+    src.batch_execute("INSERT INTO t VALUES (2, 'missed')")
+        .await
+        .unwrap();
+    eventually("the slot to be lost", Duration::from_secs(120), || async {
+        src.batch_execute(
+            "INSERT INTO filler (v) SELECT repeat('x', 2000) FROM generate_series(1, 20000); SELECT pg_switch_wal(); CHECKPOINT;",
+        )
+        .await
+        .unwrap();
+        src.query_one("SELECT wal_status::text FROM pg_replication_slots", &[])
+            .await
+            .map(|r| r.get::<_, Option<String>>(0).as_deref() == Some("lost"))
+            .unwrap_or(false)
+    })
+    .await;
+
+    let h = PipelineHandle::start(cfg, Arc::new(Metrics::new()));
+    let p = wait_phase(&h, Phase::Failed).await;
+    let err = p.last_error.clone().unwrap_or_default();
+    println!("{err}; fix: {:?}", p.fix);
+    assert_eq!(p.reason.as_deref(), Some("SlotLost"), "{p:?}");
+    assert!(
+        err.contains("can no longer be read") && err.contains("since 0/"),
+        "{err}"
+    );
+    assert!(
+        p.fix.clone().unwrap_or_default().contains("resync"),
+        "{p:?}"
+    );
+    assert!(!p.retrying);
+    h.stop().await;
+}

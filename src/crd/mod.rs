@@ -88,6 +88,15 @@ pub struct SourceSpec {
     /// Replication slot name; default derived from the resource uid. Created when missing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slot: Option<String>,
+    /// The slot's WAL is at risk (condition WalAtRisk) when the source can write fewer than this
+    /// many bytes more before `max_slot_wal_keep_size` would invalidate it (`safe_wal_size`), or when
+    /// its `wal_status` is `unreserved`. Default 1 GiB.
+    #[serde(default = "default_wal_at_risk_bytes")]
+    pub wal_at_risk_bytes: i64,
+}
+
+fn default_wal_at_risk_bytes() -> i64 {
+    1 << 30
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
@@ -295,6 +304,13 @@ pub struct CdcPipelineStatus {
     pub confirmed_lsn: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag_bytes: Option<i64>,
+    /// The slot's `wal_status` on the source: reserved, extended, unreserved or lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wal_status: Option<String>,
+    /// The source's `safe_wal_size` for the slot: WAL that can still be written before the slot is
+    /// invalidated (absent without `max_slot_wal_keep_size`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub safe_wal_bytes: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub buffer_depth: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -196,6 +196,8 @@ pub struct PipelineConfig {
     /// How long a database may owe an answer (or a replication stream stay silent) before the
     /// connection counts as dead. The connect timeout is in each [`ConnString`].
     pub response_timeout: Duration,
+    /// `safe_wal_size` below this many bytes puts the slot's WAL at risk.
+    pub wal_at_risk_bytes: i64,
     pub delivery: Delivery,
 }
 

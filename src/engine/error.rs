@@ -52,6 +52,16 @@ pub enum EngineError {
         what: String,
         after: std::time::Duration,
     },
+    /// The slot can no longer give the changes the pipeline needs (invalidated by
+    /// `max_slot_wal_keep_size`, dropped, or missing after a failover).
+    #[error(
+        "replication slot {slot} is lost ({why}): the changes made since {since} can no longer be read, so the sink misses them"
+    )]
+    SlotLost {
+        slot: String,
+        why: String,
+        since: String,
+    },
     /// A problem a person must fix, with the fix.
     #[error("{problem}")]
     Invalid { problem: String, fix: String },
@@ -72,6 +82,14 @@ impl EngineError {
         }
     }
 
+    /// A condition reason for errors that have one of their own.
+    pub fn reason(&self) -> Option<&'static str> {
+        match self {
+            EngineError::SlotLost { .. } => Some("SlotLost"),
+            _ => None,
+        }
+    }
+
     pub fn class(&self) -> ErrorClass {
         match self {
             EngineError::Postgres { source, .. } => classify_pg(source),
@@ -80,7 +98,7 @@ impl EngineError {
             // The same bytes decode the same way: retrying cannot help.
             EngineError::Decode(_) => ErrorClass::Config,
             EngineError::Protocol(_) => ErrorClass::Transient,
-            EngineError::Invalid { .. } => ErrorClass::Config,
+            EngineError::Invalid { .. } | EngineError::SlotLost { .. } => ErrorClass::Config,
         }
     }
 
@@ -88,6 +106,9 @@ impl EngineError {
     pub fn fix(&self) -> String {
         match self {
             EngineError::Invalid { fix, .. } => fix.clone(),
+            EngineError::SlotLost { .. } => {
+                "resync: delete and re-create the pipeline (a new slot and initial snapshot); to keep it from happening again, raise max_slot_wal_keep_size or keep the pipeline running".into()
+            }
             EngineError::Decode(_) => {
                 "a replication message could not be decoded: report it with the log; the pipeline stopped before the message, so nothing is lost".into()
             }

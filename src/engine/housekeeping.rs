@@ -1,6 +1,7 @@
 //! The housekeeping task of a session: slot lag and buffer cleanup.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -29,27 +30,30 @@ pub(super) async fn housekeeping(
     let mut last_cleanup = tokio::time::Instant::now();
     loop {
         let t = cfg.response_timeout;
-        let lag = pg::deadline(
+        let state = pg::deadline(
             t,
             "reading the slot position",
-            catalog::slot_lag(&monitor, &cfg.slot),
+            catalog::slot_state(&monitor, &cfg.slot),
         )
         .await?;
-        match lag {
-            Some((lsn, lag)) => {
-                shared.stats.lag_bytes.set(lag);
-                shared.texts().confirmed_lsn = Some(lsn).filter(|l| !l.is_empty());
-            }
-            None => {
-                return Err(EngineError::invalid(
-                    format!(
-                        "replication slot {} was dropped outside Philotes; changes since then are lost to this pipeline",
-                        cfg.slot
-                    ),
-                    "delete and re-create the pipeline (and re-sync the sink), or restore the slot",
-                ));
-            }
+        let since = pg::lsn_text(shared.durable_lsn.load(Ordering::Relaxed));
+        let Some(state) = state else {
+            return Err(EngineError::SlotLost {
+                slot: cfg.slot.clone(),
+                why: "it was dropped outside Philotes, or is missing after a failover".into(),
+                since,
+            });
+        };
+        if state.wal_status.as_deref() == Some("lost") {
+            return Err(EngineError::SlotLost {
+                slot: cfg.slot.clone(),
+                why: "wal_status = lost: the WAL it needs was removed (max_slot_wal_keep_size)"
+                    .into(),
+                since,
+            });
         }
+        shared.stats.lag_bytes.set(state.lag);
+        shared.record_slot(&state, cfg.wal_at_risk_bytes);
         if last_cleanup.elapsed() >= cleanup_every {
             last_cleanup = tokio::time::Instant::now();
             // In chunks, each a short statement.

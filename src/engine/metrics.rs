@@ -36,6 +36,8 @@ pub struct Metrics {
     events_dead_lettered: Family<PipelineLabel, Counter>,
     retries: Family<PipelineLabel, Counter>,
     lag_bytes: Family<PipelineLabel, Gauge>,
+    safe_wal_bytes: Family<PipelineLabel, Gauge>,
+    wal_at_risk: Family<PipelineLabel, Gauge>,
     buffer_depth: Family<PipelineLabel, Gauge>,
     backpressured: Family<PipelineLabel, Gauge>,
     phase: Family<PhaseLabel, Gauge>,
@@ -51,6 +53,8 @@ pub struct PipelineStats {
     pub events_dead_lettered: Counter,
     pub retries: Counter,
     pub lag_bytes: Gauge,
+    pub safe_wal_bytes: Gauge,
+    pub wal_at_risk: Gauge,
     pub buffer_depth: Gauge,
     pub backpressured: Gauge,
     pub batch_seconds: Histogram,
@@ -72,6 +76,8 @@ impl Metrics {
             events_dead_lettered: Family::default(),
             retries: Family::default(),
             lag_bytes: Family::default(),
+            safe_wal_bytes: Family::default(),
+            wal_at_risk: Family::default(),
             buffer_depth: Family::default(),
             backpressured: Family::default(),
             phase: Family::default(),
@@ -103,6 +109,16 @@ impl Metrics {
                 "lag_bytes",
                 "WAL bytes the slot retains beyond its confirmed position",
                 m.lag_bytes.clone(),
+            );
+            r.register(
+                "slot_safe_wal_bytes",
+                "WAL the source can still write before the slot is invalidated (safe_wal_size; -1 without max_slot_wal_keep_size)",
+                m.safe_wal_bytes.clone(),
+            );
+            r.register(
+                "wal_at_risk",
+                "1 while the slot's WAL is at risk (wal_status unreserved, or safe_wal_size below the threshold)",
+                m.wal_at_risk.clone(),
             );
             r.register(
                 "buffer_depth",
@@ -143,6 +159,8 @@ impl Metrics {
             events_dead_lettered: self.events_dead_lettered.get_or_create(&l).clone(),
             retries: self.retries.get_or_create(&l).clone(),
             lag_bytes: self.lag_bytes.get_or_create(&l).clone(),
+            safe_wal_bytes: self.safe_wal_bytes.get_or_create(&l).clone(),
+            wal_at_risk: self.wal_at_risk.get_or_create(&l).clone(),
             buffer_depth: self.buffer_depth.get_or_create(&l).clone(),
             backpressured: self.backpressured.get_or_create(&l).clone(),
             batch_seconds: self.batch_seconds.get_or_create(&l).clone(),
@@ -177,6 +195,8 @@ impl Metrics {
         self.events_dead_lettered.remove(&l);
         self.retries.remove(&l);
         self.lag_bytes.remove(&l);
+        self.safe_wal_bytes.remove(&l);
+        self.wal_at_risk.remove(&l);
         self.buffer_depth.remove(&l);
         self.backpressured.remove(&l);
         self.batch_seconds.remove(&l);

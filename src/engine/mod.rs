@@ -25,4 +25,4 @@ mod worker;
 
 pub use self::handle::PipelineHandle;
 pub use self::reclaim::reclaim;
-pub use self::shared::{Progress, Shared};
+pub use self::shared::{Progress, Shared, SlotHealth};

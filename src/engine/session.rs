@@ -62,6 +62,23 @@ pub(super) async fn run_session(
         .as_ref()
         .is_some_and(|o| o.slot_created && o.slot_name == cfg.slot);
     let snapshot_owed = pg::deadline(t, "reading the buffer", snapshot::pending(&control)).await?;
+    if slot_exists && !snapshot_owed {
+        let state = pg::deadline(
+            t,
+            "reading the slot",
+            catalog::slot_state(&source, &cfg.slot),
+        )
+        .await?;
+        if state.is_some_and(|s| s.wal_status.as_deref() == Some("lost")) {
+            let cp = pg::deadline(t, "reading the buffer", control.checkpoint()).await?;
+            return Err(EngineError::SlotLost {
+                slot: cfg.slot.clone(),
+                why: "wal_status = lost: the WAL it needs was removed (max_slot_wal_keep_size)"
+                    .into(),
+                since: pg::lsn_text(cp.durable_lsn),
+            });
+        }
+    }
     let slot_created = if cfg.initial_snapshot && snapshot_owed && (!slot_exists || ours) {
         shared.set_message("initial snapshot");
         let mut writer = Buffer::connect(&cfg.buffer, &cfg.id, "snapshot").await?;
@@ -71,13 +88,11 @@ pub(super) async fn run_session(
         if !slot_exists && !snapshot_owed {
             let cp = pg::deadline(t, "reading the buffer", control.checkpoint()).await?;
             if cp.durable_lsn > 0 {
-                return Err(EngineError::invalid(
-                    format!(
-                        "replication slot {} is gone although this pipeline streamed from it; changes made since it was dropped are lost to the sink",
-                        cfg.slot
-                    ),
-                    "delete and re-create the pipeline (a new slot and initial snapshot), or restore the slot",
-                ));
+                return Err(EngineError::SlotLost {
+                    slot: cfg.slot.clone(),
+                    why: "it is gone although this pipeline streamed from it (dropped, or missing after a failover)".into(),
+                    since: pg::lsn_text(cp.durable_lsn),
+                });
             }
         }
         if cfg.initial_snapshot && snapshot_owed && slot_exists {

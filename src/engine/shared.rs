@@ -30,6 +30,21 @@ pub struct Progress {
     /// Whether the worker retries by itself after `last_error`.
     pub retrying: bool,
     pub message: String,
+    /// What a Failed phase is, for a condition reason: `SlotLost`, or None.
+    pub reason: Option<String>,
+    pub slot: SlotHealth,
+}
+
+/// The slot's WAL as the source sees it (`pg_replication_slots`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SlotHealth {
+    /// `reserved`, `extended`, `unreserved` or `lost`.
+    pub wal_status: Option<String>,
+    /// Bytes of WAL that can still be written before the slot is in danger of losing what it needs
+    /// (None without `max_slot_wal_keep_size`).
+    pub safe_wal_bytes: Option<i64>,
+    /// `wal_status` is `unreserved`, or `safe_wal_bytes` below the pipeline's threshold.
+    pub at_risk: bool,
 }
 
 #[derive(Debug, Default)]
@@ -41,6 +56,8 @@ pub(super) struct Texts {
     pub(super) confirmed_lsn: Option<String>,
     pub(super) ownership: Ownership,
     sink_error: bool,
+    reason: Option<String>,
+    pub(super) slot: SlotHealth,
 }
 
 /// State shared by a pipeline's tasks.
@@ -117,6 +134,7 @@ impl Shared {
             t.last_error = Some(e.to_string());
             t.fix = Some(e.fix());
             t.retrying = retrying;
+            t.reason = e.reason().map(str::to_string);
         }
         self.set_phase(Phase::Failed);
         self.changed.notify_one();
@@ -132,6 +150,31 @@ impl Shared {
         t.last_error = None;
         t.fix = None;
         t.retrying = false;
+        t.reason = None;
+    }
+
+    /// Notes the slot's position and WAL state; WAL at risk when `wal_status` is `unreserved` or
+    /// `safe_wal_size` is below `at_risk_below` bytes.
+    pub(super) fn record_slot(&self, s: &super::source::catalog::SlotState, at_risk_below: i64) {
+        let at_risk = s.wal_status.as_deref() == Some("unreserved")
+            || s.safe_wal_size.is_some_and(|b| b < at_risk_below);
+        self.stats.safe_wal_bytes.set(s.safe_wal_size.unwrap_or(-1));
+        self.stats.wal_at_risk.set(at_risk as i64);
+        let mut t = self.texts();
+        t.confirmed_lsn = Some(s.confirmed.clone()).filter(|l| !l.is_empty());
+        let slot = SlotHealth {
+            wal_status: s.wal_status.clone(),
+            safe_wal_bytes: s.safe_wal_size,
+            at_risk,
+        };
+        if t.slot != slot {
+            if slot.at_risk != t.slot.at_risk {
+                tracing::warn!(pipeline = %self.name, at_risk, wal_status = ?slot.wal_status, safe_wal_bytes = ?slot.safe_wal_bytes, "slot WAL at risk changed");
+            }
+            t.slot = slot;
+            drop(t);
+            self.changed.notify_one();
+        }
     }
 
     pub fn set_sink_error(&self, e: &EngineError) {
@@ -178,6 +221,8 @@ impl Shared {
             fix: t.fix.clone(),
             retrying: t.retrying,
             message: t.message.clone(),
+            reason: t.reason.clone(),
+            slot: t.slot.clone(),
         }
     }
 }

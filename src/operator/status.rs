@@ -84,6 +84,8 @@ pub fn compute(
         }
         s.confirmed_lsn = p.confirmed_lsn.clone();
         s.lag_bytes = Some(p.lag_bytes);
+        s.wal_status = p.slot.wal_status.clone();
+        s.safe_wal_bytes = p.slot.safe_wal_bytes;
         s.buffer_depth = Some(p.buffer_depth);
         s.events_read = Some(p.events_read as i64);
         s.events_delivered = Some(p.events_delivered as i64);
@@ -117,7 +119,11 @@ pub fn compute(
                 "Paused",
                 "delivery to the sink is paused (spec.state: Paused)".into(),
             ),
-            Phase::Failed => (false, "Failed", p.last_error.clone().unwrap_or_default()),
+            Phase::Failed => (
+                false,
+                p.reason.as_deref().unwrap_or("Failed"),
+                p.last_error.clone().unwrap_or_default(),
+            ),
             other => (false, other.as_str(), p.message.clone()),
         };
         conditions.push(cond("Ready", Some(ready), reason, msg, g));
@@ -152,6 +158,22 @@ pub fn compute(
             Some(p.backpressured),
             if p.backpressured { "BufferFull" } else { "BelowWatermark" },
             if p.backpressured { "the buffer holds more undelivered changes than highWatermark; reading is paused and the slot retains WAL" } else { "" },
+            g,
+        ));
+        conditions.push(cond(
+            "WalAtRisk",
+            Some(p.slot.at_risk),
+            if p.slot.at_risk { "SlotNearInvalidation" } else { "Safe" },
+            if p.slot.at_risk {
+                format!(
+                    "slot {} may soon lose the WAL it needs (wal_status {}, safe_wal_size {} bytes): let the pipeline catch up, or raise max_slot_wal_keep_size",
+                    s.slot_name.clone().unwrap_or_default(),
+                    p.slot.wal_status.as_deref().unwrap_or("unknown"),
+                    p.slot.safe_wal_bytes.map_or("unknown".into(), |b| b.to_string())
+                )
+            } else {
+                String::new()
+            },
             g,
         ));
     } else {
@@ -245,11 +267,36 @@ mod tests {
             fix: None,
             retrying: false,
             message: "streaming".into(),
+            reason: None,
+            slot: Default::default(),
         }
     }
 
     fn find<'a>(s: &'a CdcPipelineStatus, t: &str) -> &'a Condition {
         s.conditions.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    #[test]
+    fn wal_at_risk_and_a_lost_slot_show_in_conditions() {
+        let mut p = progress(Phase::Running);
+        p.slot = crate::engine::SlotHealth {
+            wal_status: Some("unreserved".into()),
+            safe_wal_bytes: Some(-100),
+            at_risk: true,
+        };
+        let s = compute(&inputs(DesiredState::Running), Some(&p), None, "T1");
+        assert_eq!(find(&s, "WalAtRisk").status, "True");
+        assert_eq!(s.wal_status.as_deref(), Some("unreserved"));
+        assert!(
+            find(&s, "WalAtRisk")
+                .message
+                .contains("max_slot_wal_keep_size")
+        );
+        p.phase = Phase::Failed;
+        p.reason = Some("SlotLost".into());
+        p.last_error = Some("replication slot s is lost".into());
+        let s = compute(&inputs(DesiredState::Running), Some(&p), None, "T2");
+        assert_eq!(find(&s, "Ready").reason, "SlotLost");
     }
 
     #[test]

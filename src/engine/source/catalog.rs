@@ -356,18 +356,35 @@ pub async fn ensure_slot(client: &Client, name: &str) -> Result<bool, EngineErro
     }
 }
 
-/// Confirmed position of the slot and the WAL it retains beyond that, in bytes; None if the slot is gone.
-pub async fn slot_lag(client: &Client, slot: &str) -> Result<Option<(String, i64)>, EngineError> {
+/// A slot as `pg_replication_slots` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SlotState {
+    /// Confirmed position (empty before the first confirmation).
+    pub confirmed: String,
+    /// WAL the slot retains beyond its confirmed position, in bytes.
+    pub lag: i64,
+    pub wal_status: Option<String>,
+    pub safe_wal_size: Option<i64>,
+}
+
+/// The slot's position and WAL state; None if the slot is gone.
+pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>, EngineError> {
     let row = client
         .query_opt(
             "SELECT coalesce(confirmed_flush_lsn::text, ''), \
-             coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::int8 \
+             coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn), 0)::int8, \
+             wal_status::text, safe_wal_size::int8 \
              FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
         .await
         .map_err(EngineError::pg("reading the slot position"))?;
-    Ok(row.map(|r| (r.get(0), r.get(1))))
+    Ok(row.map(|r| SlotState {
+        confirmed: r.get(0),
+        lag: r.get(1),
+        wal_status: r.get(2),
+        safe_wal_size: r.get(3),
+    }))
 }
 
 /// Drops the slot (ending a session still holding it) and tolerates that it is already gone.
