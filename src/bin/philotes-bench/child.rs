@@ -91,14 +91,23 @@ impl Pipelines {
         let child = cmd.spawn().context("starting the pipelines process")?;
         let mut pid = child.id().context("pipelines process pid")?;
         if !wrapper.is_empty() {
-            // The process to measure is the wrapper's child.
+            // The process to measure is the wrapper's descendant running this binary (a wrapper such
+            // as heaptrack starts helpers besides it); else its first child, else the wrapper itself
+            // (valgrind runs the program in its own process).
             let deadline = Instant::now() + Duration::from_secs(10);
+            let exe = exe.canonicalize().unwrap_or_else(|_| exe.clone());
             loop {
-                if let Some(p) = children_of(pid).into_iter().next() {
+                if let Some(p) = descendants_of(pid)
+                    .into_iter()
+                    .find(|p| std::fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|e| e == exe))
+                {
                     pid = p;
                     break;
                 }
-                anyhow::ensure!(Instant::now() < deadline, "wrapper started no process");
+                if Instant::now() >= deadline {
+                    pid = children_of(pid).into_iter().next().unwrap_or(pid);
+                    break;
+                }
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
@@ -165,6 +174,18 @@ impl Pipelines {
             .map(|(_, b)| b.to_string())
             .unwrap_or(body))
     }
+}
+
+/// Children of `parent`, their children, and so on.
+fn descendants_of(parent: u32) -> Vec<u32> {
+    let mut out = children_of(parent);
+    let mut i = 0;
+    while i < out.len() {
+        let more = children_of(out[i]);
+        out.extend(more);
+        i += 1;
+    }
+    out
 }
 
 fn children_of(parent: u32) -> Vec<u32> {

@@ -12,13 +12,19 @@
 //! 4. Philotes reader + buffer only (delivery Paused), until `durable_lsn` is past the workload end;
 //! 5. latency at a steady rate in small transactions: source commit → sink commit, from commit
 //!    timestamps (the clusters are restarted with track_commit_timestamp=on for this phase only);
-//! 6. many idle pipelines in one process: RSS and CPU while idle.
+//! 6. many idle pipelines in one process: RSS and CPU while idle;
+//! 7. big-txn: ONE source transaction of 2,000,000 rows end to end, on a slot of its own: peak RSS;
+//! 8. wide-rows: rows of one 20 MiB value each (bytea and text) end to end, on a slot of its own:
+//!    peak RSS (see memory.rs).
+//!
+//! The workload of phases 2–4 is generated only when one of them runs.
 //!
 //! Philotes runs as a child process (this binary, `pipelines -f FILE`, which is `philotes run -f FILE`),
 //! so its RSS and CPU are its own.
 
 mod child;
 mod cluster;
+mod memory;
 mod procstat;
 mod workload;
 
@@ -68,9 +74,19 @@ struct Cli {
     /// Seconds over which idle CPU is measured.
     #[arg(long)]
     idle_secs: Option<u64>,
-    /// Phases to skip: reference, e2e, reader, latency, idle (comma-separated).
+    /// Phases to skip: reference, e2e, reader, latency, idle, big-txn, wide-rows (comma-separated).
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,
+    /// Rows of the one transaction of the big-txn phase (default: 2 × --rows, at most 2,000,000;
+    /// at most 20,000 under --quick).
+    #[arg(long)]
+    big_txn_rows: Option<u64>,
+    /// Rows of the wide-rows phase (default 40; 4 under --quick).
+    #[arg(long)]
+    wide_count: Option<u64>,
+    /// MiB of the wide value of each row of the wide-rows phase (default 20; 4 under --quick).
+    #[arg(long)]
+    wide_mib: Option<u64>,
     /// Keep the clusters' directories (logs, Philotes logs) after the run.
     #[arg(long)]
     keep: bool,
@@ -197,6 +213,8 @@ struct Results {
     throughput: Vec<Throughput>,
     latency: Option<Latency>,
     idle: Option<Idle>,
+    /// The big-txn and wide-rows phases.
+    memory: Vec<memory::MemoryPhase>,
     targets: Vec<Target>,
 }
 
@@ -320,7 +338,21 @@ impl Ctx {
     }
 }
 
+/// Every phase, as `--skip` names them.
+const PHASES: [&str; 7] = [
+    "reference",
+    "e2e",
+    "reader",
+    "latency",
+    "idle",
+    "big-txn",
+    "wide-rows",
+];
+
 async fn bench(cli: &Cli) -> anyhow::Result<()> {
+    if let Some(s) = cli.skip.iter().find(|s| !PHASES.contains(&s.as_str())) {
+        bail!("--skip {s}: no such phase (phases: {})", PHASES.join(", "));
+    }
     let skip = |p: &str| cli.skip.iter().any(|s| s == p);
     let latency_rate = cli
         .latency_rate
@@ -374,48 +406,29 @@ async fn bench(cli: &Cli) -> anyhow::Result<()> {
         }
     }
 
-    // Slots first, then the workload: every consumer reads the same WAL.
-    workload::prepare(&src).await?;
-    src.batch_execute("CREATE PUBLICATION bench_pub FOR TABLE items")
-        .await?;
-    for slot in ["bench_ref", "bench_e2e", "bench_reader"] {
-        src.execute(
-            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-            &[&slot],
-        )
-        .await?;
-    }
-    eprintln!("generating the workload ...");
-    let w = workload::generate(&src, cli.rows, false).await?;
-    eprintln!(
-        "  {} changes ({} inserts, {} updates, {} deletes) in ~{} transactions, {:.0} MiB of WAL, {:.1}s; end {}",
-        w.changes,
-        w.inserts,
-        w.updates,
-        w.deletes,
-        w.transactions,
-        w.wal_bytes as f64 / MB,
-        w.seconds,
-        lsn_text(w.end_lsn)
-    );
-
     let mut throughput = Vec::new();
-    if !skip("reference") {
-        throughput.push(reference(&ctx, &src, &w).await?);
+    let mut workload = None;
+    if !(skip("reference") && skip("e2e") && skip("reader")) {
+        let w = main_workload(&src, cli.rows).await?;
+        workload = Some(w);
+        if !skip("reference") {
+            throughput.push(reference(&ctx, &src, &w).await?);
+        }
+        let reference_rate = throughput.first().map(|t| t.changes_per_s);
+        if !skip("e2e") {
+            let mut t = end_to_end(&ctx, &src, &sink, &w).await?;
+            t.ratio_to_reference = reference_rate.map(|r| t.changes_per_s / r);
+            throughput.push(t);
+        }
+        drop_slot(&src, "bench_e2e").await?;
+        if !skip("reader") {
+            let mut t = reader_only(&ctx, &src, &w).await?;
+            t.ratio_to_reference = reference_rate.map(|r| t.changes_per_s / r);
+            throughput.push(t);
+        }
+        drop_slot(&src, "bench_reader").await?;
+        drop_slot(&src, "bench_ref").await?;
     }
-    let reference_rate = throughput.first().map(|t| t.changes_per_s);
-    if !skip("e2e") {
-        let mut t = end_to_end(&ctx, &src, &sink, &w).await?;
-        t.ratio_to_reference = reference_rate.map(|r| t.changes_per_s / r);
-        throughput.push(t);
-    }
-    drop_slot(&src, "bench_e2e").await?;
-    if !skip("reader") {
-        let mut t = reader_only(&ctx, &src, &w).await?;
-        t.ratio_to_reference = reference_rate.map(|r| t.changes_per_s / r);
-        throughput.push(t);
-    }
-    drop_slot(&src, "bench_reader").await?;
     drop(src);
     drop(sink);
     drop(admin);
@@ -430,8 +443,20 @@ async fn bench(cli: &Cli) -> anyhow::Result<()> {
     } else {
         Some(idle_phase(&ctx, idle_pipelines, idle_secs).await?)
     };
+    let mut memory = Vec::new();
+    if !skip("big-txn") {
+        let rows = cli
+            .big_txn_rows
+            .unwrap_or_else(|| memory::big_txn_rows(cli.rows, cli.quick));
+        memory.push(memory::big_txn(&ctx, rows).await?);
+    }
+    if !skip("wide-rows") {
+        let count = cli.wide_count.unwrap_or(if cli.quick { 4 } else { 40 });
+        let mib = cli.wide_mib.unwrap_or(if cli.quick { 4 } else { 20 });
+        memory.push(memory::wide_rows(&ctx, count, mib).await?);
+    }
 
-    let targets = targets(&throughput, latency.as_ref());
+    let targets = targets(&throughput, latency.as_ref(), &memory);
     let results = Results {
         command,
         machine,
@@ -445,10 +470,11 @@ async fn bench(cli: &Cli) -> anyhow::Result<()> {
             wal_warmup: !cli.no_wal_warmup,
             postgres_settings: "defaults, plus listen_addresses, port, max_connections = 500; source: wal_level = logical, max_replication_slots = max_wal_senders = 100; latency phase: track_commit_timestamp = on".into(),
         },
-        workload: Some(w),
+        workload,
         throughput,
         latency,
         idle,
+        memory,
         targets,
     };
     print_table(&results);
@@ -456,6 +482,34 @@ async fn bench(cli: &Cli) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", cli.json.display()))?;
     eprintln!("results written to {}", cli.json.display());
     Ok(())
+}
+
+/// The slots of phases 2–4, then the workload: every consumer reads the same WAL.
+async fn main_workload(src: &Client, rows: u64) -> anyhow::Result<Workload> {
+    workload::prepare(src).await?;
+    src.batch_execute("CREATE PUBLICATION bench_pub FOR TABLE items")
+        .await?;
+    for slot in ["bench_ref", "bench_e2e", "bench_reader"] {
+        src.execute(
+            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot],
+        )
+        .await?;
+    }
+    eprintln!("generating the workload ...");
+    let w = workload::generate(src, rows, false).await?;
+    eprintln!(
+        "  {} changes ({} inserts, {} updates, {} deletes) in ~{} transactions, {:.0} MiB of WAL, {:.1}s; end {}",
+        w.changes,
+        w.inserts,
+        w.updates,
+        w.deletes,
+        w.transactions,
+        w.wal_bytes as f64 / MB,
+        w.seconds,
+        lsn_text(w.end_lsn)
+    );
+    Ok(w)
 }
 
 /// CPU seconds of the live PostgreSQL sessions whose application_name starts with `prefix`, by name.
@@ -1064,7 +1118,7 @@ async fn idle_phase(ctx: &Ctx, n: usize, secs: u64) -> anyhow::Result<Idle> {
     Ok(i)
 }
 
-fn targets(t: &[Throughput], l: Option<&Latency>) -> Vec<Target> {
+fn targets(t: &[Throughput], l: Option<&Latency>, memory: &[memory::MemoryPhase]) -> Vec<Target> {
     let mut out = Vec::new();
     let find = |prefix: &str| t.iter().find(|x| x.name.starts_with(prefix));
     if let Some(r) = find("Philotes reader")
@@ -1099,6 +1153,14 @@ fn targets(t: &[Throughput], l: Option<&Latency>) -> Vec<Target> {
             target: "≤ 250 ms".into(),
             measured: format!("{:.0} ms", l.p99_ms),
             met: l.p99_ms <= 250.0,
+        });
+    }
+    for m in memory {
+        out.push(Target {
+            what: format!("peak RSS, {}: {}", m.phase, m.name),
+            target: "≤ 150 MB".into(),
+            measured: format!("{:.0} MiB", m.philotes_peak_rss_mb),
+            met: m.philotes_peak_rss_mb * MB <= 150e6,
         });
     }
     out
@@ -1172,6 +1234,33 @@ fn print_table(r: &Results) {
             i.other_cpu_s
         );
     }
+    if !r.memory.is_empty() {
+        println!();
+        println!(
+            "| memory phase (end to end, default spec) | rows | transactions | WAL MiB | seconds | changes/s | WAL MiB/s | value MiB/s | Philotes CPU s | Philotes peak RSS MiB | PostgreSQL CPU s | other processes' CPU s |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for m in &r.memory {
+            println!(
+                "| {}: {} | {} | {} | {:.0} | {:.2} | {:.0} | {:.1} | {} | {:.2} | {:.0} | {:.1} | {:.1} |",
+                m.phase,
+                m.name,
+                m.rows,
+                m.transactions,
+                m.wal_bytes as f64 / MB,
+                m.seconds,
+                m.changes_per_s,
+                m.wal_mb_per_s,
+                m.value_mb_per_s
+                    .map(|x| format!("{x:.1}"))
+                    .unwrap_or_else(|| "–".into()),
+                m.philotes_cpu_s,
+                m.philotes_peak_rss_mb,
+                m.postgres_cpu_s,
+                m.other_cpu_s
+            );
+        }
+    }
     if !r.targets.is_empty() {
         println!();
         println!("| target | goal | measured | met |");
@@ -1197,6 +1286,22 @@ fn print_table(r: &Results) {
             "  {}: {}; PostgreSQL sessions: {}",
             t.name,
             t.note,
+            by.join(", ")
+        );
+    }
+    for m in &r.memory {
+        let by: Vec<String> = m
+            .postgres_cpu_by_session
+            .iter()
+            .filter(|(_, c)| *c >= 0.05)
+            .map(|(n, c)| format!("{n} {c:.1}s"))
+            .collect();
+        println!(
+            "  {}: {}; highest RSS sample at {:.1}s; source data written in {:.1}s; PostgreSQL sessions: {}",
+            m.phase,
+            m.note,
+            m.peak_sample_at_s,
+            m.generate_seconds,
             by.join(", ")
         );
     }
