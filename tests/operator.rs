@@ -6,7 +6,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Namespace, Secret};
-use kube::Client;
+use kube::{Client, ResourceExt};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use philotes::crd::{CdcPipeline, Phase};
 use philotes::operator::{self, OperatorConfig};
@@ -477,10 +477,26 @@ async fn invalid_specs_fail_with_a_clear_condition_and_delete_reclaims() {
         "{msg}"
     );
 
-    // Delete with Delete: the slot and publication it created are dropped.
+    // Delete with Delete, as `kubectl delete -f` of the file would: the Secrets first, then the
+    // pipeline. The Secrets wait (a finalizer) until reclaim has used them; then they go too.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    for name in ["source-db", "sink-db"] {
+        let s = secrets.get(name).await.unwrap();
+        assert!(
+            s.finalizers().iter().any(|f| f == "philotes.io/reclaim"),
+            "{name} is not held: {:?}",
+            s.finalizers()
+        );
+        secrets.delete(name, &DeleteParams::default()).await.unwrap();
+    }
     api.delete("bad", &DeleteParams::default()).await.unwrap();
     eventually("the resource to be gone", WAIT, || async {
         api.get_opt("bad").await.unwrap().is_none()
+    })
+    .await;
+    eventually("the held Secrets to go", WAIT, || async {
+        secrets.get_opt("source-db").await.unwrap().is_none()
+            && secrets.get_opt("sink-db").await.unwrap().is_none()
     })
     .await;
     assert!(!slot_exists(&src, &slot).await, "slot dropped");

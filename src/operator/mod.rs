@@ -3,6 +3,7 @@
 
 pub mod reconcile;
 pub mod reporter;
+pub mod secret_hold;
 pub mod status;
 
 use std::net::SocketAddr;

@@ -1,7 +1,7 @@
 //! Reconcile: finalizer first, then dereference (Secrets) → validate (pure) → plan and apply to the
 //! supervisor → hand the status inputs to the pipeline's status writer. Never streams.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +12,7 @@ use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Resource, ResourceExt};
 
 use super::reporter::{self, Input, Target};
+use super::secret_hold;
 use super::status::Inputs;
 use super::{Context, Error};
 use crate::crd::{CdcPipeline, CdcPipelineSpec, ReclaimPolicy, SecretKeyRef};
@@ -96,8 +97,30 @@ fn target(ctx: &Context, obj: &CdcPipeline) -> Target {
     }
 }
 
+/// Names of the Secrets a spec refers to.
+fn secret_names(spec: &CdcPipelineSpec, default_buffer: Option<&SecretKeyRef>) -> BTreeSet<String> {
+    secret_refs(spec, default_buffer)
+        .into_iter()
+        .map(|r| r.name.clone())
+        .collect()
+}
+
 async fn apply(obj: Arc<CdcPipeline>, ctx: &Context) -> Result<Action, Error> {
     let id = identity(&obj);
+    // Reclaim needs the Secrets at deletion: held while the policy is Delete, released otherwise.
+    let names = secret_names(&obj.spec, ctx.default_buffer.as_ref());
+    if obj.spec.reclaim_policy == ReclaimPolicy::Delete {
+        secret_hold::hold(&ctx.client, &id.namespace, &names).await?;
+    } else {
+        secret_hold::release(
+            &ctx.client,
+            &id.namespace,
+            &names,
+            &id.uid,
+            ctx.default_buffer.as_ref(),
+        )
+        .await?;
+    }
     let secrets = dereference(ctx, &id.namespace, &obj.spec).await?;
     let reference = obj.object_ref(&());
     match validate(&id, &obj.spec, &secrets, ctx.default_buffer.as_ref()) {
@@ -201,6 +224,15 @@ async fn cleanup(obj: Arc<CdcPipeline>, ctx: &Context) -> Result<Action, Error> 
         .and_then(|s| s.slot_name.clone())
         .unwrap_or_default();
     if obj.spec.reclaim_policy == ReclaimPolicy::Retain {
+        let names = secret_names(&obj.spec, ctx.default_buffer.as_ref());
+        secret_hold::release(
+            &ctx.client,
+            &id.namespace,
+            &names,
+            &id.uid,
+            ctx.default_buffer.as_ref(),
+        )
+        .await?;
         reporter::publish(
             &ctx.recorder,
             &reference,
@@ -221,6 +253,16 @@ async fn cleanup(obj: Arc<CdcPipeline>, ctx: &Context) -> Result<Action, Error> 
         },
         Err(errors) => Err(errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")),
     };
+    // The Secrets were held for this; no longer (unless another pipeline needs them).
+    let names = secret_names(&obj.spec, ctx.default_buffer.as_ref());
+    secret_hold::release(
+        &ctx.client,
+        &id.namespace,
+        &names,
+        &id.uid,
+        ctx.default_buffer.as_ref(),
+    )
+    .await?;
     match outcome {
         Ok(note) => reporter::publish(&ctx.recorder, &reference, false, "Reclaimed", note).await,
         Err(e) => {
