@@ -155,9 +155,11 @@ async fn write_batches(
     while let Some(mut b) = rx.recv().await {
         let last = b.rows.last();
         // A copy only when the processor has room for it; else it reads the rows from the buffer.
+        // Batches past MAX_BATCH_BYTES (a few wide rows) are left to the buffer too: the
+        // processor's queue could not take them, so the copy would only cost memory.
         let copy = handoff
             .as_ref()
-            .filter(|h| h.capacity() > 0)
+            .filter(|h| h.capacity() > 0 && b.rows.bytes() <= 2 * MAX_BATCH_BYTES)
             .map(|_| b.rows.to_bytes());
         pg::deadline(
             t,
