@@ -17,14 +17,22 @@ pub const SECRET_FINALIZER: &str = "philotes.io/reclaim";
 
 /// Sets `finalizers` on Secret `s` (optimistic: a concurrent change makes the patch fail, and the
 /// reconcile runs again).
-async fn set_finalizers(api: &Api<Secret>, s: &Secret, finalizers: Vec<String>) -> kube::Result<()> {
+async fn set_finalizers(
+    api: &Api<Secret>,
+    s: &Secret,
+    finalizers: Vec<String>,
+) -> kube::Result<()> {
     let patch = json!({"metadata": {
         "finalizers": finalizers,
         "resourceVersion": s.metadata.resource_version,
     }});
-    api.patch(&s.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .map(|_| ())
+    api.patch(
+        &s.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await
+    .map(|_| ())
 }
 
 /// Adds the finalizer to the Secrets `names` that exist, are not being deleted, and lack it.
@@ -76,7 +84,11 @@ pub async fn release(
                 && p.metadata.deletion_timestamp.is_none()
                 && p.spec.reclaim_policy == ReclaimPolicy::Delete
         })
-        .flat_map(|p| secret_refs(&p.spec, default_buffer).into_iter().map(|r| r.name.clone()))
+        .flat_map(|p| {
+            secret_refs(&p.spec, default_buffer)
+                .into_iter()
+                .map(|r| r.name.clone())
+        })
         .collect();
     for s in held {
         if needed.contains(&s.name_any()) {
