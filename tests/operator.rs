@@ -6,8 +6,8 @@ mod support;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Namespace, Secret};
-use kube::{Client, ResourceExt};
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
 use philotes::crd::{CdcPipeline, Phase};
 use philotes::operator::{self, OperatorConfig};
 use serde_json::json;
@@ -487,7 +487,10 @@ async fn invalid_specs_fail_with_a_clear_condition_and_delete_reclaims() {
             "{name} is not held: {:?}",
             s.finalizers()
         );
-        secrets.delete(name, &DeleteParams::default()).await.unwrap();
+        secrets
+            .delete(name, &DeleteParams::default())
+            .await
+            .unwrap();
     }
     api.delete("bad", &DeleteParams::default()).await.unwrap();
     eventually("the resource to be gone", WAIT, || async {
