@@ -32,22 +32,11 @@ async fn prepare(
     let file = pg.dir().join("pipeline.yaml");
     std::fs::write(
         &file,
-        format!(
-            r#"apiVersion: v1
-kind: Secret
-metadata: {{name: db}}
-stringData: {{source: "{}", sink: "{}"}}
----
-apiVersion: philotes.io/v1alpha1
-kind: CdcPipeline
-metadata: {{name: crash}}
-spec:
-  source: {{connectionSecretRef: {{name: db, key: source}}, tables: [{table}]}}
-  sink: {{postgres: {{connectionSecretRef: {{name: db, key: sink}}, schema: replica}}}}
-{extra}
-"#,
-            pg.uri("shop"),
-            pg.uri("warehouse")
+        support::pipeline::db_manifest(
+            "crash",
+            &[("source", &pg.uri("shop")), ("sink", &pg.uri("warehouse"))],
+            table,
+            extra,
         ),
     )
     .unwrap();
@@ -211,23 +200,11 @@ async fn sigkill_in_a_transaction_committed_right_after_another_loses_nothing() 
     let file = pg.dir().join("pipeline.yaml");
     std::fs::write(
         &file,
-        format!(
-            r#"apiVersion: v1
-kind: Secret
-metadata: {{name: db}}
-stringData: {{source: "{}", sink: "{}"}}
----
-apiVersion: philotes.io/v1alpha1
-kind: CdcPipeline
-metadata: {{name: boundary}}
-spec:
-  source: {{connectionSecretRef: {{name: db, key: source}}, tables: [t]}}
-  sink: {{postgres: {{connectionSecretRef: {{name: db, key: sink}}, schema: replica}}}}
-  buffer: {{connectionSecretRef: {{name: db, key: sink}}, batchSize: 2000, flushInterval: 200ms}}
-  backpressure: {{highWatermark: 1000000, lowWatermark: 500000}}
-"#,
-            pg.uri("shop"),
-            sink.uri("warehouse")
+        support::pipeline::db_manifest(
+            "boundary",
+            &[("source", &pg.uri("shop")), ("sink", &sink.uri("warehouse"))],
+            "t",
+            "  buffer: {connectionSecretRef: {name: db, key: sink}, batchSize: 2000, flushInterval: 200ms}\n  backpressure: {highWatermark: 1000000, lowWatermark: 500000}",
         ),
     )
     .unwrap();

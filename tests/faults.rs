@@ -45,23 +45,11 @@ async fn scenario(point: &'static str, skip: u32, snapshot_rows: i64) -> Outcome
     let file = pg.dir().join("pipeline.yaml");
     std::fs::write(
         &file,
-        format!(
-            r#"apiVersion: v1
-kind: Secret
-metadata: {{name: db}}
-stringData: {{source: "{}", sink: "{}"}}
----
-apiVersion: philotes.io/v1alpha1
-kind: CdcPipeline
-metadata: {{name: faults}}
-spec:
-  source: {{connectionSecretRef: {{name: db, key: source}}, tables: [t]}}
-  sink: {{postgres: {{connectionSecretRef: {{name: db, key: sink}}, schema: replica}}}}
-  buffer: {{connectionSecretRef: {{name: db, key: sink}}, batchSize: 1000, flushInterval: 100ms}}
-  retry: {{maxAttempts: 2, initialInterval: 100ms, maxInterval: 500ms}}
-"#,
-            pg.uri("shop"),
-            sink.uri("warehouse")
+        support::pipeline::db_manifest(
+            "faults",
+            &[("source", &pg.uri("shop")), ("sink", &sink.uri("warehouse"))],
+            "t",
+            "  buffer: {connectionSecretRef: {name: db, key: sink}, batchSize: 1000, flushInterval: 100ms}\n  retry: {maxAttempts: 2, initialInterval: 100ms, maxInterval: 500ms}",
         ),
     )
     .unwrap();
@@ -264,25 +252,15 @@ async fn buffer_database_restarts_and_stalls_lose_nothing() {
     src.batch_execute("CREATE TABLE t (id bigint PRIMARY KEY, v text)")
         .await
         .unwrap();
-    let yaml = format!(
-        r#"apiVersion: v1
-kind: Secret
-metadata: {{name: db}}
-stringData: {{source: "{}", sink: "{}", buffer: "{}"}}
----
-apiVersion: philotes.io/v1alpha1
-kind: CdcPipeline
-metadata: {{name: bufferfaults}}
-spec:
-  source: {{connectionSecretRef: {{name: db, key: source}}, tables: [t]}}
-  sink: {{postgres: {{connectionSecretRef: {{name: db, key: sink}}, schema: replica}}}}
-  buffer: {{connectionSecretRef: {{name: db, key: buffer}}, batchSize: 500, flushInterval: 100ms}}
-  retry: {{maxAttempts: 2, initialInterval: 100ms, maxInterval: 1s}}
-  timeouts: {{response: 5s}}
-"#,
-        pg.uri("shop"),
-        pg.uri("warehouse"),
-        buffer.uri("buf")
+    let yaml = support::pipeline::db_manifest(
+        "bufferfaults",
+        &[
+            ("source", &pg.uri("shop")),
+            ("sink", &pg.uri("warehouse")),
+            ("buffer", &buffer.uri("buf")),
+        ],
+        "t",
+        "  buffer: {connectionSecretRef: {name: db, key: buffer}, batchSize: 500, flushInterval: 100ms}\n  retry: {maxAttempts: 2, initialInterval: 100ms, maxInterval: 1s}\n  timeouts: {response: 5s}",
     );
     let m = philotes::standalone::parse(&yaml).unwrap();
     let cfg = philotes::standalone::configs(&m).unwrap().remove(0).0;

@@ -102,25 +102,15 @@ async fn a_black_hole_to_source_buffer_or_sink_is_noticed_and_healed() {
         )
     };
     // Default timeouts (connect 10s, response 20s): what is checked is that they notice within 30 s.
-    let yaml = format!(
-        r#"apiVersion: v1
-kind: Secret
-metadata: {{name: db}}
-stringData: {{source: "{}", buffer: "{}", sink: "{}"}}
----
-apiVersion: philotes.io/v1alpha1
-kind: CdcPipeline
-metadata: {{name: net}}
-spec:
-  source: {{connectionSecretRef: {{name: db, key: source}}, tables: [t]}}
-  sink: {{postgres: {{connectionSecretRef: {{name: db, key: sink}}, schema: replica}}}}
-  buffer: {{connectionSecretRef: {{name: db, key: buffer}}, batchSize: 500, flushInterval: 200ms}}
-  retry: {{maxAttempts: 2, initialInterval: 100ms, maxInterval: 1s}}
-  backpressure: {{checkInterval: 1s}}
-"#,
-        uri(&source, "shop"),
-        uri(&buffer, "warehouse"),
-        uri(&sink, "warehouse")
+    let yaml = support::pipeline::db_manifest(
+        "net",
+        &[
+            ("source", &uri(&source, "shop")),
+            ("buffer", &uri(&buffer, "warehouse")),
+            ("sink", &uri(&sink, "warehouse")),
+        ],
+        "t",
+        "  buffer: {connectionSecretRef: {name: db, key: buffer}, batchSize: 500, flushInterval: 200ms}\n  retry: {maxAttempts: 2, initialInterval: 100ms, maxInterval: 1s}\n  backpressure: {checkInterval: 1s}",
     );
     let m = standalone::parse(&yaml).unwrap();
     let cfg = standalone::configs(&m).unwrap().remove(0).0;

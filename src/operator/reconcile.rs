@@ -105,6 +105,20 @@ fn secret_names(spec: &CdcPipelineSpec, default_buffer: Option<&SecretKeyRef>) -
         .collect()
 }
 
+/// Releases the pipeline's Secrets from the reclaim finalizer (see [`secret_hold`]).
+async fn release_secrets(ctx: &Context, obj: &CdcPipeline, id: &Identity) -> Result<(), Error> {
+    let names = secret_names(&obj.spec, ctx.default_buffer.as_ref());
+    secret_hold::release(
+        &ctx.client,
+        &id.namespace,
+        &names,
+        &id.uid,
+        ctx.default_buffer.as_ref(),
+    )
+    .await?;
+    Ok(())
+}
+
 async fn apply(obj: Arc<CdcPipeline>, ctx: &Context) -> Result<Action, Error> {
     let id = identity(&obj);
     // Reclaim needs the Secrets at deletion: held while the policy is Delete, released otherwise.
@@ -112,14 +126,7 @@ async fn apply(obj: Arc<CdcPipeline>, ctx: &Context) -> Result<Action, Error> {
     if obj.spec.reclaim_policy == ReclaimPolicy::Delete {
         secret_hold::hold(&ctx.client, &id.namespace, &names).await?;
     } else {
-        secret_hold::release(
-            &ctx.client,
-            &id.namespace,
-            &names,
-            &id.uid,
-            ctx.default_buffer.as_ref(),
-        )
-        .await?;
+        release_secrets(ctx, &obj, &id).await?;
     }
     let secrets = dereference(ctx, &id.namespace, &obj.spec).await?;
     let reference = obj.object_ref(&());
@@ -224,15 +231,7 @@ async fn cleanup(obj: Arc<CdcPipeline>, ctx: &Context) -> Result<Action, Error> 
         .and_then(|s| s.slot_name.clone())
         .unwrap_or_default();
     if obj.spec.reclaim_policy == ReclaimPolicy::Retain {
-        let names = secret_names(&obj.spec, ctx.default_buffer.as_ref());
-        secret_hold::release(
-            &ctx.client,
-            &id.namespace,
-            &names,
-            &id.uid,
-            ctx.default_buffer.as_ref(),
-        )
-        .await?;
+        release_secrets(ctx, &obj, &id).await?;
         reporter::publish(
             &ctx.recorder,
             &reference,
@@ -254,15 +253,7 @@ async fn cleanup(obj: Arc<CdcPipeline>, ctx: &Context) -> Result<Action, Error> 
         Err(errors) => Err(errors.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("; ")),
     };
     // The Secrets were held for this; no longer (unless another pipeline needs them).
-    let names = secret_names(&obj.spec, ctx.default_buffer.as_ref());
-    secret_hold::release(
-        &ctx.client,
-        &id.namespace,
-        &names,
-        &id.uid,
-        ctx.default_buffer.as_ref(),
-    )
-    .await?;
+    release_secrets(ctx, &obj, &id).await?;
     match outcome {
         Ok(note) => reporter::publish(&ctx.recorder, &reference, false, "Reclaimed", note).await,
         Err(e) => {

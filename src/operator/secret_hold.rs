@@ -80,9 +80,8 @@ pub async fn release(
         .items
         .iter()
         .filter(|p| {
-            p.uid().as_deref() != Some(except)
-                && p.metadata.deletion_timestamp.is_none()
-                && p.spec.reclaim_policy == ReclaimPolicy::Delete
+            // One being deleted still needs them until its own cleanup has run.
+            p.uid().as_deref() != Some(except) && p.spec.reclaim_policy == ReclaimPolicy::Delete
         })
         .flat_map(|p| {
             secret_refs(&p.spec, default_buffer)

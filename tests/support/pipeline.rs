@@ -70,3 +70,26 @@ pub async fn setup(pg: &Pg) -> (tokio_postgres::Client, tokio_postgres::Client) 
     pg.create_db("warehouse").await;
     (pg.client("shop").await, pg.client("warehouse").await)
 }
+
+/// A manifest for `philotes run -f`: Secret `db` with `keys` (key, URI), and pipeline `name` capturing
+/// `tables` from key `source` into schema `replica` of key `sink`, with `extra` spec lines (each
+/// indented two spaces).
+pub fn db_manifest(name: &str, keys: &[(&str, &str)], tables: &str, extra: &str) -> String {
+    let data: Vec<String> = keys.iter().map(|(k, v)| format!("{k}: \"{v}\"")).collect();
+    format!(
+        r#"apiVersion: v1
+kind: Secret
+metadata: {{name: db}}
+stringData: {{{}}}
+---
+apiVersion: philotes.io/v1alpha1
+kind: CdcPipeline
+metadata: {{name: {name}}}
+spec:
+  source: {{connectionSecretRef: {{name: db, key: source}}, tables: [{tables}]}}
+  sink: {{postgres: {{connectionSecretRef: {{name: db, key: sink}}, schema: replica}}}}
+{extra}
+"#,
+        data.join(", ")
+    )
+}
