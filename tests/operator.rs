@@ -403,6 +403,17 @@ async fn run_pause_resume_secret_change_and_retain() {
         publication_exists(&src, &slot).await,
         "Retain keeps the publication"
     );
+    // Its rows in the buffer (here the source database) are gone: of no use without the resource.
+    for table in [
+        "philotes.pipelines",
+        "philotes.events",
+        "philotes.relations",
+    ] {
+        eventually(&format!("{table} to forget the pipeline"), WAIT, || async {
+            count(&src, table).await == 0
+        })
+        .await;
+    }
     op.shutdown().await;
 }
 

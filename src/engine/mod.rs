@@ -24,5 +24,5 @@ pub mod state;
 mod worker;
 
 pub use self::handle::PipelineHandle;
-pub use self::reclaim::reclaim;
+pub use self::reclaim::{forget_buffer, reclaim};
 pub use self::shared::{Progress, Shared, SlotHealth};

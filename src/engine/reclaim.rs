@@ -34,6 +34,18 @@ pub async fn reclaim(cfg: &PipelineConfig) -> Result<Vec<String>, EngineError> {
     Ok(dropped)
 }
 
+/// Removes a deleted pipeline's rows from the buffer (events, relations, registration), leaving its
+/// slot and publication; dead letters stay.
+pub async fn forget_buffer(cfg: &PipelineConfig) -> Result<(), EngineError> {
+    let b = Buffer::connect(&cfg.buffer, &cfg.id, "buffer").await?;
+    pg::deadline(
+        cfg.response_timeout,
+        "removing the pipeline from the buffer",
+        forget(&b),
+    )
+    .await
+}
+
 /// Removes a pipeline's rows from the buffer (events, relations, registration); dead letters stay.
 async fn forget(b: &Buffer) -> Result<(), EngineError> {
     for table in ["events", "relations", "pipelines"] {

@@ -231,6 +231,39 @@ async fn cleanup(obj: Arc<CdcPipeline>, ctx: &Context) -> Result<Action, Error> 
         .and_then(|s| s.slot_name.clone())
         .unwrap_or_default();
     if obj.spec.reclaim_policy == ReclaimPolicy::Retain {
+        // The buffer rows are of no use without the resource (a new one gets a new uid).
+        let secrets = dereference(ctx, &id.namespace, &obj.spec).await?;
+        let (warning, reason, note) =
+            match validate(&id, &obj.spec, &secrets, ctx.default_buffer.as_ref()) {
+                Ok((config, _)) => match tokio::time::timeout(
+                    Duration::from_secs(60),
+                    crate::engine::forget_buffer(&config),
+                )
+                .await
+                {
+                    Ok(Ok(())) => (
+                        false,
+                        "BufferRowsRemoved",
+                        "its rows in the buffer tables were removed".to_string(),
+                    ),
+                    Ok(Err(e)) => (
+                        true,
+                        "BufferRowsKept",
+                        format!("its rows in the buffer tables could not be removed: {e}"),
+                    ),
+                    Err(_) => (
+                        true,
+                        "BufferRowsKept",
+                        "the buffer database did not answer within 60s; its rows stay".into(),
+                    ),
+                },
+                Err(_) => (
+                    true,
+                    "BufferRowsKept",
+                    "its Secrets are gone, so its rows in the buffer tables stay".into(),
+                ),
+            };
+        reporter::publish(&ctx.recorder, &reference, warning, reason, note).await;
         release_secrets(ctx, &obj, &id).await?;
         reporter::publish(
             &ctx.recorder,
