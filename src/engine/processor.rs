@@ -143,20 +143,17 @@ impl Queue {
     /// are durable: their commit LSN is before the durable position (the end of the last commit in
     /// the buffer, where the next commit may start).
     fn pop_durable(&mut self, durable: u64, n: usize, max_bytes: usize) -> Vec<Event> {
-        let mut bytes = 0;
-        let k = self
-            .events
-            .iter()
-            .take(n)
-            .take_while(|e| {
-                let fits = bytes == 0 || bytes + e.size() <= max_bytes;
-                bytes += e.size();
-                fits && e.pos.lsn < durable
-            })
-            .count();
-        let out: Vec<Event> = self.events.drain(..k).collect();
-        self.bytes = self.bytes.saturating_sub(out.iter().map(Event::size).sum());
-        out
+        let (mut k, mut taken) = (0, 0);
+        for e in self.events.iter().take(n) {
+            let size = e.size();
+            if e.pos.lsn >= durable || (k > 0 && taken + size > max_bytes) {
+                break;
+            }
+            k += 1;
+            taken += size;
+        }
+        self.bytes = self.bytes.saturating_sub(taken);
+        self.events.drain(..k).collect()
     }
 
     /// Puts events taken from the front back there, in order.
@@ -393,10 +390,9 @@ impl<S: Sink> Processor<S> {
             };
             // The next batch: from the queue, topped up from the buffer while this one is delivered.
             let next = q.pop_durable(durable, limit, BATCH_BYTES);
-            let read_after = (next.len() < limit
-                && next.iter().map(Event::size).sum::<usize>() < BATCH_BYTES
-                && q.behind(durable))
-            .then_some(q.last);
+            let room = BATCH_BYTES.saturating_sub(next.iter().map(Event::size).sum());
+            let read_after =
+                (next.len() < limit && room > 0 && q.behind(durable)).then_some((q.last, room));
             let (outcome, next) = {
                 let Processor {
                     cfg,
@@ -419,12 +415,11 @@ impl<S: Sink> Processor<S> {
                 let take = async move {
                     let mut next = next;
                     let mut read = None;
-                    if let Some(after) = read_after {
-                        let room = BATCH_BYTES.saturating_sub(next.iter().map(Event::size).sum());
+                    if let Some((after, room)) = read_after {
                         let more = pg::deadline(
                             response_timeout,
                             "reading events from the buffer",
-                            buffer.read_batch(after, durable, limit - next.len(), room.max(1)),
+                            buffer.read_batch(after, durable, limit - next.len(), room),
                         )
                         .await?;
                         read = Some((more.events.last().map(|e| e.pos), more.complete));
