@@ -29,18 +29,16 @@ async fn prepare(
     let src = pg.client("shop").await;
     let dst = pg.client("warehouse").await;
     src.batch_execute(ddl).await.unwrap();
-    let file = pg.dir().join("pipeline.yaml");
-    std::fs::write(
-        &file,
-        support::pipeline::db_manifest(
+    let (file, log) = support::pipeline::write_manifest(
+        pg.dir(),
+        &support::pipeline::db_manifest(
             "crash",
             &[("source", &pg.uri("shop")), ("sink", &pg.uri("warehouse"))],
             table,
             extra,
         ),
-    )
-    .unwrap();
-    (src, dst, file, pg.dir().join("philotes.log"))
+    );
+    (src, dst, file, log)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -197,18 +195,18 @@ async fn sigkill_in_a_transaction_committed_right_after_another_loses_nothing() 
     src.batch_execute("CREATE TABLE t (id bigint PRIMARY KEY, v text); CREATE EXTENSION dblink")
         .await
         .unwrap();
-    let file = pg.dir().join("pipeline.yaml");
-    std::fs::write(
-        &file,
-        support::pipeline::db_manifest(
+    let (file, log) = support::pipeline::write_manifest(
+        pg.dir(),
+        &support::pipeline::db_manifest(
             "boundary",
-            &[("source", &pg.uri("shop")), ("sink", &sink.uri("warehouse"))],
+            &[
+                ("source", &pg.uri("shop")),
+                ("sink", &sink.uri("warehouse")),
+            ],
             "t",
             "  buffer: {connectionSecretRef: {name: db, key: sink}, batchSize: 2000, flushInterval: 200ms}\n  backpressure: {highWatermark: 1000000, lowWatermark: 500000}",
         ),
-    )
-    .unwrap();
-    let log = pg.dir().join("philotes.log");
+    );
     let mut child = start(&file, &log);
     eventually(
         "the sink table to be created",

@@ -42,18 +42,18 @@ async fn scenario(point: &'static str, skip: u32, snapshot_rows: i64) -> Outcome
     )
     .await
     .unwrap();
-    let file = pg.dir().join("pipeline.yaml");
-    std::fs::write(
-        &file,
-        support::pipeline::db_manifest(
+    let (file, log) = support::pipeline::write_manifest(
+        pg.dir(),
+        &support::pipeline::db_manifest(
             "faults",
-            &[("source", &pg.uri("shop")), ("sink", &sink.uri("warehouse"))],
+            &[
+                ("source", &pg.uri("shop")),
+                ("sink", &sink.uri("warehouse")),
+            ],
             "t",
             "  buffer: {connectionSecretRef: {name: db, key: sink}, batchSize: 1000, flushInterval: 100ms}\n  retry: {maxAttempts: 2, initialInterval: 100ms, maxInterval: 500ms}",
         ),
-    )
-    .unwrap();
-    let log = pg.dir().join("philotes.log");
+    );
     let failpoints = format!("{point}={skip}*off->return");
     let mut child = run_philotes(&file, &log, &[("FAILPOINTS", failpoints.as_str())]);
 

@@ -93,3 +93,13 @@ spec:
         data.join(", ")
     )
 }
+
+/// Writes `manifest` to `pipeline.yaml` in `dir`; returns it and the path for the process's log.
+pub fn write_manifest(
+    dir: &std::path::Path,
+    manifest: &str,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let file = dir.join("pipeline.yaml");
+    std::fs::write(&file, manifest).unwrap();
+    (file, dir.join("philotes.log"))
+}
