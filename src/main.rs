@@ -24,6 +24,10 @@ enum Command {
         file: String,
         #[arg(long, default_value = "0.0.0.0:8081", env = "PHILOTES_HEALTH_ADDR")]
         health_addr: SocketAddr,
+        /// Rebuild each pipeline of the file once, in place (as a new `spec.resync` token would):
+        /// a new slot, the tables copied again, the sink tables' rows replaced in one transaction.
+        #[arg(long)]
+        resync: bool,
     },
     /// Run the Kubernetes operator: reconcile CdcPipeline resources into pipeline workers.
     Operator {
@@ -142,8 +146,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Crd => {
             print!("{}", crd::crd_yaml()?);
         }
-        Command::Run { file, health_addr } => {
-            let code = standalone::run(&file, health_addr, shutdown_on_signal()).await?;
+        Command::Run {
+            file,
+            health_addr,
+            resync,
+        } => {
+            let resync = resync.then(|| format!("run-{}", k8s_openapi::jiff::Timestamp::now()));
+            let code = standalone::run(&file, health_addr, resync, shutdown_on_signal()).await?;
             return Ok(ExitCode::from(code as u8));
         }
         Command::Dlq { action } => match action {

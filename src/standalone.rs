@@ -181,12 +181,20 @@ pub fn load(path: &str) -> Result<Vec<(PipelineConfig, DesiredState)>, Standalon
 }
 
 /// Runs until SIGINT/SIGTERM (exit 0), or until every pipeline has failed for good (exit 1).
+/// Runs the pipelines of the manifest file at `path` until `shutdown`. `resync`, when given, is a
+/// resync token for every pipeline of the file (`philotes run --resync`).
 pub async fn run(
     path: &str,
     health_addr: SocketAddr,
+    resync: Option<String>,
     shutdown: CancellationToken,
 ) -> Result<i32, StandaloneError> {
-    let pipelines = load(path)?;
+    let mut pipelines = load(path)?;
+    if let Some(token) = resync {
+        for (config, _) in &mut pipelines {
+            config.resync = Some(token.clone());
+        }
+    }
     let supervisor = Supervisor::new(Arc::new(Metrics::new()));
     let health = Health {
         supervisor: supervisor.clone(),

@@ -219,6 +219,7 @@ mod tests {
             check_interval: Duration::from_secs(1),
             response_timeout: Duration::from_secs(20),
             wal_at_risk_bytes: 1 << 30,
+            resync: None,
             delivery: Delivery::Running,
         }
     }

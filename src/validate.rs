@@ -297,6 +297,16 @@ pub fn validate(
         }
     }
 
+    if let Some(t) = &spec.resync
+        && (t.trim().is_empty() || t.len() > 253)
+    {
+        c.err(
+            "spec.resync",
+            format!("the resync token has {} characters", t.len()),
+            "set spec.resync to a new non-empty token of at most 253 characters (e.g. the date), or remove it",
+        );
+    }
+
     // The sink is the source: captured tables would be written into themselves, a feedback loop.
     if let (Some(src), Some(dst)) = (&source, &sink)
         && src.same_database(dst)
@@ -350,6 +360,7 @@ pub fn validate(
         check_interval,
         response_timeout,
         wal_at_risk_bytes: spec.source.wal_at_risk_bytes,
+        resync: spec.resync.clone(),
         delivery: match spec.state {
             DesiredState::Paused => Delivery::Paused,
             _ => Delivery::Running,

@@ -352,7 +352,7 @@ async fn buffer_database_restarts_and_stalls_lose_nothing() {
 /// writing past it while the pipeline is stopped invalidates the slot for real: the restart fails
 /// with SlotLost, saying since when changes cannot be read, and the fix.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slot_at_risk_then_lost_says_so() {
+async fn a_slot_at_risk_then_lost_says_so_and_a_resync_rebuilds_it() {
     use philotes::engine::PipelineHandle;
     use philotes::engine::metrics::Metrics;
     use philotes::engine::state::Phase;
@@ -374,7 +374,7 @@ async fn a_slot_at_risk_then_lost_says_so() {
     let metrics = Arc::new(Metrics::new());
     let h = PipelineHandle::start(cfg.clone(), metrics.clone());
     wait_phase(&h, Phase::Running).await;
-    src.batch_execute("INSERT INTO t VALUES (1, 'a')")
+    src.batch_execute("INSERT INTO t SELECT i, md5(i::text) FROM generate_series(1, 20000) i")
         .await
         .unwrap();
     wait_same(&src, "t", &dst, "replica.t", "id", Duration::from_secs(60)).await;
@@ -392,9 +392,11 @@ async fn a_slot_at_risk_then_lost_says_so() {
     h.stop().await;
 
     // Stopped: changes the sink will miss, then WAL past the limit and checkpoints.
-    src.batch_execute("INSERT INTO t VALUES (2, 'missed')")
-        .await
-        .unwrap();
+    src.batch_execute(
+        "INSERT INTO t VALUES (20001, 'missed'); DELETE FROM t WHERE id <= 100; UPDATE t SET v = 'changed' WHERE id % 1000 = 0",
+    )
+    .await
+    .unwrap();
     eventually("the slot to be lost", Duration::from_secs(120), || async {
         src.batch_execute(
             "INSERT INTO filler (v) SELECT repeat('x', 2000) FROM generate_series(1, 20000); SELECT pg_switch_wal(); CHECKPOINT;",
@@ -408,7 +410,7 @@ async fn a_slot_at_risk_then_lost_says_so() {
     })
     .await;
 
-    let h = PipelineHandle::start(cfg, Arc::new(Metrics::new()));
+    let h = PipelineHandle::start(cfg.clone(), Arc::new(Metrics::new()));
     let p = wait_phase(&h, Phase::Failed).await;
     let err = p.last_error.clone().unwrap_or_default();
     println!("{err}; fix: {:?}", p.fix);
@@ -422,5 +424,58 @@ async fn a_slot_at_risk_then_lost_says_so() {
         "{p:?}"
     );
     assert!(!p.retrying);
+    h.stop().await;
+
+    // Resync: a new slot, the tables copied again, and the sink's rows replaced in one transaction.
+    // A reader of the sink meanwhile sees the old rows or the new ones, never an emptied table.
+    let before = count(&dst, "replica.t").await;
+    let watcher = pg.client("warehouse").await;
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = tokio::spawn({
+        let done = done.clone();
+        async move {
+            let mut seen = std::collections::BTreeSet::new();
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                seen.insert(count(&watcher, "replica.t").await);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            seen
+        }
+    });
+    cfg.resync = Some("2026-12-02".into());
+    let h = PipelineHandle::start(cfg.clone(), Arc::new(Metrics::new()));
+    wait_phase(&h, Phase::Running).await;
+    wait_same(&src, "t", &dst, "replica.t", "id", Duration::from_secs(60)).await;
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let seen = seen.await.unwrap();
+    let after = count(&src, "t").await;
+    println!(
+        "sink row counts a reader saw during the resync: {seen:?} (before {before}, after {after})"
+    );
+    assert!(
+        seen.iter().all(|n| *n == before || *n == after),
+        "a reader saw a partly replaced table: {seen:?}"
+    );
+    assert_eq!(h.current().resynced.as_deref(), Some("2026-12-02"));
+    let slot = src
+        .query_one("SELECT wal_status::text FROM pg_replication_slots", &[])
+        .await
+        .unwrap()
+        .get::<_, Option<String>>(0);
+    assert_ne!(slot.as_deref(), Some("lost"));
+    src.batch_execute("INSERT INTO t VALUES (20002, 'after resync')")
+        .await
+        .unwrap();
+    wait_same(&src, "t", &dst, "replica.t", "id", Duration::from_secs(60)).await;
+    h.stop().await;
+
+    // The same token again resyncs nothing: the pipeline streams on from its slot.
+    let h = PipelineHandle::start(cfg, Arc::new(Metrics::new()));
+    wait_phase(&h, Phase::Running).await;
+    src.batch_execute("DELETE FROM t WHERE id = 20002")
+        .await
+        .unwrap();
+    wait_same(&src, "t", &dst, "replica.t", "id", Duration::from_secs(60)).await;
+    assert_eq!(h.current().events_read, 1, "{:?}", h.current());
     h.stop().await;
 }

@@ -328,6 +328,30 @@ async fn run_pause_resume_secret_change_and_retain() {
     .await;
     wait_same(&src, "orders", &dst, "replica.orders", "id", WAIT).await;
 
+    // Resync in place: a new token rebuilds the pipeline once; the sink's drift is repaired.
+    dst.batch_execute(
+        "INSERT INTO replica.orders VALUES (99999, 'stray', 0); DELETE FROM replica.orders WHERE id = 1",
+    )
+    .await
+    .unwrap();
+    k8s.kubectl(&[
+        "patch",
+        "cdcp",
+        "orders",
+        "-n",
+        ns,
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"resync":"r1"}}"#,
+    ]);
+    wait_status(&api, "orders", "status.lastResync r1", |p| {
+        p.status.as_ref().and_then(|s| s.last_resync.as_deref()) == Some("r1")
+            && phase(p) == Some(Phase::Running)
+    })
+    .await;
+    wait_same(&src, "orders", &dst, "replica.orders", "id", WAIT).await;
+
     // A Secret change restarts the pipeline with the new value: new changes go to the new sink.
     secret(&client, ns, "sink-db", &pg.uri("warehouse2")).await;
     let dst2 = pg.client("warehouse2").await;
@@ -382,6 +406,7 @@ async fn run_pause_resume_secret_change_and_retain() {
         "Paused",
         "Resuming",
         "Restarted",
+        "Resynced",
         "Stopped",
     ] {
         assert!(
@@ -615,5 +640,78 @@ async fn operator_restart_resumes_with_nothing_lost() {
     .await;
     wait_same(&src, "t", &dst, "replica.t", "id", WAIT).await;
     assert_eq!(count(&dst, "replica.t").await, 30_000);
+    op.shutdown().await;
+}
+
+/// The command a user types: `kubectl delete -f examples/demo-pipeline.yaml` deletes the Secrets in
+/// the same request batch as the pipeline. With `reclaimPolicy: Delete` the slot and publication are
+/// still dropped (the operator holds the Secrets with a finalizer until it has reclaimed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_delete_of_the_example_file_still_reclaims_the_slot() {
+    let ns = "default";
+    let pg = Pg::start();
+    pg.create_db("shop").await;
+    pg.create_db("warehouse").await;
+    let src = pg.client("shop").await;
+    src.batch_execute(
+        "CREATE TABLE orders (id int PRIMARY KEY, v text); CREATE TABLE customers (id int PRIMARY KEY, v text);
+         INSERT INTO orders VALUES (1, 'a'); INSERT INTO customers VALUES (1, 'b');",
+    )
+    .await
+    .unwrap();
+    let k8s = ApiServer::start();
+    let client = k8s.client().await;
+    install_crd(&client).await;
+    let example = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/demo-pipeline.yaml"),
+    )
+    .unwrap();
+    assert!(example.contains("reclaimPolicy: Retain"), "{example}");
+    let file = pg.dir().join("demo-pipeline.yaml");
+    std::fs::write(
+        &file,
+        example
+            .replace(
+                "postgres://philotes:philotes@127.0.0.1:55432/shop",
+                &pg.uri("shop"),
+            )
+            .replace(
+                "postgres://philotes:philotes@127.0.0.1:55432/warehouse",
+                &pg.uri("warehouse"),
+            )
+            .replace("reclaimPolicy: Retain", "reclaimPolicy: Delete"),
+    )
+    .unwrap();
+    let file = file.to_str().unwrap();
+    let op = start_operator(&client, ns);
+    k8s.kubectl(&["apply", "-f", file]);
+    let api: Api<CdcPipeline> = Api::namespaced(client.clone(), ns);
+    let p = wait_status(&api, "shop-orders", "phase Running", |p| {
+        phase(p) == Some(Phase::Running)
+    })
+    .await;
+    let slot = p.status.and_then(|s| s.slot_name).unwrap();
+    let dst = pg.client("warehouse").await;
+    wait_same(&src, "orders", &dst, "replica.orders", "id", WAIT).await;
+    assert!(slot_exists(&src, &slot).await);
+
+    let out = k8s.kubectl(&["delete", "-f", file, "--wait=false"]);
+    println!("{out}");
+    eventually("the pipeline to be gone", WAIT, || async {
+        api.get_opt("shop-orders").await.unwrap().is_none()
+    })
+    .await;
+    assert!(!slot_exists(&src, &slot).await, "the slot was not dropped");
+    assert!(
+        !publication_exists(&src, &slot).await,
+        "the publication was not dropped"
+    );
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    for name in ["source-db", "warehouse-db"] {
+        eventually(&format!("Secret {name} to be gone"), WAIT, || async {
+            secrets.get_opt(name).await.unwrap().is_none()
+        })
+        .await;
+    }
     op.shutdown().await;
 }

@@ -46,6 +46,12 @@ pub struct CdcPipelineSpec {
     /// What happens to the slot and publication Philotes created when the pipeline is deleted.
     #[serde(default)]
     pub reclaim_policy: ReclaimPolicy,
+    /// A token; each new value rebuilds the pipeline once, in place: the slot is dropped and made
+    /// again with an exported snapshot, the tables are copied again, and each sink table's rows are
+    /// replaced in one sink transaction (readers see the old rows until it commits). The fix for a
+    /// lost slot (`SlotLost`). Any string, e.g. a date: `kubectl philotes resync` or a patch sets it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resync: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default, JsonSchema)]
@@ -323,6 +329,9 @@ pub struct CdcPipelineStatus {
     pub last_error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The `spec.resync` token of the last resync whose copy is complete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_resync: Option<String>,
 }
 
 pub use crate::engine::state::Phase;

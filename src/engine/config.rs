@@ -198,6 +198,8 @@ pub struct PipelineConfig {
     pub response_timeout: Duration,
     /// `safe_wal_size` below this many bytes puts the slot's WAL at risk.
     pub wal_at_risk_bytes: i64,
+    /// Rebuild once when this token differs from the last resync's (`spec.resync`).
+    pub resync: Option<String>,
     pub delivery: Delivery,
 }
 

@@ -107,7 +107,7 @@ impl EngineError {
         match self {
             EngineError::Invalid { fix, .. } => fix.clone(),
             EngineError::SlotLost { .. } => {
-                "resync: delete and re-create the pipeline (a new slot and initial snapshot); to keep it from happening again, raise max_slot_wal_keep_size or keep the pipeline running".into()
+                "resync: set spec.resync to a new token (kubectl patch, or `philotes run --resync`): a new slot, the tables copied again and the sink tables' rows replaced in one transaction; to keep it from happening again, raise max_slot_wal_keep_size or keep the pipeline running".into()
             }
             EngineError::Decode(_) => {
                 "a replication message could not be decoded: report it with the log; the pipeline stopped before the message, so nothing is lost".into()

@@ -61,8 +61,12 @@ pub(super) async fn run_session(
     let ours = previous
         .as_ref()
         .is_some_and(|o| o.slot_created && o.slot_name == cfg.slot);
-    let snapshot_owed = pg::deadline(t, "reading the buffer", snapshot::pending(&control)).await?;
-    if slot_exists && !snapshot_owed {
+    let snap = pg::deadline(t, "reading the buffer", snapshot::state(&control)).await?;
+    let resync = snap.resync_owed(cfg.resync.as_deref());
+    // A resync interrupted by a crash is finished by the next session, spec token or not.
+    let resyncing = resync || (snap.pending && snap.replaces);
+    let snapshot_owed = snap.pending;
+    if slot_exists && !snapshot_owed && !resync {
         let state = pg::deadline(
             t,
             "reading the slot",
@@ -79,10 +83,18 @@ pub(super) async fn run_session(
             });
         }
     }
-    let slot_created = if cfg.initial_snapshot && snapshot_owed && (!slot_exists || ours) {
-        shared.set_message("initial snapshot");
+    let slot_created = if resyncing
+        || (cfg.initial_snapshot && snapshot_owed && (!slot_exists || ours))
+    {
+        let token = resync.then_some(cfg.resync.as_deref()).flatten();
+        if resyncing {
+            shared.set_message("resync: dropping the slot and copying the tables again");
+            tracing::info!(pipeline = %cfg.name, slot = %cfg.slot, token = ?token, "resync: the slot is made again and the tables copied again");
+        } else {
+            shared.set_message("initial snapshot");
+        }
         let mut writer = Buffer::connect(&cfg.buffer, &cfg.id, "snapshot").await?;
-        snapshot::run(cfg, &source, &mut writer, &layouts, shared).await?;
+        snapshot::run(cfg, &source, &mut writer, &layouts, shared, token).await?;
         true
     } else {
         if !slot_exists && !snapshot_owed {
@@ -106,6 +118,10 @@ pub(super) async fn run_session(
         .await?
             || ours
     };
+    let snap = pg::deadline(t, "reading the buffer", snapshot::state(&control)).await?;
+    if !snap.pending && !snap.replaces {
+        shared.texts().resynced = snap.resync_token;
+    }
     let ownership = Ownership {
         slot_name: cfg.slot.clone(),
         publication_name: cfg.publication.clone(),

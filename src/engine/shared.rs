@@ -33,6 +33,8 @@ pub struct Progress {
     /// What a Failed phase is, for a condition reason: `SlotLost`, or None.
     pub reason: Option<String>,
     pub slot: SlotHealth,
+    /// The `spec.resync` token of the last resync whose copy is complete.
+    pub resynced: Option<String>,
 }
 
 /// The slot's WAL as the source sees it (`pg_replication_slots`).
@@ -58,6 +60,7 @@ pub(super) struct Texts {
     sink_error: bool,
     reason: Option<String>,
     pub(super) slot: SlotHealth,
+    pub(super) resynced: Option<String>,
 }
 
 /// State shared by a pipeline's tasks.
@@ -223,6 +226,7 @@ impl Shared {
             message: t.message.clone(),
             reason: t.reason.clone(),
             slot: t.slot.clone(),
+            resynced: t.resynced.clone(),
         }
     }
 }

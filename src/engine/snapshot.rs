@@ -17,7 +17,7 @@ use crate::engine::Shared;
 use crate::engine::buffer::{Buffer, CopyRows};
 use crate::engine::config::PipelineConfig;
 use crate::engine::error::EngineError;
-use crate::engine::event::{Op, Position, RelationInfo};
+use crate::engine::event::{Event, Op, Position, RelationInfo};
 use crate::engine::pg::{self, ident, literal};
 
 const FETCH: usize = 5000;
@@ -43,32 +43,75 @@ fn snapshot_position(consistent: u64, n: u64) -> Result<Position, EngineError> {
     })
 }
 
-/// Whether the pipeline's snapshot is still to be done (true also when the pipeline is new).
-pub async fn pending(buffer: &Buffer) -> Result<bool, EngineError> {
+/// Where the pipeline's snapshot stands, as recorded in the buffer.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct State {
+    /// A snapshot is still to be done (true also when the pipeline is new).
+    pub pending: bool,
+    /// The snapshot in progress is a resync: it replaces the sink tables' rows.
+    pub replaces: bool,
+    /// The `spec.resync` token of the last resync started.
+    pub resync_token: Option<String>,
+}
+
+impl State {
+    /// Whether `wanted` (the spec's token) asks for a resync not started yet.
+    pub fn resync_owed(&self, wanted: Option<&str>) -> bool {
+        wanted.is_some_and(|w| self.resync_token.as_deref() != Some(w))
+    }
+}
+
+pub async fn state(buffer: &Buffer) -> Result<State, EngineError> {
     let row = buffer
         .client()
         .query_opt(
-            "SELECT snapshot_done FROM philotes.pipelines WHERE pipeline_id = $1",
+            "SELECT snapshot_done, snapshot_replaces, resync_token FROM philotes.pipelines WHERE pipeline_id = $1",
             &[&buffer.pipeline_id()],
         )
         .await
         .map_err(EngineError::pg("reading the snapshot state"))?;
-    Ok(row.is_none_or(|r| !r.get::<_, bool>(0)))
+    Ok(match row {
+        None => State {
+            pending: true,
+            ..State::default()
+        },
+        Some(r) => State {
+            pending: !r.get::<_, bool>(0),
+            replaces: r.get(1),
+            resync_token: r.get(2),
+        },
+    })
 }
 
 /// Records, before the slot exists, that this pipeline creates it and owes a snapshot; so a crash
-/// at any later point is recovered by starting over.
-async fn begin(buffer: &Buffer, cfg: &PipelineConfig) -> Result<(), EngineError> {
+/// at any later point is recovered by starting over. A resync (`resync` is its token) also records
+/// that the snapshot replaces the sink's rows, which stays so until a snapshot completes. Returns
+/// whether the snapshot replaces.
+async fn begin(
+    buffer: &Buffer,
+    cfg: &PipelineConfig,
+    resync: Option<&str>,
+) -> Result<bool, EngineError> {
     let c = buffer.client();
-    c.execute(
-        "INSERT INTO philotes.pipelines AS p (pipeline_id, name, slot_name, publication_name, slot_created, snapshot_done)
-         VALUES ($1, $2, $3, $4, true, false)
+    let row = c
+        .query_one(
+            "INSERT INTO philotes.pipelines AS p (pipeline_id, name, slot_name, publication_name, slot_created, snapshot_done, resync_token, snapshot_replaces)
+         VALUES ($1, $2, $3, $4, true, false, $5::text, $5::text IS NOT NULL)
          ON CONFLICT (pipeline_id) DO UPDATE SET slot_name = $3, slot_created = true, snapshot_done = false,
-           durable_lsn = 0, processed_lsn = 0, processed_ord = -1, updated_at = now()",
-        &[&buffer.pipeline_id(), &cfg.name, &cfg.slot, &cfg.publication],
-    )
-    .await
-    .map_err(EngineError::pg("recording the snapshot start"))?;
+           durable_lsn = 0, processed_lsn = 0, processed_ord = -1, updated_at = now(),
+           resync_token = COALESCE($5::text, p.resync_token),
+           snapshot_replaces = p.snapshot_replaces OR $5::text IS NOT NULL
+         RETURNING snapshot_replaces",
+            &[
+                &buffer.pipeline_id(),
+                &cfg.name,
+                &cfg.slot,
+                &cfg.publication,
+                &resync,
+            ],
+        )
+        .await
+        .map_err(EngineError::pg("recording the snapshot start"))?;
     for table in ["events", "relations"] {
         c.execute(
             &format!("DELETE FROM philotes.{table} WHERE pipeline_id = $1"),
@@ -77,21 +120,26 @@ async fn begin(buffer: &Buffer, cfg: &PipelineConfig) -> Result<(), EngineError>
         .await
         .map_err(EngineError::pg("discarding a half-done snapshot"))?;
     }
-    Ok(())
+    Ok(row.get(0))
 }
 
 /// Creates the slot with an exported snapshot and copies `layouts` into the buffer as of it. Drops a
-/// slot left by an interrupted earlier attempt first. Returns the buffer's durable position: the
-/// slot's consistent point.
+/// slot left by an interrupted earlier attempt (or, for a resync, the old slot) first. Returns the
+/// buffer's durable position: the slot's consistent point.
+///
+/// A resync (`resync` is the new token, or one interrupted earlier) puts a truncate of each table
+/// before the copy, at the same source position: the sink applies the truncates and the copy as
+/// one source transaction, in one sink transaction.
 pub async fn run(
     cfg: &PipelineConfig,
     source: &tokio_postgres::Client,
     buffer: &mut Buffer,
     layouts: &[RelationInfo],
     shared: &Arc<Shared>,
+    resync: Option<&str>,
 ) -> Result<u64, EngineError> {
     catalog::drop_slot(source, &cfg.slot).await?;
-    begin(buffer, cfg).await?;
+    let replaces = begin(buffer, cfg, resync).await?;
 
     let wire = |context: &str| {
         let context = context.to_string();
@@ -135,6 +183,26 @@ pub async fn run(
     .map_err(EngineError::pg("opening the snapshot"))?;
     buffer.write(layouts, CopyRows::default(), None).await?;
     let mut n: u64 = 0;
+    if replaces {
+        let mut clear = CopyRows::default();
+        for rel in layouts {
+            clear.push_event(
+                buffer.pipeline_id(),
+                &Event {
+                    pos: snapshot_position(consistent, n)?,
+                    commit_time: 0,
+                    rel_ver: rel.rel_ver,
+                    op: Op::Truncate,
+                    old_key: None,
+                    vals: None,
+                    unchanged: None,
+                },
+            );
+            n += 1;
+        }
+        buffer.write(&[], clear, None).await?;
+        tracing::info!(pipeline = %cfg.name, tables = layouts.len(), "resync: the sink tables' rows are replaced by the copy");
+    }
     for rel in layouts {
         let cols: Vec<String> = rel.columns.iter().map(|c| ident(c)).collect();
         copy.batch_execute(&format!(
@@ -209,7 +277,7 @@ pub async fn run(
     buffer
         .client()
         .execute(
-            "UPDATE philotes.pipelines SET snapshot_done = true WHERE pipeline_id = $1",
+            "UPDATE philotes.pipelines SET snapshot_done = true, snapshot_replaces = false WHERE pipeline_id = $1",
             &[&buffer.pipeline_id()],
         )
         .await

@@ -91,6 +91,7 @@ fn significant(s: &CdcPipelineStatus) -> impl PartialEq + use<> {
         s.observed_generation,
         s.slot_name.clone(),
         s.slot_created,
+        s.last_resync.clone(),
     )
 }
 
@@ -129,6 +130,9 @@ async fn write_loop(t: Target, mut rx: watch::Receiver<Input>) {
                     let before = last.as_ref().and_then(|s| s.phase);
                     if next.phase != before {
                         announce(&t, &next).await;
+                    }
+                    for n in status::notices(last.as_ref(), &next) {
+                        publish(&t.recorder, &t.reference, n.warning, n.reason, n.note).await;
                     }
                     last = Some(next);
                 }

@@ -61,6 +61,7 @@ pub fn compute(
         ..Default::default()
     };
     let mut conditions = Vec::new();
+    s.last_resync = prev.and_then(|p| p.last_resync.clone());
     if let Some(errors) = &inputs.invalid {
         let text = errors
             .iter()
@@ -87,6 +88,9 @@ pub fn compute(
         s.wal_status = p.slot.wal_status.clone();
         s.safe_wal_bytes = p.slot.safe_wal_bytes;
         s.buffer_depth = Some(p.buffer_depth);
+        if p.resynced.is_some() {
+            s.last_resync = p.resynced.clone();
+        }
         s.events_read = Some(p.events_read as i64);
         s.events_delivered = Some(p.events_delivered as i64);
         s.events_dead_lettered = Some(p.events_dead_lettered as i64);
@@ -230,6 +234,59 @@ pub fn compute(
     s
 }
 
+/// A change between two statuses worth an Event of its own (besides phase changes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Notice {
+    pub warning: bool,
+    pub reason: &'static str,
+    pub note: String,
+}
+
+/// The notices from `before` to `next`: WAL at risk turning True or back, a resync completed.
+/// Nothing is noticed against an unknown `before` (a first status, an operator restart).
+pub fn notices(before: Option<&CdcPipelineStatus>, next: &CdcPipelineStatus) -> Vec<Notice> {
+    let Some(before) = before else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let at_risk = |s: &CdcPipelineStatus| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == "WalAtRisk")
+            .map(|c| (c.status.clone(), c.message.clone()))
+    };
+    match (at_risk(before), at_risk(next)) {
+        (Some((was, _)), Some((now, msg))) if was != now && now == "True" => out.push(Notice {
+            warning: true,
+            reason: "WalAtRisk",
+            note: msg,
+        }),
+        (Some((was, _)), Some((now, _))) if was == "True" && now == "False" => out.push(Notice {
+            warning: false,
+            reason: "WalSafe",
+            note: format!(
+                "slot {}: its WAL is no longer at risk (wal_status {})",
+                next.slot_name.as_deref().unwrap_or(""),
+                next.wal_status.as_deref().unwrap_or("unknown")
+            ),
+        }),
+        _ => {}
+    }
+    if let Some(token) = &next.last_resync
+        && before.last_resync.as_ref() != Some(token)
+    {
+        out.push(Notice {
+            warning: false,
+            reason: "Resynced",
+            note: format!(
+                "resync {token}: slot {} made again and the tables copied again; each sink table's rows are replaced in one transaction as the copy is delivered",
+                next.slot_name.as_deref().unwrap_or("")
+            ),
+        });
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,6 +326,7 @@ mod tests {
             message: "streaming".into(),
             reason: None,
             slot: Default::default(),
+            resynced: None,
         }
     }
 
@@ -297,6 +355,35 @@ mod tests {
         p.last_error = Some("replication slot s is lost".into());
         let s = compute(&inputs(DesiredState::Running), Some(&p), None, "T2");
         assert_eq!(find(&s, "Ready").reason, "SlotLost");
+    }
+
+    #[test]
+    fn wal_at_risk_and_a_resync_are_noticed_once_on_change() {
+        let mut p = progress(Phase::Running);
+        let safe = compute(&inputs(DesiredState::Running), Some(&p), None, "T0");
+        assert!(notices(None, &safe).is_empty());
+        assert!(notices(Some(&safe), &safe).is_empty());
+        p.slot.at_risk = true;
+        let risky = compute(&inputs(DesiredState::Running), Some(&p), Some(&safe), "T1");
+        let n = notices(Some(&safe), &risky);
+        assert_eq!(n.len(), 1);
+        assert!(n[0].warning && n[0].reason == "WalAtRisk", "{n:?}");
+        assert!(notices(Some(&risky), &risky).is_empty());
+        assert_eq!(notices(Some(&risky), &safe)[0].reason, "WalSafe");
+        p.slot.at_risk = false;
+        p.resynced = Some("r1".into());
+        let resynced = compute(&inputs(DesiredState::Running), Some(&p), Some(&safe), "T2");
+        assert_eq!(notices(Some(&safe), &resynced)[0].reason, "Resynced");
+        assert!(notices(Some(&resynced), &resynced).is_empty());
+        // A worker that has not said yet keeps the last resync in status.
+        p.resynced = None;
+        let later = compute(
+            &inputs(DesiredState::Running),
+            Some(&p),
+            Some(&resynced),
+            "T3",
+        );
+        assert_eq!(later.last_resync.as_deref(), Some("r1"));
     }
 
     #[test]

@@ -259,7 +259,7 @@ async fn run_pipelines(file: &str, health_addr: SocketAddr) -> ExitCode {
         }
         t.cancel();
     });
-    match philotes::standalone::run(file, health_addr, token).await {
+    match philotes::standalone::run(file, health_addr, None, token).await {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -141,8 +141,11 @@ pub fn delete(schema: &str, rel: &RelationInfo) -> String {
     )
 }
 
+/// A source TRUNCATE (or a resync's replace) as a DELETE of every row: TRUNCATE is not MVCC-safe
+/// (a reader whose snapshot predates it would see the table empty) and locks readers out until the
+/// sink transaction ends; a DELETE leaves readers the old rows until it commits.
 pub fn truncate(schema: &str, rel: &RelationInfo) -> String {
-    format!("TRUNCATE {}", table(schema, rel))
+    format!("DELETE FROM {}", table(schema, rel))
 }
 
 #[cfg(test)]
