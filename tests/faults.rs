@@ -479,3 +479,108 @@ async fn a_slot_at_risk_then_lost_says_so_and_a_resync_rebuilds_it() {
     assert_eq!(h.current().events_read, 1, "{:?}", h.current());
     h.stop().await;
 }
+
+/// `philotes run --resync` that dies in the middle of its copy: the next run, without the flag,
+/// finishes the same resync, and the sink's rows are replaced (rows changed by hand are repaired).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_that_dies_mid_copy_is_finished_by_the_next_run() {
+    let pg = Pg::start();
+    let sink = Pg::start();
+    pg.create_db("shop").await;
+    sink.create_db("warehouse").await;
+    let src = pg.client("shop").await;
+    let dst = sink.client("warehouse").await;
+    src.batch_execute(
+        "CREATE TABLE t (id bigint PRIMARY KEY, v text);
+         INSERT INTO t SELECT i, md5(i::text) FROM generate_series(1, 30000) i;",
+    )
+    .await
+    .unwrap();
+    let (file, log) = support::pipeline::write_manifest(
+        pg.dir(),
+        &support::pipeline::db_manifest(
+            "resync",
+            &[
+                ("source", &pg.uri("shop")),
+                ("sink", &sink.uri("warehouse")),
+            ],
+            "t",
+            "  buffer: {connectionSecretRef: {name: db, key: sink}, batchSize: 1000, flushInterval: 100ms}\n  retry: {maxAttempts: 2, initialInterval: 100ms, maxInterval: 500ms}",
+        ),
+    );
+    let mut child = run_philotes(&file, &log, &[]);
+    wait_same(&src, "t", &dst, "replica.t", "id", Duration::from_secs(120)).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // The sink drifts by hand; the source moves on.
+    dst.batch_execute(
+        "INSERT INTO replica.t VALUES (999999, 'stray'); DELETE FROM replica.t WHERE id = 5",
+    )
+    .await
+    .unwrap();
+    src.batch_execute("DELETE FROM t WHERE id <= 10; INSERT INTO t VALUES (40000, 'new')")
+        .await
+        .unwrap();
+
+    let mut child = support::run_philotes_with(
+        &file,
+        &log,
+        &[("FAILPOINTS", "snapshot-mid-copy=1*off->return")],
+        &["--resync"],
+    );
+    let status = tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("the resync did not reach its fail point");
+    assert_eq!(status.signal(), Some(6), "{status:?}");
+    let (token, replaces): (Option<String>, bool) = dst
+        .query_one(
+            "SELECT resync_token, snapshot_replaces FROM philotes.pipelines",
+            &[],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert!(
+        token.as_deref().is_some_and(|t| t.starts_with("run-")),
+        "{token:?}"
+    );
+    assert!(replaces, "the interrupted resync is not recorded as owed");
+
+    let mut child = run_philotes(&file, &log, &[]);
+    let same = tokio::time::timeout(
+        Duration::from_secs(120),
+        wait_same(
+            &src,
+            "t",
+            &dst,
+            "replica.t",
+            "id",
+            Duration::from_secs(3600),
+        ),
+    )
+    .await
+    .is_ok();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    if !same {
+        println!(
+            "log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+    }
+    assert!(same, "the sink does not equal the source after the resync");
+    let replaces: bool = dst
+        .query_one("SELECT snapshot_replaces FROM philotes.pipelines", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!replaces);
+}

@@ -109,6 +109,16 @@ impl Pg {
 
 /// Starts `philotes run -f file` with its output appended to `log` and `env` set.
 pub fn run_philotes(file: &Path, log: &Path, env: &[(&str, &str)]) -> std::process::Child {
+    run_philotes_with(file, log, env, &[])
+}
+
+/// [`run_philotes`] with more arguments for `run`.
+pub fn run_philotes_with(
+    file: &Path,
+    log: &Path,
+    env: &[(&str, &str)],
+    args: &[&str],
+) -> std::process::Child {
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -118,6 +128,7 @@ pub fn run_philotes(file: &Path, log: &Path, env: &[(&str, &str)]) -> std::proce
         .args(["run", "-f"])
         .arg(file)
         .args(["--health-addr", "127.0.0.1:0"])
+        .args(args)
         .env("RUST_LOG", "warn,philotes=info")
         .envs(env.iter().copied())
         .stdout(std::process::Stdio::from(out.try_clone().unwrap()))
