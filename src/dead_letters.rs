@@ -56,6 +56,7 @@ pub async fn replay(cfg: &PipelineConfig) -> Result<ReplayOutcome, EngineError> 
                     dlq::write(
                         buffer.client(),
                         &cfg.id,
+                        None,
                         &[(&d.event, rel, r.error.clone())],
                         d.attempts + 1,
                     )

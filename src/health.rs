@@ -19,6 +19,11 @@ pub struct Health {
     pub supervisor: Supervisor,
     /// False until the controller's watch has synced (always true without a controller).
     pub controller_ready: Arc<AtomicBool>,
+    /// The operator's membership Lease is held. With it, readiness means "this replica serves"
+    /// (synced and a member); pipeline health is then in status, Events and metrics, so that one
+    /// failed pipeline does not take the replica out of its Service. Without it (`philotes run`),
+    /// readiness is every pipeline streaming.
+    pub member: Option<Arc<AtomicBool>>,
 }
 
 async fn live() -> &'static str {
@@ -28,14 +33,18 @@ async fn live() -> &'static str {
 async fn detail(h: &Health) -> (bool, serde_json::Value) {
     let (pipelines_ready, detail) = h.supervisor.ready().await;
     let controller = h.controller_ready.load(Ordering::Relaxed);
-    let ready = pipelines_ready && controller;
+    let ready = match &h.member {
+        Some(member) => controller && member.load(Ordering::Relaxed),
+        None => pipelines_ready && controller,
+    };
     let pipelines: Vec<serde_json::Value> = detail
         .iter()
         .map(|(name, phase, connected)| json!({"pipeline": name, "phase": phase, "sourceConnected": connected}))
         .collect();
     (
         ready,
-        json!({"status": if ready { "ready" } else { "not ready" }, "controllerSynced": controller, "pipelines": pipelines}),
+        json!({"status": if ready { "ready" } else { "not ready" }, "controllerSynced": controller,
+               "member": h.member.as_ref().map(|m| m.load(Ordering::Relaxed)), "pipelines": pipelines}),
     )
 }
 

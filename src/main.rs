@@ -45,6 +45,10 @@ enum Command {
             env = "PHILOTES_DEFAULT_BUFFER_SECRET_KEY"
         )]
         default_buffer_secret_key: String,
+        /// This replica's identity among the operator's replicas (default: the pod name, from the
+        /// downward API's POD_NAME, else the host name).
+        #[arg(long, env = "PHILOTES_IDENTITY")]
+        identity: Option<String>,
     },
     /// Print the CdcPipeline CustomResourceDefinition as YAML.
     Crd,
@@ -126,7 +130,23 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             health_addr,
             default_buffer_secret,
             default_buffer_secret_key,
+            identity,
         } => {
+            let identity = identity
+                .filter(|i| !i.is_empty())
+                .or_else(|| std::env::var("POD_NAME").ok().filter(|i| !i.is_empty()))
+                .or_else(|| {
+                    std::fs::read_to_string("/proc/sys/kernel/hostname")
+                        .ok()
+                        .map(|h| h.trim().to_string())
+                })
+                .unwrap_or_else(|| "philotes".into());
+            // The operator's own namespace (downward API), else the one it watches.
+            let lease_namespace = std::env::var("POD_NAMESPACE")
+                .ok()
+                .filter(|n| !n.is_empty())
+                .or_else(|| namespace.clone().filter(|n| !n.is_empty()))
+                .unwrap_or_else(|| "default".into());
             let client = kube::Client::try_default()
                 .await
                 .context("no Kubernetes configuration (in-cluster or KUBECONFIG)")?;
@@ -140,6 +160,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }),
                 health_addr: Some(health_addr),
                 instance: std::env::var("POD_NAME").ok(),
+                identity,
+                lease_namespace,
             };
             operator::run(client, cfg, shutdown_on_signal()).await?;
         }

@@ -181,6 +181,14 @@ pub fn load(path: &str) -> Result<Vec<(PipelineConfig, DesiredState)>, Standalon
 }
 
 /// Runs until SIGINT/SIGTERM (exit 0), or until every pipeline has failed for good (exit 1).
+/// Who `philotes run` is, as the owner of its pipelines: `philotes-run@<host>/<pid>`.
+fn process_owner() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into());
+    format!("philotes-run@{host}/{}", std::process::id())
+}
+
 /// Runs the pipelines of the manifest file at `path` until `shutdown`. `resync`, when given, is a
 /// resync token for every pipeline of the file (`philotes run --resync`).
 pub async fn run(
@@ -195,10 +203,11 @@ pub async fn run(
             config.resync = Some(token.clone());
         }
     }
-    let supervisor = Supervisor::new(Arc::new(Metrics::new()));
+    let supervisor = Supervisor::new(Arc::new(Metrics::new()), &process_owner());
     let health = Health {
         supervisor: supervisor.clone(),
         controller_ready: Arc::new(AtomicBool::new(true)),
+        member: None,
     };
     let listener_stop = shutdown.child_token();
     let server = tokio::net::TcpListener::bind(health_addr)

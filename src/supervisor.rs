@@ -30,6 +30,9 @@ pub struct Running<'a> {
     pub config: &'a PipelineConfig,
     /// How long ago the worker gave up on an error that needs a person, if it did.
     pub failed_for: Option<Duration>,
+    /// The worker stopped because another process took the pipeline over. Asked again to run it
+    /// (the membership says it is this process's), it takes it back at once.
+    pub superseded: bool,
 }
 
 /// A worker that gave up on a configuration error is tried again this long after, in case the
@@ -46,6 +49,7 @@ pub fn plan(
         (Some(_), None) => Action::Start,
         (Some((want, _)), Some(run)) => {
             if !want.same_except_delivery(run.config)
+                || run.superseded
                 || run.failed_for.is_some_and(|d| d >= RETRY_FAILED_AFTER)
             {
                 Action::Restart
@@ -65,15 +69,22 @@ pub fn plan(
 #[derive(Clone)]
 pub struct Supervisor {
     metrics: Arc<Metrics>,
+    /// Who this process is, recorded as the owner of the pipelines it runs.
+    identity: Arc<str>,
     pipelines: Arc<Mutex<BTreeMap<String, PipelineHandle>>>,
 }
 
 impl Supervisor {
-    pub fn new(metrics: Arc<Metrics>) -> Self {
+    pub fn new(metrics: Arc<Metrics>, identity: &str) -> Self {
         Self {
             metrics,
+            identity: identity.into(),
             pipelines: Arc::new(Mutex::new(BTreeMap::new())),
         }
+    }
+
+    pub fn identity(&self) -> &str {
+        &self.identity
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -82,16 +93,32 @@ impl Supervisor {
 
     /// Brings pipeline `id` to the desired state (None: it should not exist). Returns what was done.
     pub async fn apply(&self, id: &str, desired: Option<(PipelineConfig, DesiredState)>) -> Action {
+        let desired = desired.map(|(mut c, s)| {
+            c.owner = self.identity.to_string();
+            (c, s)
+        });
         let mut map = self.pipelines.lock().await;
         let action = plan(
             desired.as_ref().map(|(c, s)| (c, *s)),
             map.get(id).map(|h| Running {
                 config: h.config(),
                 failed_for: h.failed_for(),
+                superseded: h.failed_for().is_some()
+                    && h.current().reason.as_deref() == Some("Superseded"),
             }),
         );
+        // A worker being stopped is out of the map first: no lock is held while it stops (it may
+        // take seconds to flush), so other pipelines are applied meanwhile.
+        let old = match action {
+            Action::Restart | Action::Stop => map.remove(id),
+            _ => None,
+        };
         match action {
-            Action::Nothing => {}
+            Action::Pause | Action::Resume => {
+                if let (Some(h), Some((config, _))) = (map.get_mut(id), &desired) {
+                    h.set_delivery(config.delivery);
+                }
+            }
             Action::Start => {
                 if let Some((config, _)) = desired {
                     map.insert(
@@ -99,43 +126,36 @@ impl Supervisor {
                         PipelineHandle::start(config, self.metrics.clone()),
                     );
                 }
+                return action;
             }
-            Action::Restart => {
-                if let Some(old) = map.remove(id) {
-                    old.stop().await;
-                }
-                if let Some((config, _)) = desired {
-                    map.insert(
-                        id.to_string(),
-                        PipelineHandle::start(config, self.metrics.clone()),
-                    );
-                }
+            _ => {}
+        }
+        drop(map);
+        if let Some(old) = old {
+            let name = old.config().name.clone();
+            old.stop().await;
+            if action == Action::Stop && desired.is_none() {
+                self.metrics.remove(&name);
             }
-            Action::Pause | Action::Resume => {
-                if let (Some(h), Some((config, _))) = (map.get_mut(id), desired) {
-                    h.set_delivery(config.delivery);
-                }
-            }
-            Action::Stop => {
-                if let Some(old) = map.remove(id) {
-                    let name = old.config().name.clone();
-                    old.stop().await;
-                    if desired.is_none() {
-                        self.metrics.remove(&name);
-                    }
-                }
-            }
+        }
+        if action == Action::Restart
+            && let Some((config, _)) = desired
+        {
+            self.pipelines.lock().await.insert(
+                id.to_string(),
+                PipelineHandle::start(config, self.metrics.clone()),
+            );
         }
         action
     }
 
     /// Stops and restarts a pipeline with the same configuration (e.g. after a Secret changed in place).
     pub async fn restart(&self, id: &str) {
-        let mut map = self.pipelines.lock().await;
-        if let Some(old) = map.remove(id) {
+        let old = self.pipelines.lock().await.remove(id);
+        if let Some(old) = old {
             let config = old.config().clone();
             old.stop().await;
-            map.insert(
+            self.pipelines.lock().await.insert(
                 id.to_string(),
                 PipelineHandle::start(config, self.metrics.clone()),
             );
@@ -220,6 +240,7 @@ mod tests {
             response_timeout: Duration::from_secs(20),
             wal_at_risk_bytes: 1 << 30,
             resync: None,
+            owner: String::new(),
             delivery: Delivery::Running,
         }
     }
@@ -230,6 +251,7 @@ mod tests {
         let running = Some(Running {
             config: &run,
             failed_for: None,
+            superseded: false,
         });
         assert_eq!(
             plan(Some((&run, DesiredState::Running)), None),
@@ -260,7 +282,8 @@ mod tests {
                 Some((&run, DesiredState::Running)),
                 Some(Running {
                     config: &paused,
-                    failed_for: None
+                    failed_for: None,
+                    superseded: false,
                 })
             ),
             Action::Resume
@@ -276,6 +299,16 @@ mod tests {
         assert_eq!(
             plan(Some((&moved, DesiredState::Running)), running),
             Action::Restart
+        );
+        let taken_over = Some(Running {
+            config: &run,
+            failed_for: Some(Duration::from_secs(1)),
+            superseded: true,
+        });
+        assert_eq!(
+            plan(Some((&run, DesiredState::Running)), taken_over),
+            Action::Restart,
+            "a superseded worker asked to run again takes the pipeline back"
         );
     }
 }

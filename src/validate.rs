@@ -361,6 +361,7 @@ pub fn validate(
         response_timeout,
         wal_at_risk_bytes: spec.source.wal_at_risk_bytes,
         resync: spec.resync.clone(),
+        owner: String::new(),
         delivery: match spec.state {
             DesiredState::Paused => Delivery::Paused,
             _ => Delivery::Running,

@@ -75,6 +75,8 @@ fn chart_lints_and_the_api_server_accepts_it() {
         "charts/philotes",
         "--namespace",
         "default",
+        "--kube-version",
+        "1.20.2",
     ]);
     for kind in [
         "kind: Deployment",
@@ -82,6 +84,7 @@ fn chart_lints_and_the_api_server_accepts_it() {
         "kind: ClusterRole",
         "kind: ClusterRoleBinding",
         "kind: Service",
+        "kind: PodDisruptionBudget",
     ] {
         assert!(all.contains(kind), "chart lacks {kind}");
     }
@@ -90,11 +93,26 @@ fn chart_lints_and_the_api_server_accepts_it() {
         "probes missing"
     );
     assert!(!all.contains("\"*\""), "RBAC must not use wildcards");
+    // Two replicas share the pipelines; each names itself after its pod.
+    assert!(
+        all.contains("replicas: 2") && all.contains("- --identity") && all.contains("$(POD_NAME)"),
+        "{all}"
+    );
+    assert!(all.contains("resources: [\"leases\"]"), "{all}");
     let out = server_dry_run(&api, &all);
     assert!(
-        out.contains("deployment.apps/philotes created (server dry run)"),
+        out.contains("deployment.apps/philotes created (server dry run)")
+            && out.contains("poddisruptionbudget.policy/philotes created (server dry run)"),
         "{out}"
     );
+    let current = helm(&[
+        "template",
+        "philotes",
+        "charts/philotes",
+        "--kube-version",
+        "1.30.0",
+    ]);
+    assert!(current.contains("apiVersion: policy/v1\n"), "{current}");
 
     api.kubectl(&["create", "namespace", "shop"]);
     let scoped = helm(&[
@@ -103,6 +121,8 @@ fn chart_lints_and_the_api_server_accepts_it() {
         "charts/philotes",
         "--namespace",
         "default",
+        "--kube-version",
+        "1.20.2",
         "--set",
         "watchNamespace=shop",
         "--set",

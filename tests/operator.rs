@@ -45,6 +45,8 @@ fn start_operator_serving(
         default_buffer: None,
         health_addr,
         instance: Some("test".into()),
+        identity: "test".into(),
+        lease_namespace: ns.to_string(),
     };
     let task = tokio::spawn(operator::run(client.clone(), cfg, stop.clone()));
     Operator { stop, task }
@@ -593,7 +595,9 @@ async fn operator_restart_resumes_with_nothing_lost() {
     .await;
     let (_, body) = http_get(addr, "/health/ready").await;
     assert!(
-        body.contains("\"controllerSynced\":true") && body.contains("restart/p"),
+        body.contains("\"controllerSynced\":true")
+            && body.contains("\"member\":true")
+            && body.contains("restart/p"),
         "{body}"
     );
     assert_eq!(http_get(addr, "/health/live").await.0, 200);

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
     printcolumn = r#"{"name":"Lag","type":"integer","jsonPath":".status.lagBytes","description":"bytes of WAL the slot retains beyond its confirmed position"}"#,
     printcolumn = r#"{"name":"Buffered","type":"integer","jsonPath":".status.bufferDepth","priority":1}"#,
     printcolumn = r#"{"name":"Delivered","type":"integer","jsonPath":".status.eventsDelivered"}"#,
+    printcolumn = r#"{"name":"Owner","type":"string","jsonPath":".status.owner","priority":1}"#,
     printcolumn = r#"{"name":"Message","type":"string","jsonPath":".status.message","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -332,6 +333,10 @@ pub struct CdcPipelineStatus {
     /// The `spec.resync` token of the last resync whose copy is complete.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_resync: Option<String>,
+    /// The operator replica that runs this pipeline (its identity, the pod name); only it writes
+    /// this status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 pub use crate::engine::state::Phase;

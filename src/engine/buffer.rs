@@ -90,6 +90,9 @@ pub struct Ownership {
 pub struct Buffer {
     client: Client,
     pipeline_id: String,
+    /// The ownership epoch this connection writes under ([`Buffer::take`]); None for tools that
+    /// do not write as an owner.
+    epoch: Option<i64>,
     /// `read_batch`'s statement, prepared on first use.
     read_stmt: OnceCell<Statement>,
 }
@@ -350,6 +353,33 @@ pub fn decode_rows(data: &[u8]) -> Result<Vec<Event>, EngineError> {
     Ok(out)
 }
 
+/// Commits `tx` if `epoch` (when given) still owns the pipeline; otherwise rolls it back and says
+/// who does.
+async fn fenced_commit(
+    epoch: Option<i64>,
+    pipeline_id: &str,
+    tx: tokio_postgres::Transaction<'_>,
+) -> Result<(), EngineError> {
+    if let Some(ours) = epoch {
+        let held = tx
+            .query_opt(
+                "SELECT owner, epoch FROM philotes.pipelines WHERE pipeline_id = $1 FOR SHARE",
+                &[&pipeline_id],
+            )
+            .await
+            .map_err(EngineError::pg("checking the pipeline's owner"))?;
+        let (owner, epoch) = held.map_or((String::new(), -1), |r| {
+            (r.get::<_, Option<String>>(0).unwrap_or_default(), r.get(1))
+        });
+        if epoch != ours {
+            return Err(EngineError::Superseded { owner, epoch, ours });
+        }
+    }
+    tx.commit()
+        .await
+        .map_err(EngineError::pg("committing a buffer transaction"))
+}
+
 impl Buffer {
     pub async fn connect(
         uri: &ConnString,
@@ -359,12 +389,90 @@ impl Buffer {
         Ok(Self {
             client: pg::connect(uri, purpose).await?,
             pipeline_id: pipeline_id.to_string(),
+            epoch: None,
             read_stmt: OnceCell::new(),
         })
     }
 
     pub fn pipeline_id(&self) -> &str {
         &self.pipeline_id
+    }
+
+    /// Takes the pipeline for `owner`: raises its epoch (creating its row when new: a snapshot is
+    /// then owed when `snapshot` is asked for) and writes under the new epoch from now on. Every
+    /// write of an earlier owner fails from the moment this commits; one in flight is waited for.
+    pub async fn take(
+        &mut self,
+        name: &str,
+        owner: &str,
+        snapshot: bool,
+    ) -> Result<i64, EngineError> {
+        let row = self
+            .client
+            .query_one(
+                "INSERT INTO philotes.pipelines AS p (pipeline_id, name, epoch, owner, snapshot_done)
+                 VALUES ($1, $2, 1, $3, NOT $4)
+                 ON CONFLICT (pipeline_id) DO UPDATE SET epoch = p.epoch + 1, owner = $3, updated_at = now()
+                 RETURNING epoch",
+                &[&self.pipeline_id, &name, &owner, &snapshot],
+            )
+            .await
+            .map_err(EngineError::pg("taking the pipeline in the buffer"))?;
+        let epoch: i64 = row.get(0);
+        self.epoch = Some(epoch);
+        Ok(epoch)
+    }
+
+    /// Goes on under `epoch`, taken by an earlier session of the same worker: fails with
+    /// [`EngineError::Superseded`] when another owner has taken the pipeline since.
+    pub async fn resume(&mut self, epoch: i64) -> Result<(), EngineError> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT epoch FROM philotes.pipelines WHERE pipeline_id = $1",
+                &[&self.pipeline_id],
+            )
+            .await
+            .map_err(EngineError::pg("reading the pipeline's owner"))?;
+        if row.is_some_and(|r| r.get::<_, i64>(0) == epoch) {
+            self.epoch = Some(epoch);
+            return Ok(());
+        }
+        Err(self.superseded(epoch).await)
+    }
+
+    /// Writes under `epoch` (taken by another connection of the same owner).
+    pub fn with_epoch(mut self, epoch: i64) -> Self {
+        self.epoch = Some(epoch);
+        self
+    }
+
+    pub fn epoch(&self) -> Option<i64> {
+        self.epoch
+    }
+
+    /// The error for a write refused under this connection's epoch.
+    pub async fn superseded_error(&self) -> EngineError {
+        self.superseded(self.epoch.unwrap_or(0)).await
+    }
+
+    /// The error for a write refused under `ours`: who holds the pipeline now.
+    async fn superseded(&self, ours: i64) -> EngineError {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT owner, epoch FROM philotes.pipelines WHERE pipeline_id = $1",
+                &[&self.pipeline_id],
+            )
+            .await;
+        let (owner, epoch) = match row {
+            Ok(Some(r)) => (
+                r.get::<_, Option<String>>(0).unwrap_or_default(),
+                r.get::<_, i64>(1),
+            ),
+            _ => ("another process (or a delete)".into(), -1),
+        };
+        EngineError::Superseded { owner, epoch, ours }
     }
 
     /// Records the pipeline and what it owns; a `created` flag once true stays true.
@@ -445,8 +553,13 @@ impl Buffer {
     /// the source sends that transaction again. Rows are keyed by their transaction's commit LSN and
     /// the durable position is the previous commit's end LSN, which the next commit record may start
     /// at: so a row at exactly `durable_lsn` belongs to an incomplete transaction.
-    pub async fn discard_incomplete(&self, durable_lsn: u64) -> Result<u64, EngineError> {
-        self.client
+    pub async fn discard_incomplete(&mut self, durable_lsn: u64) -> Result<u64, EngineError> {
+        let tx = self
+            .client
+            .transaction()
+            .await
+            .map_err(EngineError::pg("starting a buffer transaction"))?;
+        let n = tx
             .execute(
                 "DELETE FROM philotes.events WHERE pipeline_id = $1 AND lsn >= $2",
                 &[&self.pipeline_id, &(durable_lsn as i64)],
@@ -454,7 +567,9 @@ impl Buffer {
             .await
             .map_err(EngineError::pg(
                 "discarding an incomplete transaction from the buffer",
-            ))
+            ))?;
+        fenced_commit(self.epoch, &self.pipeline_id, tx).await?;
+        Ok(n)
     }
 
     /// Writes relations and events in one transaction with binary COPY, and moves the durable position
@@ -471,6 +586,19 @@ impl Buffer {
             .transaction()
             .await
             .map_err(EngineError::pg("starting a buffer transaction"))?;
+        if let Some(ours) = self.epoch {
+            let held = tx
+                .query_opt(
+                    "SELECT 1 FROM philotes.pipelines WHERE pipeline_id = $1 AND epoch = $2 FOR SHARE",
+                    &[&self.pipeline_id, &ours],
+                )
+                .await
+                .map_err(EngineError::pg("checking the pipeline's owner"))?;
+            if held.is_none() {
+                drop(tx);
+                return Err(self.superseded(ours).await);
+            }
+        }
         for r in relations {
             tx.execute(
                 "INSERT INTO philotes.relations (pipeline_id, rel_ver, schema_name, table_name, columns, types, key_columns)
@@ -602,11 +730,16 @@ impl Buffer {
     /// reach disk: losing it in a crash only means the last batches are applied again, which the
     /// idempotent sink makes harmless. (Waiting would mean waiting for the buffer writer's WAL too:
     /// a flush covers everything written before it.)
+    /// Under an epoch, only while it owns the pipeline.
     pub async fn mark_processed(&self, upto: Position) -> Result<(), EngineError> {
-        self.client
-            .batch_execute(&format!(
+        let fence = self
+            .epoch
+            .map_or(String::new(), |e| format!(" AND epoch = {e}"));
+        let replies = self
+            .client
+            .simple_query(&format!(
                 "BEGIN; SET LOCAL synchronous_commit = off; \
-                 UPDATE philotes.pipelines SET processed_lsn = {}, processed_ord = {}, updated_at = now() WHERE pipeline_id = {}; \
+                 UPDATE philotes.pipelines SET processed_lsn = {}, processed_ord = {}, updated_at = now() WHERE pipeline_id = {}{fence}; \
                  COMMIT",
                 upto.lsn as i64,
                 upto.ord,
@@ -614,7 +747,18 @@ impl Buffer {
             ))
             .await
             .map_err(EngineError::pg("marking a batch processed"))?;
-        Ok(())
+        // BEGIN, SET, UPDATE n, COMMIT: the UPDATE's count says whether the epoch still owns it.
+        let updated = replies
+            .iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::CommandComplete(n) => Some(*n),
+                _ => None,
+            })
+            .nth(2);
+        match (self.epoch, updated) {
+            (Some(ours), Some(0)) => Err(self.superseded(ours).await),
+            _ => Ok(()),
+        }
     }
 
     /// Durable events not yet delivered.

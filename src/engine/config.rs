@@ -200,6 +200,9 @@ pub struct PipelineConfig {
     pub wal_at_risk_bytes: i64,
     /// Rebuild once when this token differs from the last resync's (`spec.resync`).
     pub resync: Option<String>,
+    /// Who runs the pipeline (operator replica identity, or `philotes run` and its host): recorded
+    /// with the ownership epoch. Set by the supervisor, not by the spec.
+    pub owner: String,
     pub delivery: Delivery,
 }
 

@@ -6,18 +6,22 @@ use tokio_postgres::Client;
 use super::error::EngineError;
 use super::event::{Event, Op, Position, RelationInfo, Row};
 
-/// Stores `events` as dead letters with `error` (idempotent on the event's position).
+/// Stores `events` as dead letters with `error` (idempotent on the event's position). Under `epoch`,
+/// each is written only while that epoch owns the pipeline; returns false when it does not.
 pub async fn write(
     client: &Client,
     pipeline_id: &str,
+    epoch: Option<i64>,
     dead: &[(&Event, &RelationInfo, String)],
     attempts: i32,
-) -> Result<(), EngineError> {
+) -> Result<bool, EngineError> {
     for (e, rel, error) in dead {
-        client
+        let n = client
             .execute(
                 "INSERT INTO philotes.dead_letters (pipeline_id, lsn, ord, rel_ver, table_name, op, old_key, vals, unchanged, error, attempts)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11
+                 WHERE $12::bigint IS NULL OR EXISTS (
+                   SELECT 1 FROM philotes.pipelines WHERE pipeline_id = $1 AND epoch = $12 FOR SHARE)
                  ON CONFLICT (pipeline_id, lsn, ord) DO UPDATE SET error = EXCLUDED.error, attempts = EXCLUDED.attempts, dead_at = now()",
                 &[
                     &pipeline_id,
@@ -31,12 +35,16 @@ pub async fn write(
                     &e.unchanged,
                     error,
                     &attempts,
+                    &epoch,
                 ],
             )
             .await
             .map_err(EngineError::pg("writing a dead letter"))?;
+        if n == 0 {
+            return Ok(false);
+        }
     }
-    Ok(())
+    Ok(true)
 }
 
 #[derive(Debug, Clone)]

@@ -62,6 +62,15 @@ pub enum EngineError {
         why: String,
         since: String,
     },
+    /// Another process took the pipeline (a higher ownership epoch): this one must not write again.
+    #[error(
+        "{owner} took this pipeline over (epoch {epoch}, ours {ours}); this worker stopped writing"
+    )]
+    Superseded {
+        owner: String,
+        epoch: i64,
+        ours: i64,
+    },
     /// A problem a person must fix, with the fix.
     #[error("{problem}")]
     Invalid { problem: String, fix: String },
@@ -86,6 +95,7 @@ impl EngineError {
     pub fn reason(&self) -> Option<&'static str> {
         match self {
             EngineError::SlotLost { .. } => Some("SlotLost"),
+            EngineError::Superseded { .. } => Some("Superseded"),
             _ => None,
         }
     }
@@ -98,7 +108,9 @@ impl EngineError {
             // The same bytes decode the same way: retrying cannot help.
             EngineError::Decode(_) => ErrorClass::Config,
             EngineError::Protocol(_) => ErrorClass::Transient,
-            EngineError::Invalid { .. } | EngineError::SlotLost { .. } => ErrorClass::Config,
+            EngineError::Invalid { .. }
+            | EngineError::SlotLost { .. }
+            | EngineError::Superseded { .. } => ErrorClass::Config,
         }
     }
 
@@ -108,6 +120,9 @@ impl EngineError {
             EngineError::Invalid { fix, .. } => fix.clone(),
             EngineError::SlotLost { .. } => {
                 "resync: set spec.resync to a new token (kubectl patch, or `philotes run --resync`): a new slot, the tables copied again and the sink tables' rows replaced in one transaction; to keep it from happening again, raise max_slot_wal_keep_size or keep the pipeline running".into()
+            }
+            EngineError::Superseded { .. } => {
+                "none needed when replicas share pipelines: the new owner goes on from the buffer; if two processes were started on one pipeline by mistake (`philotes run` and the operator), stop one".into()
             }
             EngineError::Decode(_) => {
                 "a replication message could not be decoded: report it with the log; the pipeline stopped before the message, so nothing is lost".into()

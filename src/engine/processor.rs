@@ -638,13 +638,17 @@ async fn dead_letter(
         .iter()
         .filter_map(|(e, err)| rels.get(&e.rel_ver).map(|r| (*e, r, err.clone())))
         .collect();
-    dlq::write(
+    if !dlq::write(
         buffer.client(),
         buffer.pipeline_id(),
+        buffer.epoch(),
         &dead,
         attempts as i32,
     )
-    .await?;
+    .await?
+    {
+        return Err(buffer.superseded_error().await);
+    }
     crate::engine::failpoint::crash_point("dlq-before-mark");
     shared.stats.events_dead_lettered.inc_by(dead.len() as u64);
     for (e, rel, error) in &dead {

@@ -41,8 +41,25 @@ pub(super) async fn run_session(
         catalog::table_layouts(&source, &cfg.tables),
     )
     .await?;
-    let control = Buffer::connect(&cfg.buffer, &cfg.id, "buffer").await?;
+    let mut control = Buffer::connect(&cfg.buffer, &cfg.id, "buffer").await?;
     let previous = pg::deadline(t, "reading the buffer", control.ownership()).await?;
+    // A worker takes the pipeline once (from then on every write of an earlier owner fails); its
+    // later sessions go on under that epoch, or stop if another owner has taken it since.
+    let held = shared.texts().epoch;
+    let epoch = if held > 0 {
+        pg::deadline(t, "checking the pipeline's owner", control.resume(held)).await?;
+        held
+    } else {
+        let epoch = pg::deadline(
+            t,
+            "taking the pipeline",
+            control.take(&cfg.name, &cfg.owner, cfg.initial_snapshot),
+        )
+        .await?;
+        shared.texts().epoch = epoch;
+        tracing::info!(pipeline = %cfg.name, owner = %cfg.owner, epoch, "pipeline taken");
+        epoch
+    };
     let owned_publication = previous
         .as_ref()
         .is_some_and(|o| o.publication_created && o.publication_name == cfg.publication);
@@ -52,6 +69,15 @@ pub(super) async fn run_session(
         catalog::ensure_publication(&source, &cfg.publication, &cfg.tables, owned_publication),
     )
     .await?;
+    let ended = pg::deadline(
+        t,
+        "releasing the slot",
+        catalog::release_slot(&source, &cfg.slot),
+    )
+    .await?;
+    if ended > 0 {
+        tracing::info!(pipeline = %cfg.name, slot = %cfg.slot, "ended an earlier owner's replication session on the slot");
+    }
     let slot_exists = pg::deadline(
         t,
         "looking up the slot",
@@ -93,7 +119,9 @@ pub(super) async fn run_session(
         } else {
             shared.set_message("initial snapshot");
         }
-        let mut writer = Buffer::connect(&cfg.buffer, &cfg.id, "snapshot").await?;
+        let mut writer = Buffer::connect(&cfg.buffer, &cfg.id, "snapshot")
+            .await?
+            .with_epoch(epoch);
         snapshot::run(cfg, &source, &mut writer, &layouts, shared, token).await?;
         true
     } else {
@@ -136,7 +164,8 @@ pub(super) async fn run_session(
     .await?;
     shared.texts().ownership = own;
 
-    let mut sink = PostgresSink::new(cfg.sink.clone(), cfg.sink_schema.clone(), t);
+    let mut sink = PostgresSink::new(cfg.sink.clone(), cfg.sink_schema.clone(), t)
+        .fenced(&cfg.id, &cfg.owner, epoch);
     sink.prepare(&layouts).await?;
 
     let cp = pg::deadline(t, "reading the buffer", control.checkpoint()).await?;
@@ -158,7 +187,9 @@ pub(super) async fn run_session(
     let reader = Reader {
         cfg: cfg.clone(),
         sql: source,
-        buffer: Buffer::connect(&cfg.buffer, &cfg.id, "buffer-writer").await?,
+        buffer: Buffer::connect(&cfg.buffer, &cfg.id, "buffer-writer")
+            .await?
+            .with_epoch(epoch),
         shared: shared.clone(),
         cancel: session.clone(),
         durable_tx,
@@ -166,7 +197,9 @@ pub(super) async fn run_session(
     };
     let processor = Processor {
         cfg: cfg.clone(),
-        buffer: Buffer::connect(&cfg.buffer, &cfg.id, "buffer-reader").await?,
+        buffer: Buffer::connect(&cfg.buffer, &cfg.id, "buffer-reader")
+            .await?
+            .with_epoch(epoch),
         sink,
         shared: shared.clone(),
         cancel: session.clone(),

@@ -35,6 +35,8 @@ pub struct Progress {
     pub slot: SlotHealth,
     /// The `spec.resync` token of the last resync whose copy is complete.
     pub resynced: Option<String>,
+    /// The ownership epoch this worker writes under (0 before it has taken the pipeline).
+    pub epoch: i64,
 }
 
 /// The slot's WAL as the source sees it (`pg_replication_slots`).
@@ -61,6 +63,7 @@ pub(super) struct Texts {
     reason: Option<String>,
     pub(super) slot: SlotHealth,
     pub(super) resynced: Option<String>,
+    pub(super) epoch: i64,
 }
 
 /// State shared by a pipeline's tasks.
@@ -227,6 +230,7 @@ impl Shared {
             reason: t.reason.clone(),
             slot: t.slot.clone(),
             resynced: t.resynced.clone(),
+            epoch: t.epoch,
         }
     }
 }

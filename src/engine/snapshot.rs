@@ -93,14 +93,18 @@ async fn begin(
     resync: Option<&str>,
 ) -> Result<bool, EngineError> {
     let c = buffer.client();
+    let epoch = buffer.epoch();
+    // Each statement holds only while this owner's epoch owns the pipeline (FOR SHARE waits for a
+    // takeover in flight, then sees it).
     let row = c
-        .query_one(
+        .query_opt(
             "INSERT INTO philotes.pipelines AS p (pipeline_id, name, slot_name, publication_name, slot_created, snapshot_done, resync_token, snapshot_replaces)
          VALUES ($1, $2, $3, $4, true, false, $5::text, $5::text IS NOT NULL)
          ON CONFLICT (pipeline_id) DO UPDATE SET slot_name = $3, slot_created = true, snapshot_done = false,
            durable_lsn = 0, processed_lsn = 0, processed_ord = -1, updated_at = now(),
            resync_token = COALESCE($5::text, p.resync_token),
            snapshot_replaces = p.snapshot_replaces OR $5::text IS NOT NULL
+         WHERE $6::bigint IS NULL OR p.epoch = $6
          RETURNING snapshot_replaces",
             &[
                 &buffer.pipeline_id(),
@@ -108,14 +112,21 @@ async fn begin(
                 &cfg.slot,
                 &cfg.publication,
                 &resync,
+                &epoch,
             ],
         )
         .await
         .map_err(EngineError::pg("recording the snapshot start"))?;
+    let Some(row) = row else {
+        return Err(buffer.superseded_error().await);
+    };
     for table in ["events", "relations"] {
         c.execute(
-            &format!("DELETE FROM philotes.{table} WHERE pipeline_id = $1"),
-            &[&buffer.pipeline_id()],
+            &format!(
+                "DELETE FROM philotes.{table} WHERE pipeline_id = $1 AND ($2::bigint IS NULL OR EXISTS (
+                   SELECT 1 FROM philotes.pipelines WHERE pipeline_id = $1 AND epoch = $2 FOR SHARE))"
+            ),
+            &[&buffer.pipeline_id(), &epoch],
         )
         .await
         .map_err(EngineError::pg("discarding a half-done snapshot"))?;
@@ -274,14 +285,18 @@ pub async fn run(
     buffer
         .write(&[], CopyRows::default(), Some(consistent))
         .await?;
-    buffer
+    let marked = buffer
         .client()
         .execute(
-            "UPDATE philotes.pipelines SET snapshot_done = true, snapshot_replaces = false WHERE pipeline_id = $1",
-            &[&buffer.pipeline_id()],
+            "UPDATE philotes.pipelines SET snapshot_done = true, snapshot_replaces = false
+             WHERE pipeline_id = $1 AND ($2::bigint IS NULL OR epoch = $2)",
+            &[&buffer.pipeline_id(), &buffer.epoch()],
         )
         .await
         .map_err(EngineError::pg("recording the snapshot as done"))?;
+    if marked == 0 {
+        return Err(buffer.superseded_error().await);
+    }
     drop(session);
     Ok(consistent)
 }

@@ -1,6 +1,8 @@
 //! The Kubernetes side: a kube-runtime Controller over CdcPipeline (and the Secrets they reference)
 //! that turns each resource into a supervised engine worker and reports status.
 
+pub mod assignment;
+pub mod membership;
 pub mod reconcile;
 pub mod reporter;
 pub mod secret_hold;
@@ -41,6 +43,11 @@ pub struct OperatorConfig {
     pub health_addr: Option<SocketAddr>,
     /// Reporting instance for Events (the pod name).
     pub instance: Option<String>,
+    /// This replica's identity among the operator's replicas (the pod name), recorded as the owner
+    /// of the pipelines it runs.
+    pub identity: String,
+    /// Where the replicas keep their membership Leases (the operator's own namespace).
+    pub lease_namespace: String,
 }
 
 pub struct Context {
@@ -49,6 +56,7 @@ pub struct Context {
     pub recorder: Recorder,
     pub default_buffer: Option<SecretKeyRef>,
     pub reporters: reporter::Reporters,
+    pub membership: membership::Membership,
 }
 
 /// Runs the controller until `shutdown`; then stops every worker (their progress is in the buffer)
@@ -59,13 +67,21 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     crate::install_crypto_provider();
-    let supervisor = Supervisor::new(Arc::new(Metrics::new()));
+    let supervisor = Supervisor::new(Arc::new(Metrics::new()), &cfg.identity);
     let synced = Arc::new(AtomicBool::new(false));
+    let member_stop = CancellationToken::new();
+    let (membership, member_task) = membership::start(
+        client.clone(),
+        &cfg.lease_namespace,
+        &cfg.identity,
+        member_stop.clone(),
+    );
     let health_stop = CancellationToken::new();
     let health_task = cfg.health_addr.map(|addr| {
         let h = Health {
             supervisor: supervisor.clone(),
             controller_ready: synced.clone(),
+            member: Some(membership.held_flag()),
         };
         tokio::spawn(health::serve(addr, h, health_stop.clone()))
     });
@@ -101,6 +117,14 @@ pub async fn run(
                     .collect::<Vec<_>>()
             },
         )
+        // Every pipeline is looked at again when the members change: some may move.
+        .reconcile_all_on(futures::stream::unfold(
+            membership.changes(),
+            |mut rx| async move {
+                rx.changed().await.ok()?;
+                Some(((), rx))
+            },
+        ))
         .graceful_shutdown_on(shutdown.clone().cancelled_owned());
 
     let ready_flag = synced.clone();
@@ -135,6 +159,7 @@ pub async fn run(
         recorder,
         default_buffer: cfg.default_buffer.clone(),
         reporters: reporter::Reporters::default(),
+        membership,
     });
     controller
         .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())
@@ -148,6 +173,9 @@ pub async fn run(
     tracing::info!("controller stopped; stopping pipelines");
     supervisor.shutdown().await;
     ctx.reporters.finish().await;
+    // Last: the other replicas see this one leave and take its pipelines.
+    member_stop.cancel();
+    let _ = member_task.await;
     health_stop.cancel();
     if let Some(t) = health_task {
         let _ = t.await;

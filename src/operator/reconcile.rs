@@ -11,6 +11,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Resource, ResourceExt};
 
+use super::assignment;
 use super::reporter::{self, Input, Target};
 use super::secret_hold;
 use super::status::Inputs;
@@ -22,6 +23,18 @@ use crate::validate::{Identity, Secrets, validate};
 pub const FINALIZER: &str = "philotes.io/cleanup";
 
 pub async fn reconcile(obj: Arc<CdcPipeline>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let uid = obj.uid().unwrap_or_default();
+    let members = ctx.membership.members();
+    let owner = assignment::owner(&uid, &members);
+    if owner != Some(ctx.membership.identity.as_str()) {
+        // Another replica runs it (or this one is not a member yet): nothing of it runs here, and
+        // only its owner writes its status. A change of members reconciles it again.
+        if ctx.supervisor.apply(&uid, None).await == Planned::Stop {
+            tracing::info!(pipeline = %obj.name_any(), owner = ?owner, "pipeline handed over");
+        }
+        ctx.reporters.remove(&uid).await;
+        return Ok(Action::requeue(Duration::from_secs(300)));
+    }
     let ns = obj.namespace().unwrap_or_default();
     let api: Api<CdcPipeline> = Api::namespaced(ctx.client.clone(), &ns);
     finalizer(&api, FINALIZER, obj, |event| async {
@@ -153,6 +166,7 @@ async fn apply(obj: Arc<CdcPipeline>, ctx: &Context) -> Result<Action, Error> {
                 invalid: Some(errors),
                 slot: None,
                 publication: None,
+                owner: ctx.membership.identity.clone(),
             };
             if obj.status.as_ref().and_then(|s| s.observed_generation) != obj.meta().generation {
                 reporter::publish(&ctx.recorder, &reference, true, "InvalidSpec", text).await;
@@ -177,6 +191,7 @@ async fn apply(obj: Arc<CdcPipeline>, ctx: &Context) -> Result<Action, Error> {
                 invalid: None,
                 slot: Some(config.slot.clone()),
                 publication: Some(config.publication.clone()),
+                owner: ctx.membership.identity.clone(),
             };
             let planned = ctx.supervisor.apply(&id.uid, Some((config, desired))).await;
             let note = match planned {

@@ -15,6 +15,8 @@ pub struct Inputs {
     pub invalid: Option<Vec<SpecError>>,
     pub slot: Option<String>,
     pub publication: Option<String>,
+    /// The operator replica that runs the pipeline and writes this status.
+    pub owner: String,
 }
 
 /// A condition; an empty message becomes the reason (the 1.20 API server turns "" into null in
@@ -58,6 +60,7 @@ pub fn compute(
         observed_generation: g,
         slot_name: inputs.slot.clone(),
         publication_name: inputs.publication.clone(),
+        owner: Some(inputs.owner.clone()).filter(|o| !o.is_empty()),
         ..Default::default()
     };
     let mut conditions = Vec::new();
@@ -299,6 +302,7 @@ mod tests {
             invalid: None,
             slot: Some("s".into()),
             publication: Some("p".into()),
+            owner: "replica-a".into(),
         }
     }
 
@@ -327,6 +331,7 @@ mod tests {
             reason: None,
             slot: Default::default(),
             resynced: None,
+            epoch: 1,
         }
     }
 

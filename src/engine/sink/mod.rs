@@ -2,6 +2,7 @@
 //! A sink transaction holds whole source transactions: batches end at source commits, and a source
 //! transaction larger than a batch spans several batches of one sink transaction ([`Part`]).
 
+pub mod fence;
 pub mod plan;
 pub mod postgres;
 pub mod sql;

@@ -12,6 +12,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres::{Client, GenericClient, Statement};
 
+use super::fence::Fence;
 use super::plan::{Action, Change, Step, plan};
 use super::{Part, Rejected, Sink, sql};
 use crate::engine::config::ConnString;
@@ -26,6 +27,8 @@ pub struct PostgresSink {
     client: Option<Client>,
     ensured: HashSet<i64>,
     statements: HashMap<String, Statement>,
+    /// Each sink transaction is refused once a newer owner has claimed the pipeline.
+    fence: Option<Fence>,
 }
 
 impl PostgresSink {
@@ -38,7 +41,29 @@ impl PostgresSink {
             client: None,
             ensured: HashSet::new(),
             statements: HashMap::new(),
+            fence: None,
         }
+    }
+
+    /// Writes as `owner` under ownership `epoch` of pipeline `pipeline_id` (see [`Fence`]): claims
+    /// the pipeline in the sink when prepared, and every transaction fails once a newer owner did.
+    pub fn fenced(mut self, pipeline_id: &str, owner: &str, epoch: i64) -> Self {
+        self.fence = Some(Fence {
+            pipeline_id: pipeline_id.to_string(),
+            owner: owner.to_string(),
+            epoch,
+        });
+        self
+    }
+
+    /// The statement that opens each sink transaction under a fence.
+    fn fence_stmt(&self) -> Option<Stmt> {
+        self.fence.as_ref().map(|f| Stmt {
+            sql: f.check_sql(&self.schema),
+            params: Vec::new(),
+            truncate: true,
+            what: "checking the pipeline's owner in the sink".into(),
+        })
     }
 
     async fn connect(&mut self) -> Result<(), EngineError> {
@@ -59,6 +84,10 @@ impl PostgresSink {
 
     /// Ends an attempt: after a failure no transaction stays open (a dead connection is dropped).
     async fn after<T>(&mut self, result: Result<T, EngineError>) -> Result<T, EngineError> {
+        let result = match &self.fence {
+            Some(f) => result.map_err(|e| f.superseded(e)),
+            None => result,
+        };
         if let Err(e) = &result
             && e.class() != ErrorClass::Connection
         {
@@ -116,6 +145,9 @@ impl PostgresSink {
                     "creating sink schema {}",
                     self.schema
                 )))?;
+        }
+        if let Some(f) = &self.fence {
+            f.claim(client, &self.schema).await?;
         }
         for rel in rels {
             if self.ensured.contains(&rel.rel_ver) {
@@ -425,6 +457,7 @@ type Pending<'a> = Pin<Box<dyn Future<Output = Result<(), EngineError>> + Send +
 async fn run_transaction(
     cache: &mut HashMap<String, Statement>,
     client: &Client,
+    fence: Option<&Stmt>,
     stmts: &[Stmt],
     part: Part,
 ) -> Result<(), EngineError> {
@@ -448,6 +481,14 @@ async fn run_transaction(
                 .await
                 .map_err(EngineError::pg("starting a sink transaction"))
         }));
+        if let Some(f) = fence {
+            steps.push(Box::pin(async move {
+                client
+                    .batch_execute(&f.sql)
+                    .await
+                    .map_err(EngineError::pg(f.what.clone()))
+            }));
+        }
     }
     for ((s, st), p) in stmts.iter().zip(&prepared).zip(&params) {
         steps.push(match st {
@@ -504,12 +545,13 @@ impl Sink for PostgresSink {
     ) -> Result<(), EngineError> {
         self.ready_for(p.rel_vers.iter().copied(), rels, part)
             .await?;
+        let fence = self.fence_stmt();
         let result = match self.client.as_ref() {
             Some(client) => {
                 pg::deadline(
                     self.timeout,
                     "applying a batch to the sink",
-                    run_transaction(&mut self.statements, client, &p.stmts, part),
+                    run_transaction(&mut self.statements, client, fence.as_ref(), &p.stmts, part),
                 )
                 .await
             }
@@ -529,6 +571,7 @@ impl Sink for PostgresSink {
         self.ready_for(batch.iter().map(|e| e.rel_ver), rels, part)
             .await?;
         let timeout = self.timeout;
+        let fence = self.fence_stmt();
         let result = pg::deadline(
             timeout,
             "applying a batch to the sink change by change",
@@ -542,6 +585,12 @@ impl Sink for PostgresSink {
                 };
                 if part.begin {
                     sql("BEGIN", "starting a sink transaction").await?;
+                    if let Some(f) = &fence {
+                        client
+                            .batch_execute(&f.sql)
+                            .await
+                            .map_err(EngineError::pg(f.what.clone()))?;
+                    }
                 }
                 let mut rejected = Vec::new();
                 for step in &steps {

@@ -387,6 +387,19 @@ pub async fn slot_state(client: &Client, slot: &str) -> Result<Option<SlotState>
     }))
 }
 
+/// Ends the walsender of an earlier owner still holding the slot (only once this owner has taken
+/// the pipeline, so that the earlier one can no longer write). Returns how many were ended.
+pub async fn release_slot(client: &Client, slot: &str) -> Result<u64, EngineError> {
+    let rows = client
+        .query(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active_pid IS NOT NULL",
+            &[&slot],
+        )
+        .await
+        .map_err(EngineError::pg("ending an earlier owner's replication session"))?;
+    Ok(rows.len() as u64)
+}
+
 /// Drops the slot (ending a session still holding it) and tolerates that it is already gone.
 pub async fn drop_slot(client: &Client, slot: &str) -> Result<bool, EngineError> {
     for _ in 0..10 {
