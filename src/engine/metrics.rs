@@ -43,6 +43,8 @@ pub struct Metrics {
     phase: Family<PhaseLabel, Gauge>,
     batch_seconds: HistogramFamily,
     delivery_latency_seconds: HistogramFamily,
+    /// Process-wide: it outlives the series of the pipelines that moved away.
+    pub superseded_writes: Counter,
 }
 
 /// Handles on one pipeline's series; clones share the same values.
@@ -83,6 +85,7 @@ impl Metrics {
             phase: Family::default(),
             batch_seconds: Family::new_with_constructor(seconds_histogram),
             delivery_latency_seconds: Family::new_with_constructor(seconds_histogram),
+            superseded_writes: Counter::default(),
         };
         if let Ok(mut r) = m.registry.lock() {
             r.register(
@@ -139,6 +142,11 @@ impl Metrics {
                 "batch_seconds",
                 "Time to apply one batch to the sink",
                 m.batch_seconds.clone(),
+            );
+            r.register(
+                "superseded_writes",
+                "Writes of this process refused because another owner had taken the pipeline (its worker then stopped)",
+                m.superseded_writes.clone(),
             );
             r.register(
                 "delivery_latency_seconds",

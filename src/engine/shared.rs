@@ -135,6 +135,9 @@ impl Shared {
     }
 
     pub(super) fn fail(&self, e: &EngineError, retrying: bool) {
+        if matches!(e, EngineError::Superseded { .. }) {
+            self.metrics.superseded_writes.inc();
+        }
         {
             let mut t = self.texts();
             t.last_error = Some(e.to_string());

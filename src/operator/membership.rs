@@ -104,6 +104,9 @@ pub fn start(
     let identity = identity.to_string();
     let task = tokio::spawn(async move {
         let name = lease_name(&identity);
+        // Members are published from the second round on: replicas started together have then all
+        // written their Leases, so a new replica does not take every pipeline for a moment.
+        let mut rounds = 0u32;
         loop {
             let renewed = renew(&api, &name, &identity).await;
             match &renewed {
@@ -116,6 +119,7 @@ pub fn start(
             match read_members(&api).await {
                 // Without its own Lease renewed, a replica counts no one: it must not run pipelines
                 // that the others may already have taken.
+                Ok(_) if renewed.is_ok() && rounds == 0 => rounds += 1,
                 Ok(members) if renewed.is_ok() => {
                     tx.send_if_modified(|m| {
                         if *m != members {
