@@ -45,6 +45,8 @@ pub struct Metrics {
     delivery_latency_seconds: HistogramFamily,
     /// Process-wide: it outlives the series of the pipelines that moved away.
     pub superseded_writes: Counter,
+    /// Reconciles of the operator's controller.
+    pub reconciles: Counter,
 }
 
 /// Handles on one pipeline's series; clones share the same values.
@@ -86,6 +88,7 @@ impl Metrics {
             batch_seconds: Family::new_with_constructor(seconds_histogram),
             delivery_latency_seconds: Family::new_with_constructor(seconds_histogram),
             superseded_writes: Counter::default(),
+            reconciles: Counter::default(),
         };
         if let Ok(mut r) = m.registry.lock() {
             r.register(
@@ -142,6 +145,11 @@ impl Metrics {
                 "batch_seconds",
                 "Time to apply one batch to the sink",
                 m.batch_seconds.clone(),
+            );
+            r.register(
+                "reconciles",
+                "Reconciles run by the operator's controller",
+                m.reconciles.clone(),
             );
             r.register(
                 "superseded_writes",

@@ -14,9 +14,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
+use kube::core::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{Controller, watcher};
+use kube::runtime::{Controller, WatchStreamExt, reflector, watcher};
 use kube::{Api, Client, ResourceExt};
 use tokio_util::sync::CancellationToken;
 
@@ -59,6 +60,23 @@ pub struct Context {
     pub membership: membership::Membership,
 }
 
+/// What of a pipeline is worth a reconcile: its generation (spec), deletion, finalizers and
+/// annotations, and its phase and owner (a worker that stopped because another replica took the
+/// pipeline over is looked at again). Counters and lag in status are not.
+fn worth_a_reconcile(p: &CdcPipeline) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    p.metadata.generation.hash(&mut h);
+    p.metadata.deletion_timestamp.is_some().hash(&mut h);
+    p.metadata.finalizers.hash(&mut h);
+    p.metadata.annotations.hash(&mut h);
+    if let Some(s) = &p.status {
+        s.phase.map(|ph| ph.as_str()).hash(&mut h);
+        s.owner.hash(&mut h);
+    }
+    Some(h.finish())
+}
+
 /// Runs the controller until `shutdown`; then stops every worker (their progress is in the buffer)
 /// and writes their last status.
 pub async fn run(
@@ -86,22 +104,34 @@ pub async fn run(
         tokio::spawn(health::serve(addr, h, health_stop.clone()))
     });
 
-    let (pipelines, secrets): (Api<CdcPipeline>, Api<Secret>) = match &cfg.namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
-    };
-    let controller = Controller::new(pipelines, watcher::Config::default());
-    let store = controller.store();
+    // Secrets as metadata only (PartialObjectMeta: metadata-only requests).
+    let (pipelines, secrets): (Api<CdcPipeline>, Api<PartialObjectMeta<Secret>>) =
+        match &cfg.namespace {
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+            ),
+            None => (Api::all(client.clone()), Api::all(client.clone())),
+        };
+    // Reconciles follow spec, deletion, finalizer and annotation changes and phase or owner changes,
+    // not the counters this operator writes into status every few seconds.
+    let (store, writer) = reflector::store();
+    let changes = watcher(pipelines, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(worth_a_reconcile, Default::default());
+    let controller = Controller::for_stream(changes, store.clone());
     let by_secret = store.clone();
     let default_buffer = cfg.default_buffer.clone();
     let controller = controller
-        .watches(
-            secrets,
-            watcher::Config::default(),
-            move |secret: Secret| {
+        // Secrets as metadata only: a change of a referenced Secret is seen by its resourceVersion,
+        // and reconcile reads just the Secrets the pipeline names. No Secret value is held here.
+        .watches_stream(
+            watcher(secrets, watcher::Config::default())
+                .default_backoff()
+                .touched_objects(),
+            move |secret: PartialObjectMeta<Secret>| {
                 let ns = secret.namespace();
                 let name = secret.name_any();
                 by_secret

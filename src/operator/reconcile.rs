@@ -23,6 +23,7 @@ use crate::validate::{Identity, Secrets, validate};
 pub const FINALIZER: &str = "philotes.io/cleanup";
 
 pub async fn reconcile(obj: Arc<CdcPipeline>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.supervisor.metrics().reconciles.inc();
     let uid = obj.uid().unwrap_or_default();
     let members = ctx.membership.members();
     let owner = assignment::owner(&uid, &members);
@@ -223,12 +224,20 @@ async fn apply(obj: Arc<CdcPipeline>, ctx: &Context) -> Result<Action, Error> {
                 .await;
             }
             let progress = ctx.supervisor.progress(&id.uid).await;
+            let failed = progress
+                .as_ref()
+                .is_some_and(|p| p.borrow().phase == crate::engine::state::Phase::Failed);
             ctx.reporters
                 .update(&id.uid, target(ctx, &obj), Input { inputs, progress })
                 .await;
-            Ok(Action::requeue(
-                crate::supervisor::RETRY_FAILED_AFTER + Duration::from_secs(5),
-            ))
+            // A failed worker is tried again after a while; a healthy one needs no timer (spec,
+            // Secret, phase and membership changes reconcile it), so idle pipelines cost no API
+            // requests. The long requeue is a safety net only.
+            Ok(Action::requeue(if failed {
+                crate::supervisor::RETRY_FAILED_AFTER + Duration::from_secs(5)
+            } else {
+                Duration::from_secs(1800)
+            }))
         }
     }
 }

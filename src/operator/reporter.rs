@@ -99,15 +99,16 @@ fn now() -> String {
     k8s_openapi::jiff::Timestamp::now().to_string()
 }
 
-async fn changed(rx: &mut Option<watch::Receiver<Progress>>) {
+/// The worker's next progress. Once its worker is gone the receiver is kept (its last value, say
+/// Stopped, is what status shows) and only new inputs wake the writer.
+async fn changed(rx: &mut Option<watch::Receiver<Progress>>, gone: &mut bool) {
     match rx {
-        Some(r) => {
+        Some(r) if !*gone => {
             if r.changed().await.is_err() {
-                // The worker is gone: wait for new inputs instead.
-                *rx = None;
+                *gone = true;
             }
         }
-        None => std::future::pending().await,
+        _ => std::future::pending().await,
     }
 }
 
@@ -116,6 +117,7 @@ async fn write_loop(t: Target, mut rx: watch::Receiver<Input>) {
     let mut last = t.current.clone();
     let mut last_write = Instant::now() - COUNTER_INTERVAL;
     let mut progress_rx = rx.borrow().progress.clone();
+    let mut gone = false;
     let mut closing = false;
     loop {
         let input = rx.borrow_and_update().clone();
@@ -147,11 +149,19 @@ async fn write_loop(t: Target, mut rx: watch::Receiver<Input>) {
         tokio::select! {
             r = rx.changed() => {
                 match r {
-                    Ok(()) => progress_rx = rx.borrow().progress.clone(),
+                    Ok(()) => {
+                        let next = rx.borrow().progress.clone();
+                        // A new worker (or none): follow it; the same one: keep its state.
+                        let same = matches!((&next, &progress_rx), (Some(a), Some(b)) if a.same_channel(b));
+                        if !same {
+                            progress_rx = next;
+                            gone = false;
+                        }
+                    }
                     Err(_) => closing = true,
                 }
             }
-            _ = changed(&mut progress_rx) => {}
+            _ = changed(&mut progress_rx, &mut gone) => {}
             _ = tokio::time::sleep(if differs { Duration::from_millis(500) } else { COUNTER_INTERVAL }) => {}
         }
     }
