@@ -22,6 +22,9 @@ use crate::engine::Progress;
 pub const STATUS_MANAGER: &str = "philotes-status";
 /// Counters alone are written at most this often.
 const COUNTER_INTERVAL: Duration = Duration::from_secs(3);
+/// Positions alone (lag, confirmed LSN, safe WAL: they move with keepalives on an idle pipeline)
+/// are written at most this often, so idle pipelines cost few API requests.
+const POSITION_INTERVAL: Duration = Duration::from_secs(60);
 
 #[derive(Clone)]
 pub struct Input {
@@ -81,6 +84,16 @@ impl Reporters {
     }
 }
 
+/// The counters of a status: written every [`COUNTER_INTERVAL`] when they change.
+fn counters(s: &CdcPipelineStatus) -> impl PartialEq + use<> {
+    (
+        s.events_read,
+        s.events_delivered,
+        s.events_dead_lettered,
+        s.buffer_depth,
+    )
+}
+
 /// The parts of a status that are written at once when they change.
 fn significant(s: &CdcPipelineStatus) -> impl PartialEq + use<> {
     (
@@ -125,7 +138,12 @@ async fn write_loop(t: Target, mut rx: watch::Receiver<Input>) {
         let next = status::compute(&input.inputs, progress.as_ref(), last.as_ref(), &now());
         let differs = last.as_ref() != Some(&next);
         let urgent = last.as_ref().map(significant) != Some(significant(&next));
-        if differs && (urgent || closing || last_write.elapsed() >= COUNTER_INTERVAL) {
+        let interval = if last.as_ref().map(counters) != Some(counters(&next)) {
+            COUNTER_INTERVAL
+        } else {
+            POSITION_INTERVAL
+        };
+        if differs && (urgent || closing || last_write.elapsed() >= interval) {
             match write(&api, &t.name, &next).await {
                 Ok(()) => {
                     last_write = Instant::now();

@@ -26,6 +26,7 @@ mod child;
 mod cluster;
 mod memory;
 mod procstat;
+mod replicas;
 mod workload;
 
 use std::collections::HashMap;
@@ -113,6 +114,18 @@ enum Sub {
         file: String,
         #[arg(long, default_value = "127.0.0.1:0")]
         health_addr: SocketAddr,
+    },
+    /// Operator replicas sharing idle pipelines: API requests per minute and each replica's CPU
+    /// and RSS, for each pipeline count (see replicas.rs).
+    Replicas {
+        /// Pipeline counts to measure, one run each.
+        #[arg(long, value_delimiter = ',', default_value = "20,60")]
+        pipelines: Vec<usize>,
+        #[arg(long, default_value_t = 3)]
+        replicas: usize,
+        /// Seconds over which requests and CPU are measured.
+        #[arg(long, default_value_t = 60)]
+        secs: u64,
     },
 }
 
@@ -226,6 +239,21 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Sub::Pipelines { file, health_addr }) = &cli.command {
         return run_pipelines(file, *health_addr).await;
+    }
+    if let Some(Sub::Replicas {
+        pipelines,
+        replicas,
+        secs,
+    }) = &cli.command
+    {
+        philotes::install_crypto_provider();
+        return match replicas::run(pipelines, *replicas, *secs).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("philotes-bench replicas: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
     }
     match bench(&cli).await {
         Ok(()) => ExitCode::SUCCESS,
