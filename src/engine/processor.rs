@@ -677,7 +677,7 @@ impl<S: Sink> Deliver<'_, S> {
         let mut data_delays = retry::backoff(&self.cfg.retry, Some(self.cfg.retry.max_attempts));
         let mut data_attempts = 0u32;
         loop {
-            let err = match self.sink.apply_prepared(prepared, rels, part).await {
+            let err = match self.sink.apply_prepared(batch, prepared, rels, part).await {
                 Ok(()) => {
                     self.shared.set_sink_ok();
                     return Ok(Outcome::Done);
