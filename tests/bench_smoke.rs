@@ -29,8 +29,9 @@ fn bench_runs_every_phase_with_a_tiny_workload() {
 
     // The table, with a row per measurement.
     for needle in [
-        "| measurement | changes/s | × reference |",
+        "| measurement | changes/s | × reference | × native |",
         "| reference: pg_recvlogical",
+        "| native subscription (CREATE SUBSCRIPTION) |",
         "| Philotes reader + buffer (Paused) |",
         "| Philotes end to end → PostgreSQL sink |",
         "| latency at 1000 rows/s",
@@ -46,7 +47,7 @@ fn bench_runs_every_phase_with_a_tiny_workload() {
     assert_eq!(w["inserts"], 5000);
     assert!(w["changes"].as_u64().unwrap() > 5000);
     let phases = r["throughput"].as_array().unwrap();
-    assert_eq!(phases.len(), 3, "{phases:?}");
+    assert_eq!(phases.len(), 4, "{phases:?}");
     for t in phases {
         let name = t["name"].as_str().unwrap();
         assert_eq!(t["changes"], w["changes"], "{name}");
@@ -60,7 +61,19 @@ fn bench_runs_every_phase_with_a_tiny_workload() {
             assert!(v > 0.0, "{name}: {field} = {v}");
         }
         assert!(t["client_peak_rss_mb"].as_f64().unwrap() > 1.0, "{name}");
+        if !name.starts_with("reference") {
+            let v = t["ratio_to_native"].as_f64().unwrap_or(-1.0);
+            assert!(v > 0.0, "{name}: ratio_to_native = {v}");
+        }
     }
+    let targets = r["targets"].as_array().unwrap();
+    assert!(
+        targets.iter().any(|t| t["target"]
+            .as_str()
+            .unwrap()
+            .contains("native subscription")),
+        "{targets:?}"
+    );
     let l = &r["latency"];
     assert!(l["rows"].as_u64().unwrap() > 0, "{l}");
     let (p50, p99) = (l["p50_ms"].as_f64().unwrap(), l["p99_ms"].as_f64().unwrap());

@@ -529,3 +529,54 @@ async fn connections_use_tls_when_the_uri_asks_for_it() {
     );
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inserts_of_keys_the_sink_has_already_are_upserts() {
+    // Inserted rows go in with COPY while the sink lacks their keys; a sink table holding some of
+    // them already (rows of its own, or a batch applied again) gets upserts instead, in a batch that
+    // opens its sink transaction and in one that continues a source transaction larger than a batch.
+    let pg = Pg::start();
+    let (src, dst) = setup(&pg).await;
+    src.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    dst.batch_execute(
+        "CREATE SCHEMA replica; CREATE TABLE replica.t (id int PRIMARY KEY, v text);
+         INSERT INTO replica.t SELECT i, 'stale' FROM generate_series(1, 10) i;",
+    )
+    .await
+    .unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let h = PipelineHandle::start(
+        config("copy", &pg.uri("shop"), &pg.uri("warehouse"), &["t"], FAST),
+        metrics.clone(),
+    );
+    wait_phase(&h, Phase::Running).await;
+    src.batch_execute("INSERT INTO t SELECT i, 'a' || i FROM generate_series(1, 20) i")
+        .await
+        .unwrap();
+    wait_same(&src, "t", &dst, "replica.t", "id", WAIT).await;
+    // Applied again at once with upserts: no retry, nothing refused.
+    assert_eq!(metrics.pipeline("copy").retries.get(), 0);
+    dst.batch_execute("INSERT INTO replica.t SELECT i, 'stale' FROM generate_series(1800, 1810) i")
+        .await
+        .unwrap();
+    src.batch_execute(
+        "INSERT INTO t SELECT i, 'b' || i || E'\\t\\\\N\\n' FROM generate_series(1000, 3000) i",
+    )
+    .await
+    .unwrap();
+    wait_same(&src, "t", &dst, "replica.t", "id", WAIT).await;
+    assert_eq!(h.current().events_dead_lettered, 0);
+    // Later inserts (COPY again once the pause is over, or upserts meanwhile) arrive too.
+    for k in 0..40 {
+        src.batch_execute(&format!(
+            "INSERT INTO t SELECT i, 'c' FROM generate_series({0}, {0} + 99) i",
+            10_000 + k * 100
+        ))
+        .await
+        .unwrap();
+    }
+    wait_same(&src, "t", &dst, "replica.t", "id", WAIT).await;
+    h.stop().await;
+}

@@ -119,7 +119,7 @@ async fn a_superseded_owner_can_never_write_again() {
     let prepared = planner.prepare(&batch, &rels).unwrap();
     assert!(superseded(
         stale_sink
-            .apply_prepared(&prepared, &rels, Part::WHOLE)
+            .apply_prepared(&batch, &prepared, &rels, Part::WHOLE)
             .await
     ));
     assert!(superseded(
@@ -198,6 +198,7 @@ async fn a_claim_waits_for_the_old_owners_transaction_then_refuses_the_next() {
     let first = [change("1", "old", 0)];
     let p = planner.prepare(&first, &rels).unwrap();
     old.apply_prepared(
+        &first,
         &p,
         &rels,
         Part {
@@ -220,6 +221,7 @@ async fn a_claim_waits_for_the_old_owners_transaction_then_refuses_the_next() {
     let second = [change("2", "old", 1)];
     let p = planner.prepare(&second, &rels).unwrap();
     old.apply_prepared(
+        &second,
         &p,
         &rels,
         Part {
@@ -237,7 +239,9 @@ async fn a_claim_waits_for_the_old_owners_transaction_then_refuses_the_next() {
     assert_eq!(count(&dst, "replica.t").await, 2);
     let third = [change("3", "old", 2)];
     let p = planner.prepare(&third, &rels).unwrap();
-    assert!(superseded(old.apply_prepared(&p, &rels, Part::WHOLE).await));
+    assert!(superseded(
+        old.apply_prepared(&third, &p, &rels, Part::WHOLE).await
+    ));
     assert_eq!(count(&dst, "replica.t").await, 2);
     let owner: String = dst
         .query_one(

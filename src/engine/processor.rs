@@ -224,6 +224,10 @@ enum Outcome {
 /// it is recorded at once when the processor catches up or stops.
 const MARK_EVERY: Duration = Duration::from_millis(100);
 
+/// A sink transaction holds at most this many batches' worth of events when it spans source
+/// transactions (while a backlog waits); a source transaction larger than that is not cut.
+const DEEP_TXN_BATCHES: usize = 8;
+
 /// Microseconds between the Unix epoch and 2000-01-01, PostgreSQL's epoch.
 const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
 
@@ -384,12 +388,19 @@ impl<S: Sink> Processor<S> {
                 None => S::prepare(&planner, &batch, rels)?,
             };
             let started = Instant::now();
-            let part = Part {
-                begin: open.is_none(),
-                commit: ends,
-            };
             // The next batch: from the queue, topped up from the buffer while this one is delivered.
             let next = q.pop_durable(durable, limit, BATCH_BYTES);
+            // With a full batch waiting behind this one, the sink transaction goes on into it
+            // (whole source transactions still: this batch ends one), up to DEEP_TXN_BATCHES
+            // batches: fewer sink commits while there is a backlog.
+            let deep = ends
+                && next.len() >= limit
+                && open.unwrap_or(0) + (batch.len() as i64) < (DEEP_TXN_BATCHES * limit) as i64
+                && *self.delivery_rx.borrow() != Delivery::Paused;
+            let part = Part {
+                begin: open.is_none(),
+                commit: ends && !deep,
+            };
             let room = BATCH_BYTES.saturating_sub(next.iter().map(Event::size).sum());
             let read_after =
                 (next.len() < limit && room > 0 && q.behind(durable)).then_some((q.last, room));
@@ -467,7 +478,7 @@ impl<S: Sink> Processor<S> {
                 q.settle()?;
             }
             let applied = open.unwrap_or(0) + batch.len() as i64;
-            if !ends {
+            if !part.commit {
                 open = Some(applied);
                 ahead = Some((next, p));
                 continue;
@@ -681,7 +692,7 @@ impl<S: Sink> Deliver<'_, S> {
         let mut data_delays = retry::backoff(&self.cfg.retry, Some(self.cfg.retry.max_attempts));
         let mut data_attempts = 0u32;
         loop {
-            let err = match self.sink.apply_prepared(prepared, rels, part).await {
+            let err = match self.sink.apply_prepared(batch, prepared, rels, part).await {
                 Ok(()) => {
                     self.shared.set_sink_ok();
                     return Ok(Outcome::Done);

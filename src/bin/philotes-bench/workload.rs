@@ -71,6 +71,9 @@ pub struct Workload {
     /// Every earlier transaction ends before it and the last one ends after it, so a consumer has
     /// everything exactly when it has a commit ending beyond this position.
     pub end_lsn: u64,
+    /// `pg_current_wal_insert_lsn()` right after the last workload transaction committed: at or after
+    /// the end of its commit record (a consumer that has decoded up to here has seen that commit).
+    pub commit_end_lsn: u64,
     pub wal_bytes: u64,
     pub seconds: f64,
 }
@@ -193,6 +196,10 @@ pub async fn generate(src: &Client, rows: u64, quiet: bool) -> anyhow::Result<Wo
         .get(0);
     tx_client.batch_execute("COMMIT").await?;
     txns += 1;
+    let commit_end: String = src
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await?
+        .get(0);
     // Everything committed asynchronously before is flushed once the synchronous commit returns.
     let flushed: String = src
         .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
@@ -218,6 +225,7 @@ pub async fn generate(src: &Client, rows: u64, quiet: bool) -> anyhow::Result<Wo
         changes: inserts + updates + deletes,
         transactions: txns,
         end_lsn,
+        commit_end_lsn: lsn(&commit_end),
         wal_bytes: end_lsn - lsn(&start_lsn),
         seconds: started.elapsed().as_secs_f64(),
     })

@@ -75,10 +75,11 @@ pub trait Sink: Send {
         rels: &HashMap<i64, RelationInfo>,
     ) -> Result<Self::Prepared, EngineError>;
 
-    /// Applies a prepared batch as `part` of a sink transaction; on error nothing of that
-    /// transaction is applied.
+    /// Applies a prepared batch (`batch`, as [`Sink::prepare`] made it) as `part` of a sink
+    /// transaction; on error nothing of that transaction is applied.
     fn apply_prepared(
         &mut self,
+        batch: &[Event],
         prepared: &Self::Prepared,
         rels: &HashMap<i64, RelationInfo>,
         part: Part,

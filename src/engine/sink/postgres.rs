@@ -2,6 +2,13 @@
 //! A batch is first prepared without I/O (plan, SQL, parameters encoded as `text[]`), so that the
 //! processor prepares the next batch while this one is applied; BEGIN, the statements and COMMIT
 //! then go to the server in one pipelined round trip.
+//!
+//! Rows whose first change in the batch is an INSERT are absent from the sink as long as the sink
+//! matches the source where the batch starts, which it does except after a crash (batches applied
+//! again) or when the sink table held rows of its own. They go in with `COPY` (half the server's
+//! work of an upsert); when one is there after all, the COPY fails (unique violation), the attempt
+//! is rolled back, and the batch is applied again with upserts only, which give the same end state
+//! as a COPY that succeeds. Upserts only are then used for a while ([`CopyPause`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
@@ -9,6 +16,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use futures::SinkExt;
 use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres::{Client, GenericClient, Statement};
 
@@ -17,7 +25,7 @@ use super::plan::{Action, Change, Step, plan};
 use super::{Part, Rejected, Sink, sql};
 use crate::engine::config::ConnString;
 use crate::engine::error::{EngineError, ErrorClass};
-use crate::engine::event::{Event, RelationInfo};
+use crate::engine::event::{Event, Op, RelationInfo};
 use crate::engine::pg;
 
 pub struct PostgresSink {
@@ -29,6 +37,53 @@ pub struct PostgresSink {
     statements: HashMap<String, Statement>,
     /// Each sink transaction is refused once a newer owner has claimed the pipeline.
     fence: Option<Fence>,
+    pause: CopyPause,
+}
+
+/// After a COPY met a row already in the sink: batches applied with upserts only before COPY is
+/// tried again; doubles each time (at most [`CopyPause::MAX`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct CopyPause {
+    left: u32,
+    next: u32,
+}
+
+impl CopyPause {
+    const FIRST: u32 = 16;
+    const MAX: u32 = 1 << 14;
+
+    fn new() -> Self {
+        CopyPause {
+            left: 0,
+            next: Self::FIRST,
+        }
+    }
+
+    /// Whether the next batch may use COPY; counts the batch.
+    fn copy_allowed(&mut self) -> bool {
+        if self.left == 0 {
+            return true;
+        }
+        self.left -= 1;
+        false
+    }
+
+    /// A COPY met a row already there.
+    fn conflict(&mut self) {
+        self.left = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+    }
+}
+
+/// Whether a failed attempt that held a COPY may succeed with upserts only: a key already in the
+/// sink (23505), or a table COPY cannot write (0A000: row-level security; 42809: a view).
+fn copy_refused(e: &EngineError) -> bool {
+    let EngineError::Postgres { source, .. } = e else {
+        return false;
+    };
+    source
+        .code()
+        .is_some_and(|c| matches!(c.code(), "23505" | "0A000" | "42809"))
 }
 
 impl PostgresSink {
@@ -42,6 +97,7 @@ impl PostgresSink {
             ensured: HashSet::new(),
             statements: HashMap::new(),
             fence: None,
+            pause: CopyPause::new(),
         }
     }
 
@@ -60,8 +116,7 @@ impl PostgresSink {
     fn fence_stmt(&self) -> Option<Stmt> {
         self.fence.as_ref().map(|f| Stmt {
             sql: f.check_sql(&self.schema),
-            params: Vec::new(),
-            truncate: true,
+            kind: Kind::Simple,
             what: "checking the pipeline's owner in the sink".into(),
         })
     }
@@ -277,14 +332,33 @@ fn text_array(rows: &[&[Option<String>]], col: usize) -> TextArray {
     TextArray(b.freeze())
 }
 
+/// How a statement is sent.
+#[derive(Debug, Clone)]
+enum Kind {
+    /// An extended query with `text[]` parameters.
+    Params(Vec<TextArray>),
+    /// A simple query (TRUNCATE).
+    Simple,
+    /// `COPY ... FROM STDIN` with these rows (text format).
+    Copy(Bytes),
+}
+
 /// One statement of a prepared batch.
 #[derive(Debug, Clone)]
 struct Stmt {
     sql: String,
-    /// `text[]` parameters; none for a TRUNCATE (sent as a simple query).
-    params: Vec<TextArray>,
-    truncate: bool,
+    kind: Kind,
     what: String,
+}
+
+impl Stmt {
+    fn truncate(schema: &str, r: &RelationInfo) -> Stmt {
+        Stmt {
+            sql: sql::truncate(schema, r),
+            kind: Kind::Simple,
+            what: format!("truncating {}", sql::table(schema, r)),
+        }
+    }
 }
 
 /// A batch ready to be sent: its statements in order, and the relations they need.
@@ -292,6 +366,8 @@ struct Stmt {
 pub struct Prepared {
     rel_vers: Vec<i64>,
     stmts: Vec<Stmt>,
+    /// Some statement is a COPY (see the module documentation).
+    copies: bool,
 }
 
 impl Planner {
@@ -300,29 +376,39 @@ impl Planner {
         batch: &[Event],
         rels: &HashMap<i64, RelationInfo>,
     ) -> Result<Prepared, EngineError> {
+        self.prepare_with(batch, rels, true)
+    }
+
+    /// With `copy`, rows the sink lacks go in with COPY; otherwise every row is upserted.
+    fn prepare_with(
+        &self,
+        batch: &[Event],
+        rels: &HashMap<i64, RelationInfo>,
+        copy: bool,
+    ) -> Result<Prepared, EngineError> {
         let steps = plan(batch, rels).map_err(|e| EngineError::Protocol(e.to_string()))?;
         let mut stmts = Vec::new();
         for step in &steps {
             match step {
                 Step::Apply(actions) => {
                     let refs: Vec<&Action> = actions.iter().collect();
-                    stmts.extend(statements(&self.schema, &refs, rels)?);
+                    let absent = |a: &Action| copy && batch[a.events[0]].op == Op::Insert;
+                    stmts.extend(statements(&self.schema, &refs, rels, absent)?);
                 }
                 Step::Truncate { rel_ver, .. } => {
-                    let r = rel(rels, *rel_ver)?;
-                    stmts.push(Stmt {
-                        sql: sql::truncate(&self.schema, r),
-                        params: Vec::new(),
-                        truncate: true,
-                        what: format!("truncating {}", sql::table(&self.schema, r)),
-                    });
+                    stmts.push(Stmt::truncate(&self.schema, rel(rels, *rel_ver)?));
                 }
             }
         }
         let mut rel_vers: Vec<i64> = batch.iter().map(|e| e.rel_ver).collect();
         rel_vers.sort_unstable();
         rel_vers.dedup();
-        Ok(Prepared { rel_vers, stmts })
+        let copies = stmts.iter().any(|s| matches!(s.kind, Kind::Copy(_)));
+        Ok(Prepared {
+            rel_vers,
+            stmts,
+            copies,
+        })
     }
 }
 
@@ -351,27 +437,78 @@ fn rel(rels: &HashMap<i64, RelationInfo>, v: i64) -> Result<&RelationInfo, Engin
 fn stmt(sql: String, rows: &[&[Option<String>]], width: usize, what: String) -> Stmt {
     Stmt {
         sql,
-        params: (0..width).map(|i| text_array(rows, i)).collect(),
-        truncate: false,
+        kind: Kind::Params((0..width).map(|i| text_array(rows, i)).collect()),
         what,
     }
 }
 
+/// Appends `v` in COPY's text format: backslash, newline, carriage return and tab escaped.
+fn copy_value(b: &mut BytesMut, v: &str) {
+    let bytes = v.as_bytes();
+    let mut start = 0;
+    for (i, &c) in bytes.iter().enumerate() {
+        let esc = match c {
+            b'\\' => b'\\',
+            b'\n' => b'n',
+            b'\r' => b'r',
+            b'\t' => b't',
+            _ => continue,
+        };
+        b.put_slice(&bytes[start..i]);
+        b.put_u8(b'\\');
+        b.put_u8(esc);
+        start = i + 1;
+    }
+    b.put_slice(&bytes[start..]);
+}
+
+/// `rows` as COPY text data of `width` columns (`\N` for NULL and for columns a row lacks).
+fn copy_rows(rows: &[&[Option<String>]], width: usize) -> Bytes {
+    let size: usize = rows
+        .iter()
+        .map(|r| {
+            width
+                + r.iter()
+                    .map(|v| v.as_ref().map_or(2, |v| v.len()))
+                    .sum::<usize>()
+        })
+        .sum();
+    let mut b = BytesMut::with_capacity(size + size / 32);
+    for r in rows {
+        for c in 0..width {
+            if c > 0 {
+                b.put_u8(b'\t');
+            }
+            match r.get(c).and_then(|v| v.as_deref()) {
+                Some(v) => copy_value(&mut b, v),
+                None => b.put_slice(b"\\N"),
+            }
+        }
+        b.put_u8(b'\n');
+    }
+    b.freeze()
+}
+
 /// The statements for a group of actions; they touch distinct keys, so grouping by statement keeps
-/// the end state.
+/// the end state. Whole rows of keys `absent` says the sink lacks go in with COPY.
 fn statements(
     schema: &str,
     actions: &[&Action<'_>],
     rels: &HashMap<i64, RelationInfo>,
+    absent: impl Fn(&Action<'_>) -> bool,
 ) -> Result<Vec<Stmt>, EngineError> {
     type Rows<'a> = Vec<&'a [Option<String>]>;
     let mut out = Vec::new();
     let mut deletes: BTreeMap<i64, Rows> = BTreeMap::new();
+    let mut copies: BTreeMap<i64, Rows> = BTreeMap::new();
     let mut upserts: BTreeMap<i64, Rows> = BTreeMap::new();
     let mut partial: BTreeMap<(i64, &[i16]), Rows> = BTreeMap::new();
     for a in actions {
         match &a.change {
             Change::Delete { key } => deletes.entry(a.rel_ver).or_default().push(key),
+            Change::Upsert { vals, unchanged } if unchanged.is_empty() && absent(a) => {
+                copies.entry(a.rel_ver).or_default().push(vals)
+            }
             Change::Upsert { vals, unchanged } if unchanged.is_empty() => {
                 upserts.entry(a.rel_ver).or_default().push(vals)
             }
@@ -406,6 +543,14 @@ fn statements(
             format!("deleting from {}", sql::table(schema, r)),
         ));
     }
+    for (v, rows) in copies {
+        let r = rel(rels, v)?;
+        out.push(Stmt {
+            sql: sql::copy_in(schema, r),
+            kind: Kind::Copy(copy_rows(&rows, r.columns.len())),
+            what: format!("copying rows into {}", sql::table(schema, r)),
+        });
+    }
     for (v, rows) in upserts {
         let r = rel(rels, v)?;
         out.push(stmt(
@@ -428,24 +573,52 @@ fn statements(
 }
 
 /// Runs one statement and waits for it.
-async fn run_stmt<C: GenericClient>(
+async fn run_stmt(
     cache: &mut HashMap<String, Statement>,
-    client: &C,
+    client: &Client,
     s: &Stmt,
 ) -> Result<(), EngineError> {
-    if s.truncate {
-        return client
+    match &s.kind {
+        Kind::Simple => client
             .batch_execute(&s.sql)
             .await
-            .map_err(EngineError::pg(s.what.clone()));
+            .map_err(EngineError::pg(s.what.clone())),
+        Kind::Params(params) => {
+            let stmt = statement(cache, client, &s.sql).await?;
+            let params: Vec<&(dyn ToSql + Sync)> =
+                params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
+            client
+                .execute(&stmt, &params)
+                .await
+                .map_err(EngineError::pg(s.what.clone()))?;
+            Ok(())
+        }
+        Kind::Copy(data) => {
+            let stmt = statement(cache, client, &s.sql).await?;
+            copy(client, &stmt, data, &s.what).await
+        }
     }
-    let stmt = statement(cache, client, &s.sql).await?;
-    let params: Vec<&(dyn ToSql + Sync)> =
-        s.params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
-    client
-        .execute(&stmt, &params)
+}
+
+/// Runs a `COPY ... FROM STDIN` with `data`.
+async fn copy(
+    client: &Client,
+    stmt: &Statement,
+    data: &Bytes,
+    what: &str,
+) -> Result<(), EngineError> {
+    let sink = client
+        .copy_in::<_, Bytes>(stmt)
         .await
-        .map_err(EngineError::pg(s.what.clone()))?;
+        .map_err(EngineError::pg(what))?;
+    futures::pin_mut!(sink);
+    sink.send(data.clone())
+        .await
+        .map_err(EngineError::pg(what))?;
+    sink.as_mut()
+        .finish()
+        .await
+        .map_err(EngineError::pg(what))?;
     Ok(())
 }
 
@@ -463,15 +636,17 @@ async fn run_transaction(
 ) -> Result<(), EngineError> {
     let mut prepared = Vec::with_capacity(stmts.len());
     for s in stmts {
-        prepared.push(if s.truncate {
-            None
-        } else {
-            Some(statement(cache, client, &s.sql).await?)
+        prepared.push(match s.kind {
+            Kind::Simple => None,
+            _ => Some(statement(cache, client, &s.sql).await?),
         });
     }
     let params: Vec<Vec<&(dyn ToSql + Sync)>> = stmts
         .iter()
-        .map(|s| s.params.iter().map(|p| p as &(dyn ToSql + Sync)).collect())
+        .map(|s| match &s.kind {
+            Kind::Params(p) => p.iter().map(|p| p as &(dyn ToSql + Sync)).collect(),
+            _ => Vec::new(),
+        })
         .collect();
     let mut steps: Vec<Pending> = Vec::with_capacity(stmts.len() + 2);
     if part.begin {
@@ -491,14 +666,16 @@ async fn run_transaction(
         }
     }
     for ((s, st), p) in stmts.iter().zip(&prepared).zip(&params) {
-        steps.push(match st {
-            None => Box::pin(async move {
+        steps.push(match (st, &s.kind) {
+            (None, _) => Box::pin(async move {
                 client
                     .batch_execute(&s.sql)
                     .await
                     .map_err(EngineError::pg(s.what.clone()))
             }),
-            Some(st) => Box::pin(async move {
+            // Statements after it are queued behind its rows.
+            (Some(st), Kind::Copy(data)) => Box::pin(copy(client, st, data, &s.what)),
+            (Some(st), _) => Box::pin(async move {
                 client
                     .execute(st, p)
                     .await
@@ -539,6 +716,7 @@ impl Sink for PostgresSink {
 
     async fn apply_prepared(
         &mut self,
+        batch: &[Event],
         p: &Prepared,
         rels: &HashMap<i64, RelationInfo>,
         part: Part,
@@ -546,6 +724,12 @@ impl Sink for PostgresSink {
         self.ready_for(p.rel_vers.iter().copied(), rels, part)
             .await?;
         let fence = self.fence_stmt();
+        let upserts;
+        let mut p = p;
+        if p.copies && !self.pause.copy_allowed() {
+            upserts = self.planner().prepare_with(batch, rels, false)?;
+            p = &upserts;
+        }
         let result = match self.client.as_ref() {
             Some(client) => {
                 pg::deadline(
@@ -557,7 +741,42 @@ impl Sink for PostgresSink {
             }
             None => Err(EngineError::Protocol("sink not connected".into())),
         };
-        self.after(result).await
+        match result {
+            Err(e) if p.copies && copy_refused(&e) => {
+                // Nothing of this attempt stays: the transaction is rolled back whole.
+                self.roll_back().await;
+                self.pause.conflict();
+                tracing::info!(error = %e, "a COPY into the sink met a row already there (or a table it cannot write); applying with upserts");
+                if !part.begin {
+                    // Earlier batches of this sink transaction went with it.
+                    return Err(EngineError::Protocol(
+                        "a COPY into the sink met a row already there; the sink transaction is applied again from its start, with upserts".into(),
+                    ));
+                }
+                let upserts = self.planner().prepare_with(batch, rels, false)?;
+                self.ready_for(upserts.rel_vers.iter().copied(), rels, part)
+                    .await?;
+                let result = match self.client.as_ref() {
+                    Some(client) => {
+                        pg::deadline(
+                            self.timeout,
+                            "applying a batch to the sink",
+                            run_transaction(
+                                &mut self.statements,
+                                client,
+                                fence.as_ref(),
+                                &upserts.stmts,
+                                part,
+                            ),
+                        )
+                        .await
+                    }
+                    None => Err(EngineError::Protocol("sink not connected".into())),
+                };
+                self.after(result).await
+            }
+            result => self.after(result).await,
+        }
     }
 
     async fn apply_isolated(
@@ -607,15 +826,9 @@ impl Sink for PostgresSink {
                         sql("SAVEPOINT philotes_one", "starting a savepoint").await?;
                         let r = async {
                             let stmts = match (action, truncate) {
-                                (Some(a), _) => statements(&self.schema, &[a], rels)?,
+                                (Some(a), _) => statements(&self.schema, &[a], rels, |_| false)?,
                                 (None, Some(v)) => {
-                                    let r = rel(rels, v)?;
-                                    vec![Stmt {
-                                        sql: sql::truncate(&self.schema, r),
-                                        params: Vec::new(),
-                                        truncate: true,
-                                        what: format!("truncating {}", sql::table(&self.schema, r)),
-                                    }]
+                                    vec![Stmt::truncate(&self.schema, rel(rels, v)?)]
                                 }
                                 (None, None) => Vec::new(),
                             };
@@ -658,5 +871,110 @@ impl Sink for PostgresSink {
         )
         .await;
         self.after(result).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::event::Position;
+
+    fn rel() -> RelationInfo {
+        RelationInfo::new(
+            "public".into(),
+            "t".into(),
+            vec!["id".into(), "v".into()],
+            vec!["bigint".into(), "text".into()],
+            vec![true, false],
+        )
+    }
+
+    fn ev(ord: i32, op: Op, id: &str, v: Option<&str>) -> Event {
+        let row = || Some(vec![Some(id.to_string()), v.map(String::from)]);
+        Event {
+            pos: Position { lsn: 1, ord },
+            commit_time: 0,
+            rel_ver: rel().rel_ver,
+            op,
+            old_key: (op == Op::Delete).then(|| vec![Some(id.to_string())]),
+            vals: (op != Op::Delete).then(row).flatten(),
+            unchanged: None,
+        }
+    }
+
+    #[test]
+    fn copy_text_escapes_what_copy_reads_specially() {
+        let a = [Some("1".to_string()), Some("a\tb\nc\rd\\e \\N".to_string())];
+        let b = [Some("2".to_string()), None];
+        let short = [Some("3".to_string())];
+        let rows: Vec<&[Option<String>]> = vec![&a, &b, &short];
+        assert_eq!(
+            &copy_rows(&rows, 2)[..],
+            b"1\ta\\tb\\nc\\rd\\\\e \\\\N\n2\t\\N\n3\t\\N\n"
+        );
+    }
+
+    #[test]
+    fn rows_first_inserted_in_the_batch_are_copied_the_rest_upserted() {
+        let r = rel();
+        let rels = HashMap::from([(r.rel_ver, r)]);
+        let planner = Planner {
+            schema: "replica".into(),
+        };
+        let batch = [
+            ev(0, Op::Insert, "1", Some("a")),
+            ev(1, Op::Update, "1", Some("b")),
+            ev(2, Op::Update, "2", Some("c")),
+            ev(3, Op::Delete, "3", None),
+            ev(4, Op::Insert, "3", Some("d")),
+            ev(5, Op::Insert, "4", Some("e")),
+            ev(6, Op::Delete, "4", None),
+        ];
+        let p = planner.prepare(&batch, &rels).unwrap();
+        assert!(p.copies);
+        let kinds: Vec<(&str, &str)> = p
+            .stmts
+            .iter()
+            .map(|s| {
+                (
+                    s.sql.split_whitespace().next().unwrap(),
+                    match &s.kind {
+                        Kind::Copy(d) => std::str::from_utf8(d).unwrap(),
+                        _ => "",
+                    },
+                )
+            })
+            .collect();
+        // Key 1: inserted then updated, copied as its last row; key 2: updated, upserted; key 3:
+        // deleted then inserted (it may be in the sink), upserted; key 4: inserted then deleted, a
+        // delete (of a row that is not there).
+        assert_eq!(
+            kinds,
+            vec![("DELETE", ""), ("COPY", "1\tb\n"), ("INSERT", "")]
+        );
+        let Kind::Params(upsert) = &p.stmts[2].kind else {
+            panic!()
+        };
+        assert_eq!(upsert.len(), 2);
+        let p = planner.prepare_with(&batch, &rels, false).unwrap();
+        assert!(!p.copies);
+        assert!(!p.stmts.iter().any(|s| matches!(s.kind, Kind::Copy(_))));
+    }
+
+    #[test]
+    fn copy_pauses_after_a_conflict_and_longer_each_time() {
+        let mut p = CopyPause::new();
+        assert!(p.copy_allowed());
+        p.conflict();
+        for _ in 0..CopyPause::FIRST {
+            assert!(!p.copy_allowed());
+        }
+        assert!(p.copy_allowed());
+        p.conflict();
+        assert_eq!(p.left, 2 * CopyPause::FIRST);
+        for _ in 0..20 {
+            p.conflict();
+        }
+        assert_eq!(p.left, CopyPause::MAX);
     }
 }

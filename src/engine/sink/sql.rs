@@ -90,6 +90,17 @@ pub fn upsert(schema: &str, rel: &RelationInfo) -> String {
     )
 }
 
+/// Bulk insert of whole rows whose keys the sink lacks: every column, in relation order, in COPY's
+/// text format (each column's input function reads the same text form the casts of [`upsert`] read).
+pub fn copy_in(schema: &str, rel: &RelationInfo) -> String {
+    let cols: Vec<String> = rel.columns.iter().map(|c| ident(c)).collect();
+    format!(
+        "COPY {} ({}) FROM STDIN",
+        table(schema, rel),
+        cols.join(", ")
+    )
+}
+
 /// Update of existing rows leaving `unchanged` columns alone. Parameters: every column in order (the
 /// unchanged ones are passed but unused), then, when `rekey`, the old key columns.
 pub fn update_partial(schema: &str, rel: &RelationInfo, unchanged: &[i16], rekey: bool) -> String {
@@ -171,6 +182,10 @@ mod tests {
         assert_eq!(
             upsert("replica", &rel()),
             r#"INSERT INTO "replica"."orders" ("id", "amount") SELECT u.c0::bigint, u.c1::numeric(12,2) FROM unnest($1::text[], $2::text[]) AS u(c0, c1) ON CONFLICT ("id") DO UPDATE SET "amount" = EXCLUDED."amount""#
+        );
+        assert_eq!(
+            copy_in("replica", &rel()),
+            r#"COPY "replica"."orders" ("id", "amount") FROM STDIN"#
         );
         assert_eq!(
             delete("replica", &rel()),
