@@ -67,6 +67,14 @@ pub enum EngineError {
     Invalid { problem: String, fix: String },
     #[error("{0}")]
     Protocol(String),
+    #[error("iceberg sink: {0}")]
+    Iceberg(Box<crate::engine::sink::iceberg::IcebergError>),
+}
+
+impl From<crate::engine::sink::iceberg::IcebergError> for EngineError {
+    fn from(e: crate::engine::sink::iceberg::IcebergError) -> Self {
+        EngineError::Iceberg(Box::new(e))
+    }
 }
 
 impl EngineError {
@@ -99,6 +107,7 @@ impl EngineError {
             EngineError::Decode(_) => ErrorClass::Config,
             EngineError::Protocol(_) => ErrorClass::Transient,
             EngineError::Invalid { .. } | EngineError::SlotLost { .. } => ErrorClass::Config,
+            EngineError::Iceberg(e) => e.class(),
         }
     }
 
@@ -109,6 +118,7 @@ impl EngineError {
             EngineError::SlotLost { .. } => {
                 "resync: delete and re-create the pipeline (a new slot and initial snapshot); to keep it from happening again, raise max_slot_wal_keep_size or keep the pipeline running".into()
             }
+            EngineError::Iceberg(e) if e.fix().is_some() => e.fix().unwrap_or_default().into(),
             EngineError::Decode(_) => {
                 "a replication message could not be decoded: report it with the log; the pipeline stopped before the message, so nothing is lost".into()
             }
