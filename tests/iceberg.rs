@@ -359,7 +359,7 @@ async fn sigkill_mid_stream_adds_nothing_twice() {
                 .unwrap();
         }
     });
-    // Killed once some snapshots are in.
+    // Killed once the first snapshot is in.
     let snap_dir =
         PathBuf::from(lake.warehouse.trim_start_matches("file://")).join("cdc/t/metadata");
     eventually("a few snapshots", Duration::from_secs(120), || async {
@@ -370,13 +370,20 @@ async fn sigkill_mid_stream_adds_nothing_twice() {
                     .count()
             })
             .unwrap_or(0)
-            >= 2
+            >= 1
     })
     .await;
     child.kill().unwrap();
     child.wait().unwrap();
     let killed_while_loading = !load.is_finished();
     load.await.unwrap();
+    // The kill landed mid-stream: the table then held part of the changelog only.
+    let at_kill = check(&pg, &lake, "cdc.t", "SELECT id, v, n FROM t", false);
+    let full = 286_293;
+    assert!(
+        at_kill["changelog_rows"].as_u64().is_some_and(|n| n < full),
+        "the kill should land mid-stream: {at_kill}"
+    );
     let mut child = run(&file, &log, &[]);
     let r = wait_equal(
         &pg,
@@ -388,8 +395,12 @@ async fn sigkill_mid_stream_adds_nothing_twice() {
     )
     .await;
     assert_eq!(r["duplicates"], 0, "{r}");
-    assert!(r["source_rows"].as_u64().unwrap() == 198_000, "{r}");
-    println!("killed while loading: {killed_while_loading}; {r}");
+    assert_eq!(r["source_rows"], 198_000, "{r}");
+    assert_eq!(r["changelog_rows"], full, "{r}");
+    println!(
+        "killed while loading: {killed_while_loading}, with {} of {full} changelog rows in; {r}",
+        at_kill["changelog_rows"]
+    );
     child.kill().unwrap();
     child.wait().unwrap();
     let output = std::fs::read_to_string(&log).unwrap();

@@ -224,6 +224,9 @@ enum Outcome {
     /// The sink transaction spanned earlier batches and was rolled back: it is applied again from the
     /// last committed position.
     Rewind,
+    /// The sink dropped the transactions it had staged (see `Sink::take_lost`): they are applied
+    /// again from the last position durable in the sink.
+    Lost,
     /// As `Rewind`, for data the sink refused: the source transaction is applied again change by
     /// change, so that only refused changes become dead letters.
     Isolate,
@@ -287,12 +290,14 @@ impl<S: Sink> Processor<S> {
         q: &mut Queue,
         processed: &mut Position,
         durable: &mut Position,
+        staged: &mut i64,
         outage: &mut (impl Iterator<Item = Duration> + Send),
     ) -> Result<Flush, EngineError> {
         match self.sink.flush().await {
             Ok(()) => {
                 self.shared.set_sink_ok();
                 *durable = *processed;
+                self.committed(std::mem::take(staged), *processed);
                 Ok(Flush::Done)
             }
             Err(e) if e.class() == ErrorClass::Config => Err(e),
@@ -301,6 +306,7 @@ impl<S: Sink> Processor<S> {
                 self.shared.stats.retries.inc();
                 let lost = self.sink.take_lost();
                 if lost {
+                    *staged = 0;
                     *processed = *durable;
                     q.rewind(*durable);
                 }
@@ -340,6 +346,9 @@ impl<S: Sink> Processor<S> {
         // stays at the last commit meanwhile; `open` counts the events applied since.
         let mut open: Option<i64> = None;
         let mut flush_outage = retry::backoff(&self.cfg.retry, None);
+        // Events of sink transactions committed but not yet durable in the sink (see
+        // `Sink::pending`): they count as delivered once durable.
+        let mut staged = 0i64;
         loop {
             if self.cancel.is_cancelled() {
                 return Ok(());
@@ -348,7 +357,13 @@ impl<S: Sink> Processor<S> {
             if open.is_none() && *self.delivery_rx.borrow() == Delivery::Paused {
                 if self.sink.pending() {
                     match self
-                        .flush_sink(&mut q, processed, durable_pos, &mut flush_outage)
+                        .flush_sink(
+                            &mut q,
+                            processed,
+                            durable_pos,
+                            &mut staged,
+                            &mut flush_outage,
+                        )
                         .await?
                     {
                         Flush::Done => flush_outage = retry::backoff(&self.cfg.retry, None),
@@ -398,7 +413,13 @@ impl<S: Sink> Processor<S> {
                 let flush_at = self.sink.flush_at().filter(|_| self.sink.pending());
                 if open.is_none() && flush_at.is_some_and(|t| t <= Instant::now()) {
                     if self
-                        .flush_sink(&mut q, processed, durable_pos, &mut flush_outage)
+                        .flush_sink(
+                            &mut q,
+                            processed,
+                            durable_pos,
+                            &mut staged,
+                            &mut flush_outage,
+                        )
                         .await?
                         == Flush::Done
                     {
@@ -526,9 +547,14 @@ impl<S: Sink> Processor<S> {
                 Outcome::Cancelled => return Ok(()),
                 Outcome::Done => {}
                 Outcome::Rewind => {
-                    // From the last durable position: a sink that stages may have dropped more than
-                    // the open transaction (for one that does not, it is the last commit).
                     open = None;
+                    q.rewind(*processed);
+                    continue;
+                }
+                Outcome::Lost => {
+                    // The sink dropped what it staged: from the last durable position.
+                    open = None;
+                    staged = 0;
                     *processed = *durable_pos;
                     q.rewind(*durable_pos);
                     continue;
@@ -538,7 +564,13 @@ impl<S: Sink> Processor<S> {
                     // Isolation starts from a durable position: what the sink staged goes first.
                     if self.sink.pending()
                         && self
-                            .flush_sink(&mut q, processed, durable_pos, &mut flush_outage)
+                            .flush_sink(
+                                &mut q,
+                                processed,
+                                durable_pos,
+                                &mut staged,
+                                &mut flush_outage,
+                            )
                             .await?
                             != Flush::Done
                     {
@@ -584,11 +616,12 @@ impl<S: Sink> Processor<S> {
             }
             open = None;
             *processed = last;
+            staged += applied;
             if !self.sink.pending() {
                 *durable_pos = last;
+                self.committed(std::mem::take(&mut staged), last);
             }
             crate::engine::failpoint::crash_point("sink-before-mark");
-            self.committed(applied, last);
             let caught_up = next.is_empty();
             if marked.0 != *durable_pos && (caught_up || marked.1.elapsed() >= MARK_EVERY) {
                 pg::deadline(
@@ -706,7 +739,8 @@ impl<S: Sink> Processor<S> {
         }
     }
 
-    /// Counts `n` events as delivered once their sink transaction committed, ending at `last`.
+    /// Counts `n` events as delivered once their sink transaction is durable in the sink, ending at
+    /// `last`.
     fn committed(&self, n: i64, last: Position) {
         let stats = &self.shared.stats;
         stats.events_delivered.inc_by(n as u64);
@@ -810,7 +844,7 @@ impl<S: Sink> Deliver<'_, S> {
                 return Ok(if self.pause(delay).await {
                     Outcome::Cancelled
                 } else {
-                    Outcome::Rewind
+                    Outcome::Lost
                 });
             }
             if !part.is_whole() {

@@ -84,6 +84,10 @@ struct TableState {
     writer: Exclusive<Option<Writer>>,
     /// Closed data files, staged for the next commit.
     files: Vec<DataFile>,
+    /// The open writer and closed files of a transaction that spans batches, kept apart until it
+    /// commits, so that a failure in one of its batches drops only it.
+    txn_writer: Exclusive<Option<Writer>>,
+    txn_files: Vec<DataFile>,
     /// Relation versions checked against the schema.
     layouts: HashSet<i64>,
 }
@@ -106,6 +110,10 @@ pub struct IcebergSink {
     staged_bytes: usize,
     /// Rows are staged (committed or not).
     dirty: bool,
+    /// A transaction that spans batches is open (its rows go to the `txn_` writers).
+    in_txn: bool,
+    /// Rows of the open transaction are written.
+    txn_dirty: bool,
     lost: bool,
     /// The tables' positions must be read again (a commit failed: it may have gone through).
     reload: bool,
@@ -141,6 +149,8 @@ impl IcebergSink {
             staged_since: None,
             staged_bytes: 0,
             dirty: false,
+            in_txn: false,
+            txn_dirty: false,
             lost: false,
             reload: false,
         })
@@ -239,6 +249,8 @@ impl IcebergSink {
             position,
             writer: Exclusive::new(None),
             files: Vec::new(),
+            txn_writer: Exclusive::new(None),
+            txn_files: Vec::new(),
             layouts: HashSet::new(),
         })
     }
@@ -256,15 +268,9 @@ impl IcebergSink {
         let Some(st) = self.tables.get_mut(&rel.name) else {
             return Ok(());
         };
-        if let Some(mut w) = st.writer.get().take() {
-            let files = deadline(t, "closing an Iceberg data file", async {
-                w.close()
-                    .await
-                    .map_err(IcebergError::iceberg("closing a data file"))
-            })
-            .await?;
-            st.files.extend(files);
-        }
+        st.files.extend(close(st.writer.get(), t).await?);
+        let txn_files = close(st.txn_writer.get(), t).await?;
+        st.txn_files.extend(txn_files);
         let names: Vec<&str> = added.iter().map(|(n, _)| n.as_str()).collect();
         tracing::info!(pipeline = %self.pipeline, table = %st.table.identifier(), columns = ?names, "adding columns to the Iceberg schema");
         let table = st.table.clone();
@@ -320,6 +326,7 @@ impl IcebergSink {
 
     /// Drops everything staged after a failure; whether committed transactions were among it.
     fn drop_staged(&mut self) {
+        self.drop_txn();
         for st in self.tables.values_mut() {
             *st.writer.get() = None;
             st.files.clear();
@@ -330,6 +337,17 @@ impl IcebergSink {
         self.staged_bytes = 0;
         self.dirty = false;
         self.reload = true;
+    }
+
+    /// Drops the rows of the open transaction that spans batches (a rollback of it); what earlier
+    /// transactions staged stays.
+    fn drop_txn(&mut self) {
+        for st in self.tables.values_mut() {
+            *st.txn_writer.get() = None;
+            st.txn_files.clear();
+        }
+        self.in_txn = false;
+        self.txn_dirty = false;
     }
 
     /// Ends an attempt: a failure drops what is staged (see [`drop_staged`](Self::drop_staged)).
@@ -382,10 +400,8 @@ impl IcebergSink {
         if self.reload {
             self.reload_tables().await?;
         }
-        // A transaction that spans batches is staged alone, so that a failure in one of its later
-        // batches rolls back only it.
-        if part.begin && !part.commit && self.staged_upto.is_some() {
-            self.commit_staged().await?;
+        if part.begin && !part.commit {
+            self.in_txn = true;
         }
         for e in batch {
             if let Some(rel) = rels.get(&e.rel_ver) {
@@ -416,11 +432,15 @@ impl IcebergSink {
             let Some(st) = self.tables.get_mut(&name) else {
                 continue;
             };
-            if st.writer.get().is_none() {
-                let w = new_writer(&st.table, props, target).await?;
-                *st.writer.get() = Some(w);
+            let slot = if self.in_txn {
+                st.txn_writer.get()
+            } else {
+                st.writer.get()
+            };
+            if slot.is_none() {
+                *slot = Some(new_writer(&st.table, props, target).await?);
             }
-            if let Some(w) = st.writer.get().as_mut() {
+            if let Some(w) = slot.as_mut() {
                 deadline(t, "writing an Iceberg data file", async {
                     w.write(rb)
                         .await
@@ -428,9 +448,24 @@ impl IcebergSink {
                 })
                 .await?;
             }
-            self.dirty = true;
+            if self.in_txn {
+                self.txn_dirty = true;
+            } else {
+                self.dirty = true;
+            }
         }
         self.staged_bytes += batch.iter().map(Event::size).sum::<usize>();
+        if part.commit && self.in_txn {
+            // The transaction that spanned batches commits: its files join the staged ones.
+            for st in self.tables.values_mut() {
+                let files = close(st.txn_writer.get(), t).await?;
+                st.files.append(&mut st.txn_files);
+                st.files.extend(files);
+            }
+            self.dirty |= self.txn_dirty;
+            self.in_txn = false;
+            self.txn_dirty = false;
+        }
         if self.staged_since.is_none() && self.dirty {
             self.staged_since = Some(Instant::now());
         }
@@ -441,6 +476,20 @@ impl IcebergSink {
             self.staged_upto = Some(last.pos);
         }
         Ok(())
+    }
+
+    /// Ends an attempt of [`stage`](Self::stage): a failure in a transaction that spans batches
+    /// rolls back only it; one elsewhere drops what is staged, except a refused value, which
+    /// changed nothing (values are converted before anything is written).
+    fn after_stage(&mut self, in_txn: bool, r: Result<(), EngineError>) -> Result<(), EngineError> {
+        if let Err(e) = &r {
+            if in_txn {
+                self.drop_txn();
+            } else if e.class() != crate::engine::error::ErrorClass::Data {
+                self.drop_staged();
+            }
+        }
+        r
     }
 
     fn due(&self) -> bool {
@@ -467,15 +516,7 @@ impl IcebergSink {
             let Some(st) = self.tables.get_mut(&name) else {
                 continue;
             };
-            if let Some(mut w) = st.writer.get().take() {
-                let files = deadline(t, "closing an Iceberg data file", async {
-                    w.close()
-                        .await
-                        .map_err(IcebergError::iceberg("closing a data file"))
-                })
-                .await?;
-                st.files.extend(files);
-            }
+            st.files.extend(close(st.writer.get(), t).await?);
             if st.files.is_empty() {
                 continue;
             }
@@ -511,6 +552,21 @@ impl IcebergSink {
         self.staged_bytes = 0;
         self.dirty = false;
         Ok(())
+    }
+}
+
+/// Closes the writer in `slot`, if any: its data files.
+async fn close(slot: &mut Option<Writer>, t: Duration) -> Result<Vec<DataFile>, EngineError> {
+    match slot.take() {
+        Some(mut w) => {
+            deadline(t, "closing an Iceberg data file", async {
+                w.close()
+                    .await
+                    .map_err(IcebergError::iceberg("closing a data file"))
+            })
+            .await
+        }
+        None => Ok(Vec::new()),
     }
 }
 
@@ -583,16 +639,14 @@ impl Sink for IcebergSink {
         rels: &HashMap<i64, RelationInfo>,
         part: Part,
     ) -> Result<(), EngineError> {
+        let in_txn = self.in_txn || (part.begin && !part.commit);
         let r = self.stage(prepared, rels, part).await;
-        let r = match r {
-            Ok(()) if part.commit && self.due() => self.commit_staged().await,
-            // A refused value changed nothing staged: the batch is retried, then isolated.
-            Err(e) if e.class() == crate::engine::error::ErrorClass::Data && part.begin => {
-                return Err(e);
-            }
-            r => r,
-        };
-        self.after(r)
+        self.after_stage(in_txn, r)?;
+        if part.commit && self.due() {
+            let r = self.commit_staged().await;
+            return self.after(r);
+        }
+        Ok(())
     }
 
     async fn apply_isolated(
@@ -645,11 +699,11 @@ impl Sink for IcebergSink {
                     .unwrap_or_default();
                 return Err(breaker_error(rejected.len(), batch.len(), &first));
             }
-            let staged_part = Part {
-                begin: part.begin,
-                commit: false,
-            };
-            self.stage(&good, rels, staged_part).await?;
+            let in_txn = self.in_txn || !part.is_whole();
+            // The good changes, as this part of the transaction (its last event's position
+            // stands for the part, refused or not).
+            let r = self.stage(&good, rels, part).await;
+            self.after_stage(in_txn, r)?;
             if part.commit {
                 if let Some(last) = batch.last()
                     && self.dirty
