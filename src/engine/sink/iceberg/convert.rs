@@ -536,3 +536,51 @@ pub fn parse_array(t: &str) -> Result<Vec<Option<String>>, String> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_values_parse_as_postgresql_writes_them() {
+        assert_eq!(parse_decimal("12.5", 12, 2), Ok(1250));
+        assert_eq!(parse_decimal("-0.01", 12, 2), Ok(-1));
+        assert_eq!(parse_decimal("99999999.99", 10, 2), Ok(9_999_999_999));
+        assert!(parse_decimal("NaN", 12, 2).is_err());
+        assert!(parse_decimal("1.234", 12, 2).is_err());
+        assert!(parse_decimal("123", 3, 1).is_err());
+        assert_eq!(parse_date("1970-01-02"), Ok(1));
+        assert!(parse_date("infinity").is_err());
+        assert_eq!(
+            parse_timestamp("1970-01-01 00:00:01.5", false),
+            Ok(1_500_000)
+        );
+        assert_eq!(
+            parse_timestamp("2024-02-29 23:59:59.123456+05:30", true),
+            parse_timestamp("2024-02-29 18:29:59.123456+00", true)
+        );
+        assert!(parse_timestamp("infinity", true).is_err());
+        assert_eq!(
+            parse_uuid("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11").map(|u| u[0]),
+            Ok(0xa0)
+        );
+        assert!(parse_uuid("xyz").is_err());
+        assert_eq!(parse_bytea("\\x00ff10"), Ok(vec![0, 255, 16]));
+        assert_eq!(parse_bytea("\\x"), Ok(vec![]));
+        assert!(parse_bytea("\\x0").is_err());
+        assert_eq!(parse_bool("t"), Ok(true));
+        assert_eq!(
+            parse_array(r#"{"a b",NULL,"c\"d","",x}"#),
+            Ok(vec![
+                Some("a b".into()),
+                None,
+                Some("c\"d".into()),
+                Some(String::new()),
+                Some("x".into())
+            ])
+        );
+        assert_eq!(parse_array("{}"), Ok(vec![]));
+        assert!(parse_array("{{1,2},{3,4}}").is_err());
+        assert!(parse_array("[0:1]={1,2}").is_err());
+    }
+}
