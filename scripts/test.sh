@@ -24,6 +24,25 @@ export PHILOTES_K8S_BIN=$K8S_BIN
 export PHILOTES_HELM=$PWD/scripts/helm.sh
 scripts/helm.sh version --short >/dev/null
 
+# Python tools the Iceberg tests read the tables back with (pyiceberg with its SQL catalog and pyarrow,
+# DuckDB with its iceberg extension, moto as a local S3), from PyPI into a venv cached outside the clone,
+# keyed on the requirements file.
+REQ=scripts/iceberg-requirements.txt
+VENV=$PHILOTES_CACHE/venv-$(sha256sum "$REQ" | cut -c1-12)
+if [ ! -f "$VENV/.complete" ]; then
+  if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    echo "test.sh: installing python3-venv" >&2
+    as_root apt-get -q update >&2
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get -q install -y --no-install-recommends python3 python3-venv >&2
+  fi
+  echo "test.sh: creating $VENV" >&2
+  rm -rf "$VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check -r "$REQ" >&2
+  touch "$VENV/.complete"
+fi
+export PHILOTES_PYTHON=$VENV/bin/python
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

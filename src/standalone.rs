@@ -67,7 +67,7 @@ pub fn parse(text: &str) -> Result<Manifests, StandaloneError> {
             .to_string();
         match kind.as_str() {
             "CdcPipeline" => {
-                // The path names the field, e.g. `spec.sink: missing field `postgres``. Unknown
+                // The path names the field, e.g. `spec.source: missing field `connectionSecretRef``. Unknown
                 // fields (typos such as `retyr:`) are refused rather than silently ignored.
                 let mut unknown = Vec::new();
                 let mut track = serde_path_to_error::Track::new();
@@ -225,8 +225,10 @@ pub async fn run(
             continue;
         }
         println!(
-            "[{name}] slot {} publication {} → sink schema {}",
-            config.slot, config.publication, config.sink_schema
+            "[{name}] slot {} publication {} → sink {}",
+            config.slot,
+            config.publication,
+            config.sink.describe()
         );
         supervisor.apply(&id, Some((config, state))).await;
         if let Some(mut rx) = supervisor.progress(&id).await {
@@ -281,6 +283,7 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::config::SinkConfig;
 
     const FILE: &str = r#"
 apiVersion: v1
@@ -310,7 +313,11 @@ spec:
         let c = configs(&m).unwrap();
         assert_eq!(c[0].1, DesiredState::Paused);
         assert_eq!(c[0].0.name, "shop/orders");
-        assert_eq!(c[0].0.sink.dbname(), "wh");
+        assert!(
+            matches!(&c[0].0.sink, SinkConfig::Postgres { conn, .. } if conn.dbname() == "wh"),
+            "{:?}",
+            c[0].0.sink
+        );
         assert_eq!(identity(&m.pipelines[0]).uid, identity(&m.pipelines[0]).uid);
     }
 
@@ -318,11 +325,13 @@ spec:
     fn bad_files_say_where() {
         let e = parse("kind: Deployment\n").unwrap_err().to_string();
         assert!(e.contains("document 1") && e.contains("Deployment"), "{e}");
-        let e = parse("apiVersion: philotes.io/v1alpha1\nkind: CdcPipeline\nmetadata: {name: x}\nspec: {sink: {}}\n")
+        let e = parse("apiVersion: philotes.io/v1alpha1\nkind: CdcPipeline\nmetadata: {name: x}\nspec: {source: {tables: [t]}}\n")
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("document 1 (CdcPipeline): spec.sink: missing field `postgres`"),
+            e.contains(
+                "document 1 (CdcPipeline): spec.source: missing field `connectionSecretRef`"
+            ),
             "{e}"
         );
         let typo = FILE.replace(

@@ -204,7 +204,7 @@ impl Supervisor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::config::{ConnString, RetryPolicy, TableName};
+    use crate::engine::config::{ConnString, RetryPolicy, SinkConfig, TableName};
 
     fn config() -> PipelineConfig {
         let c = ConnString::parse("postgres://u:p@h:5432/d").unwrap();
@@ -219,8 +219,10 @@ mod tests {
             initial_snapshot: true,
             publication: "p".into(),
             slot: "s".into(),
-            sink: c.clone(),
-            sink_schema: "replica".into(),
+            sink: SinkConfig::Postgres {
+                conn: c.clone(),
+                schema: "replica".into(),
+            },
             buffer: c,
             batch_size: 10,
             flush_interval: Duration::from_secs(1),
@@ -295,7 +297,10 @@ mod tests {
             Action::Restart
         );
         let mut moved = config();
-        moved.sink = ConnString::parse("postgres://u:other@h:5432/d").unwrap();
+        moved.sink = SinkConfig::Postgres {
+            conn: ConnString::parse("postgres://u:other@h:5432/d").unwrap(),
+            schema: "replica".into(),
+        };
         assert_eq!(
             plan(Some((&moved, DesiredState::Running)), running),
             Action::Restart

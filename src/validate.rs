@@ -5,9 +5,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
-use crate::crd::{CdcPipelineSpec, DesiredState, SecretKeyRef};
+use crate::crd::{CdcPipelineSpec, DesiredState, IcebergSinkSpec, SecretKeyRef};
 use crate::engine::config::{
-    ConnString, Delivery, PipelineConfig, RetryPolicy, TableName, derived_name,
+    ConnString, Delivery, IcebergConfig, PipelineConfig, RetryPolicy, S3Config, SinkConfig,
+    TableName, derived_name,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,16 +147,41 @@ pub fn validate(
         secrets,
         ns,
     );
-    let sink = c.secret(
-        "spec.sink.postgres.connectionSecretRef",
-        &spec.sink.postgres.connection_secret_ref,
-        secrets,
-        ns,
-    );
     let buffer = match (&spec.buffer.connection_secret_ref, default_buffer) {
         (Some(r), _) => c.secret("spec.buffer.connectionSecretRef", r, secrets, ns),
         (None, Some(r)) => c.secret("operator --default-buffer-secret", r, secrets, ns),
         (None, None) => source.clone(),
+    };
+    // The PostgreSQL sink's connection and schema, or the Iceberg sink's settings.
+    let mut sink_schema = String::new();
+    let (sink, iceberg) = match (&spec.sink.postgres, &spec.sink.iceberg) {
+        (Some(_), Some(_)) => {
+            c.err(
+                "spec.sink.iceberg",
+                "spec.sink names both postgres and iceberg",
+                "keep one of spec.sink.postgres and spec.sink.iceberg: a pipeline delivers to one sink",
+            );
+            (None, None)
+        }
+        (None, None) => {
+            c.err(
+                "spec.sink",
+                "no sink named",
+                "add spec.sink.postgres or spec.sink.iceberg",
+            );
+            (None, None)
+        }
+        (Some(pg), None) => {
+            sink_schema = pg.schema.clone();
+            let conn = c.secret(
+                "spec.sink.postgres.connectionSecretRef",
+                &pg.connection_secret_ref,
+                secrets,
+                ns,
+            );
+            (conn, None)
+        }
+        (None, Some(ib)) => (None, iceberg_sink(&mut c, ib, secrets, ns, buffer.as_ref())),
     };
 
     let mut tables = Vec::new();
@@ -218,8 +244,10 @@ pub fn validate(
             "use lower-case letters, digits and underscores (at most 63), or leave it empty",
         );
     }
-    let sink_schema = spec.sink.postgres.schema.clone();
-    if !valid_identifier(&sink_schema) {
+    if spec.sink.postgres.is_some()
+        && spec.sink.iceberg.is_none()
+        && !valid_identifier(&sink_schema)
+    {
         c.err(
             "spec.sink.postgres.schema",
             format!("{sink_schema:?} is not a valid schema name"),
@@ -324,12 +352,22 @@ pub fn validate(
     if !c.errors.is_empty() {
         return Err(c.errors);
     }
-    let (Some(source), Some(sink), Some(buffer)) = (source, sink, buffer) else {
+    let (Some(source), Some(buffer)) = (source, buffer) else {
         return Err(c.errors);
     };
-    let (source, sink, buffer) = (
+    let sink = match (sink, iceberg) {
+        (Some(conn), _) => SinkConfig::Postgres {
+            conn: conn.with_connect_timeout(connect_timeout),
+            schema: sink_schema,
+        },
+        (None, Some(mut ib)) => {
+            ib.catalog = ib.catalog.with_connect_timeout(connect_timeout);
+            SinkConfig::Iceberg(ib)
+        }
+        (None, None) => return Err(c.errors),
+    };
+    let (source, buffer) = (
         source.with_connect_timeout(connect_timeout),
-        sink.with_connect_timeout(connect_timeout),
         buffer.with_connect_timeout(connect_timeout),
     );
     let config = PipelineConfig {
@@ -341,7 +379,6 @@ pub fn validate(
         publication,
         slot,
         sink,
-        sink_schema,
         buffer,
         batch_size: b.batch_size as usize,
         flush_interval,
@@ -368,6 +405,159 @@ pub fn validate(
         },
     };
     Ok((config, spec.state))
+}
+
+/// Checks `spec.sink.iceberg`; the catalog defaults to the buffer database.
+fn iceberg_sink(
+    c: &mut Check,
+    ib: &IcebergSinkSpec,
+    secrets: &Secrets,
+    ns: &str,
+    buffer: Option<&ConnString>,
+) -> Option<IcebergConfig> {
+    let catalog = match ib
+        .catalog
+        .sql
+        .as_ref()
+        .and_then(|s| s.connection_secret_ref.as_ref())
+    {
+        Some(r) => c.secret(
+            "spec.sink.iceberg.catalog.sql.connectionSecretRef",
+            r,
+            secrets,
+            ns,
+        ),
+        None => buffer.cloned(),
+    };
+    let w = ib.warehouse.trim();
+    let s3_bucket = w
+        .strip_prefix("s3://")
+        .map(|rest| rest.split('/').next().unwrap_or(""));
+    match (w.strip_prefix("file://"), s3_bucket) {
+        (Some(path), _) if path.starts_with('/') => {}
+        (_, Some(bucket)) if !bucket.is_empty() => {}
+        _ => c.err(
+            "spec.sink.iceberg.warehouse",
+            format!("{w:?} is not a warehouse location"),
+            "write file:///absolute/path or s3://bucket/prefix",
+        ),
+    }
+    let s3 = match &ib.s3 {
+        None => None,
+        Some(s3) => {
+            let credentials = match &s3.credentials_secret_ref {
+                None => None,
+                Some(r) => {
+                    let field = "spec.sink.iceberg.s3.credentialsSecretRef";
+                    match secrets.get(&r.name) {
+                        None => {
+                            c.err(
+                                format!("{field}.name"),
+                                format!("Secret {:?} not found in namespace {ns}", r.name),
+                                format!(
+                                    "create Secret {:?} with keys accessKeyId and secretAccessKey",
+                                    r.name
+                                ),
+                            );
+                            None
+                        }
+                        Some(data) => {
+                            match (data.get("accessKeyId"), data.get("secretAccessKey")) {
+                                (Some(id), Some(key)) => {
+                                    Some((id.trim().to_string(), key.trim().to_string()))
+                                }
+                                _ => {
+                                    c.err(
+                                        field,
+                                        format!(
+                                            "Secret {:?} lacks key accessKeyId or secretAccessKey",
+                                            r.name
+                                        ),
+                                        "add both keys to the Secret",
+                                    );
+                                    None
+                                }
+                            }
+                        }
+                    }
+                }
+            };
+            if let Some(e) = &s3.endpoint
+                && !(e.starts_with("http://") || e.starts_with("https://"))
+            {
+                c.err(
+                    "spec.sink.iceberg.s3.endpoint",
+                    format!("{e:?} is not an http(s) URL"),
+                    "write e.g. http://minio:9000, or leave it out for AWS",
+                );
+            }
+            Some(S3Config {
+                endpoint: s3.endpoint.clone(),
+                region: s3.region.clone(),
+                path_style: s3.path_style,
+                credentials,
+            })
+        }
+    };
+    let ns_name = ib.namespace.trim();
+    if !valid_identifier(ns_name) || ns_name.contains('.') {
+        c.err(
+            "spec.sink.iceberg.namespace",
+            format!("{ns_name:?} is not a namespace name"),
+            "name one namespace level of at most 63 characters, without dots, e.g. cdc",
+        );
+    }
+    let commit_interval = c.duration("spec.sink.iceberg.commitInterval", &ib.commit_interval);
+    if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&commit_interval) {
+        c.err(
+            "spec.sink.iceberg.commitInterval",
+            format!(
+                "{} is out of range",
+                humantime::format_duration(commit_interval)
+            ),
+            "use 100ms to 1h, e.g. 10s",
+        );
+    }
+    let target_file_size = match parse_quantity(&ib.target_file_size) {
+        Some(n) if ((1 << 20)..=(16u64 << 30)).contains(&n) => n,
+        _ => {
+            c.err(
+                "spec.sink.iceberg.targetFileSize",
+                format!("{:?} is not a size from 1Mi to 16Gi", ib.target_file_size),
+                "write a size like 128Mi or 1Gi",
+            );
+            128 << 20
+        }
+    };
+    Some(IcebergConfig {
+        catalog: catalog?,
+        warehouse: w.trim_end_matches('/').to_string(),
+        s3,
+        namespace: ns_name.to_string(),
+        commit_interval,
+        target_file_size,
+    })
+}
+
+/// A Kubernetes quantity of bytes: `134217728`, `128Mi`, `1Gi`, `500M`.
+pub fn parse_quantity(text: &str) -> Option<u64> {
+    let t = text.trim();
+    let digits = t.find(|ch: char| !ch.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(digits);
+    let n: u64 = n.parse().ok()?;
+    let factor: u64 = match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "k" | "K" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        _ => return None,
+    };
+    n.checked_mul(factor)
 }
 
 #[cfg(test)]
@@ -455,6 +645,75 @@ mod tests {
         assert!(errs[0].problem.contains("public.orders"), "{}", errs[0]);
         // Another schema of the same database is fine.
         assert!(validate(&id(), &spec(GOOD), &s, None).is_ok());
+    }
+
+    const ICEBERG: &str = "source: {connectionSecretRef: {name: src, key: uri}, tables: [public.orders]}\nsink: {iceberg: {warehouse: \"s3://lake/cdc\", s3: {endpoint: \"http://127.0.0.1:9000\", pathStyle: true, credentialsSecretRef: {name: lake-s3}}, commitInterval: 2s, targetFileSize: 64Mi}}";
+
+    fn lake_secrets() -> Secrets {
+        let mut s = secrets();
+        s.insert(
+            "lake-s3".into(),
+            BTreeMap::from([
+                ("accessKeyId".into(), "AKIDEXAMPLE".into()),
+                ("secretAccessKey".into(), "sup3rs3cret".into()),
+            ]),
+        );
+        s
+    }
+
+    #[test]
+    fn an_iceberg_sink_gets_its_catalog_in_the_buffer_database_by_default() {
+        let (c, _) = validate(&id(), &spec(ICEBERG), &lake_secrets(), None).unwrap();
+        let SinkConfig::Iceberg(ib) = &c.sink else {
+            panic!("not an iceberg sink: {:?}", c.sink);
+        };
+        assert!(ib.catalog.same_database(&c.buffer));
+        assert_eq!(ib.namespace, "cdc");
+        assert_eq!(ib.commit_interval, Duration::from_secs(2));
+        assert_eq!(ib.target_file_size, 64 << 20);
+        let s3 = ib.s3.as_ref().unwrap();
+        assert!(s3.path_style);
+        assert_eq!(s3.region, "us-east-1");
+        assert_eq!(
+            s3.credentials,
+            Some(("AKIDEXAMPLE".into(), "sup3rs3cret".into()))
+        );
+        assert!(!format!("{c:?}").contains("sup3rs3cret"));
+        assert!(!c.sink.describe().contains("sup3rs3cret"));
+    }
+
+    #[test]
+    fn iceberg_problems_name_their_field() {
+        let both = format!("{ICEBERG}\n").replace(
+            "sink: {iceberg:",
+            "sink: {postgres: {connectionSecretRef: {name: dst, key: uri}}, iceberg:",
+        );
+        let errs = validate(&id(), &spec(&both), &lake_secrets(), None).unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].field, "spec.sink.iceberg");
+        let none = "source: {connectionSecretRef: {name: src, key: uri}, tables: [t]}\nsink: {}";
+        let errs = validate(&id(), &spec(none), &secrets(), None).unwrap_err();
+        assert_eq!(errs[0].field, "spec.sink");
+        let bad = ICEBERG
+            .replace("s3://lake/cdc", "lake/cdc")
+            .replace("64Mi", "lots")
+            .replace("2s", "0s")
+            .replace("http://127.0.0.1:9000", "127.0.0.1:9000");
+        let errs = validate(&id(), &spec(&bad), &secrets(), None).unwrap_err();
+        let fields: Vec<&str> = errs.iter().map(|e| e.field.as_str()).collect();
+        for f in [
+            "spec.sink.iceberg.warehouse",
+            "spec.sink.iceberg.targetFileSize",
+            "spec.sink.iceberg.commitInterval",
+            "spec.sink.iceberg.s3.endpoint",
+            "spec.sink.iceberg.s3.credentialsSecretRef.name",
+        ] {
+            assert!(fields.contains(&f), "{f} missing from {fields:?}");
+        }
+        assert_eq!(parse_quantity("128Mi"), Some(128 << 20));
+        assert_eq!(parse_quantity("1000"), Some(1000));
+        assert_eq!(parse_quantity("2G"), Some(2_000_000_000));
+        assert_eq!(parse_quantity("1.5Gi"), None);
     }
 
     #[test]

@@ -84,3 +84,37 @@ fn bench_runs_every_phase_with_a_tiny_workload() {
     assert!(i["philotes_cpu_s"].as_f64().unwrap() >= 0.0, "{i}");
     assert!(!r["targets"].as_array().unwrap().is_empty());
 }
+
+#[test]
+fn bench_runs_end_to_end_into_iceberg() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_philotes-bench"))
+        .args(["--rows", "5000", "--quick", "--sink", "iceberg", "--json"])
+        .arg(&json)
+        .args(["--skip", "reader,latency,idle,big-txn,wide-rows"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    assert!(
+        stdout.contains("| Philotes end to end → Iceberg sink (file://) |"),
+        "{stdout}"
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let e2e = &r["throughput"][1];
+    assert!(
+        e2e["note"]
+            .as_str()
+            .unwrap()
+            .contains("Iceberg changelog rows = changes"),
+        "{e2e}"
+    );
+    assert!(e2e["changes_per_s"].as_f64().unwrap() > 0.0, "{e2e}");
+}

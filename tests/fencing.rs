@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use philotes::engine::PipelineHandle;
 use philotes::engine::buffer::{Buffer, CopyRows};
+use philotes::engine::config::{ConnString, PipelineConfig, SinkConfig};
 use philotes::engine::error::EngineError;
 use philotes::engine::event::{Event, Op, Position};
 use philotes::engine::metrics::Metrics;
@@ -17,6 +18,14 @@ use philotes::engine::sink::{Part, Sink};
 use philotes::engine::state::Phase;
 use support::pipeline::{FAST, WAIT, config, setup, wait_phase};
 use support::{Pg, count, wait_same};
+
+/// The PostgreSQL sink of `cfg`.
+fn pg_sink(cfg: &PipelineConfig) -> (ConnString, String) {
+    match &cfg.sink {
+        SinkConfig::Postgres { conn, schema } => (conn.clone(), schema.clone()),
+        other => panic!("not a PostgreSQL sink: {other:?}"),
+    }
+}
 
 fn superseded(r: Result<(), EngineError>) -> bool {
     matches!(r, Err(EngineError::Superseded { .. }))
@@ -43,9 +52,8 @@ async fn a_superseded_owner_can_never_write_again() {
     let old = h1.current().epoch;
     assert!(old > 0);
     // What replica-a still holds when it is paused or cut off: a sink and a buffer connection.
-    let mut stale_sink =
-        PostgresSink::new(a.sink.clone(), a.sink_schema.clone(), a.response_timeout)
-            .fenced(&a.id, &a.owner, old);
+    let mut stale_sink = PostgresSink::new(pg_sink(&a).0, pg_sink(&a).1, a.response_timeout)
+        .fenced(&a.id, &a.owner, old);
     stale_sink.prepare(&[]).await.unwrap();
     let mut stale_buffer = Buffer::connect(&a.buffer, &a.id, "stale")
         .await
@@ -128,7 +136,7 @@ async fn a_superseded_owner_can_never_write_again() {
             .await
             .map(|_| ())
     ));
-    let mut late = PostgresSink::new(a.sink.clone(), a.sink_schema.clone(), a.response_timeout)
+    let mut late = PostgresSink::new(pg_sink(&a).0, pg_sink(&a).1, a.response_timeout)
         .fenced(&a.id, &a.owner, old);
     assert!(superseded(late.prepare(&[]).await));
     let after: (i64, i64) = src
@@ -184,11 +192,8 @@ async fn a_claim_waits_for_the_old_owners_transaction_then_refuses_the_next() {
         vals: Some(vec![Some(id.into()), Some(v.into())]),
         unchanged: None,
     };
-    let (uri, schema, timeout) = (
-        cfg.sink.clone(),
-        cfg.sink_schema.clone(),
-        cfg.response_timeout,
-    );
+    let (uri, schema) = pg_sink(&cfg);
+    let timeout = cfg.response_timeout;
     let sink = move |epoch, owner: &str| {
         PostgresSink::new(uri.clone(), schema.clone(), timeout).fenced("claim-test", owner, epoch)
     };

@@ -739,3 +739,77 @@ async fn kubectl_delete_of_the_example_file_still_reclaims_the_slot() {
     }
     op.shutdown().await;
 }
+
+/// `total-records` of the current snapshot of `ns.table`, from the SQL catalog (`iceberg_tables` in
+/// `db`) and the table's metadata file (`file://` warehouses).
+async fn iceberg_records(db: &tokio_postgres::Client, ns: &str, table: &str) -> Option<u64> {
+    let row = db
+        .query_opt(
+            "SELECT metadata_location FROM iceberg_tables WHERE table_namespace = $1 AND table_name = $2",
+            &[&ns, &table],
+        )
+        .await
+        .ok()??;
+    let location: String = row.get(0);
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(location.strip_prefix("file://")?).ok()?).ok()?;
+    let current = meta["current-snapshot-id"].as_i64()?;
+    let snap = meta["snapshots"]
+        .as_array()?
+        .iter()
+        .find(|s| s["snapshot-id"].as_i64() == Some(current))?;
+    snap["summary"]["total-records"].as_str()?.parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_iceberg_pipeline_runs_and_a_spec_naming_both_sinks_is_refused() {
+    let ns = "lake";
+    let World {
+        pg,
+        k8s: _k8s,
+        client,
+        src,
+    } = world(
+        ns,
+        "CREATE TABLE orders (id int PRIMARY KEY, status text, amount numeric(10,2))",
+        true,
+    )
+    .await;
+    let op = start_operator(&client, ns);
+    let warehouse = pg.dir().join("warehouse");
+    std::fs::create_dir_all(&warehouse).unwrap();
+    let mut s = spec(&["public.orders"], json!({}));
+    s["sink"] = json!({"iceberg": {"warehouse": format!("file://{}", warehouse.display()), "commitInterval": "500ms"}});
+    let api = pipeline(&client, ns, "lake", s.clone()).await;
+    wait_status(&api, "lake", "phase Running", |p| {
+        phase(p) == Some(Phase::Running)
+    })
+    .await;
+    src.batch_execute(
+        "INSERT INTO orders SELECT i, 'new', i * 1.5 FROM generate_series(1, 200) i;
+         UPDATE orders SET status = 'paid' WHERE id % 3 = 0; DELETE FROM orders WHERE id % 10 = 0;",
+    )
+    .await
+    .unwrap();
+    // 200 inserts, 66 updates, 20 deletes: one changelog row each; delivered counts them once
+    // they are in an Iceberg snapshot.
+    let p = wait_status(&api, "lake", "every change delivered", |p| {
+        p.status.as_ref().and_then(|s| s.events_delivered) == Some(286)
+            && condition(p, "SinkHealthy").is_some_and(|c| c.status == "True")
+    })
+    .await;
+    assert!(condition(&p, "Ready").is_some_and(|c| c.status == "True"));
+    assert_eq!(iceberg_records(&src, "cdc", "orders").await, Some(286));
+
+    // Both sinks: refused, naming the field.
+    s["sink"]["postgres"] = json!({"connectionSecretRef": {"name": "sink-db", "key": "uri"}});
+    let bad = pipeline(&client, ns, "both", s).await;
+    let p = wait_status(&bad, "both", "phase Failed", |p| {
+        phase(p) == Some(Phase::Failed)
+    })
+    .await;
+    let ready = condition(&p, "Ready").unwrap();
+    assert_eq!(ready.reason, "InvalidSpec", "{ready:?}");
+    assert!(ready.message.contains("spec.sink.iceberg"), "{ready:?}");
+    op.shutdown().await;
+}

@@ -6,7 +6,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// A PostgreSQL change-data-capture pipeline: a logical replication slot on the source, a durable buffer,
-/// and batched, idempotent delivery to a PostgreSQL sink.
+/// and batched delivery to a sink: idempotent into PostgreSQL, exactly once into Apache Iceberg.
 #[derive(CustomResource, Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
 #[kube(
     group = "philotes.io",
@@ -106,9 +106,92 @@ fn default_wal_at_risk_bytes() -> i64 {
     1 << 30
 }
 
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+/// Where changes go: exactly one of `postgres` and `iceberg`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
 pub struct SinkSpec {
-    pub postgres: PostgresSinkSpec,
+    /// A PostgreSQL database: tables with the source's columns and key, kept equal to the source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<PostgresSinkSpec>,
+    /// Apache Iceberg tables: an append-only changelog of each source table, exactly once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iceberg: Option<IcebergSinkSpec>,
+}
+
+/// A Secret in the pipeline's namespace, by name (its keys are fixed by the field that refers to it).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Hash, JsonSchema)]
+pub struct SecretRef {
+    pub name: String,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IcebergSinkSpec {
+    /// The catalog holding the tables' metadata pointers. Default: a SQL catalog in the pipeline's
+    /// buffer database.
+    #[serde(default)]
+    pub catalog: IcebergCatalogSpec,
+    /// Where data and metadata files go: `file:///path` or `s3://bucket/prefix`.
+    pub warehouse: String,
+    /// S3 settings for an `s3://` warehouse.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<IcebergS3Spec>,
+    /// Iceberg namespace of the tables (`<namespace>.<table>`); created when missing.
+    #[serde(default = "default_iceberg_namespace")]
+    pub namespace: String,
+    /// How often buffered changes become an Iceberg snapshot (also earlier, when `targetFileSize`
+    /// fills).
+    #[serde(default = "default_commit_interval")]
+    pub commit_interval: String,
+    /// Data file size that ends a file and commits a snapshot, as a Kubernetes quantity
+    /// (`128Mi`, `1Gi`) or bytes.
+    #[serde(default = "default_target_file_size")]
+    pub target_file_size: String,
+}
+
+fn default_iceberg_namespace() -> String {
+    "cdc".into()
+}
+fn default_commit_interval() -> String {
+    "10s".into()
+}
+fn default_target_file_size() -> String {
+    "128Mi".into()
+}
+
+/// The Iceberg catalog. Only the SQL catalog (in PostgreSQL) for now.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+pub struct IcebergCatalogSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sql: Option<SqlCatalogSpec>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SqlCatalogSpec {
+    /// Secret key holding a `postgres://` URI of the database with the catalog tables
+    /// (`iceberg_tables`, `iceberg_namespace_properties`); default: the buffer database.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_secret_ref: Option<SecretKeyRef>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IcebergS3Spec {
+    /// Endpoint of an S3-compatible service, e.g. `http://minio:9000`; default: AWS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    #[serde(default = "default_s3_region")]
+    pub region: String,
+    /// Path-style requests (`endpoint/bucket/key`), as MinIO and moto want.
+    #[serde(default)]
+    pub path_style: bool,
+    /// Secret with keys `accessKeyId` and `secretAccessKey`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret_ref: Option<SecretRef>,
+}
+
+fn default_s3_region() -> String {
+    "us-east-1".into()
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]

@@ -154,6 +154,65 @@ impl fmt::Display for TableName {
     }
 }
 
+/// Where the pipeline delivers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SinkConfig {
+    /// Tables in `schema` of a PostgreSQL database, kept equal to the source.
+    Postgres { conn: ConnString, schema: String },
+    /// Changelog tables in an Apache Iceberg catalog.
+    Iceberg(IcebergConfig),
+}
+
+impl SinkConfig {
+    /// What the sink is, for logs: no secrets.
+    pub fn describe(&self) -> String {
+        match self {
+            SinkConfig::Postgres { conn, schema } => format!("postgres {conn} schema {schema}"),
+            SinkConfig::Iceberg(c) => format!(
+                "iceberg {} namespace {} (catalog {})",
+                c.warehouse, c.namespace, c.catalog
+            ),
+        }
+    }
+}
+
+/// The Iceberg sink's settings (`spec.sink.iceberg`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct IcebergConfig {
+    /// The PostgreSQL database holding the SQL catalog's tables.
+    pub catalog: ConnString,
+    /// `file:///...` or `s3://bucket/prefix`.
+    pub warehouse: String,
+    pub s3: Option<S3Config>,
+    pub namespace: String,
+    pub commit_interval: Duration,
+    pub target_file_size: u64,
+}
+
+/// S3 settings of an `s3://` warehouse. The secret key never prints.
+#[derive(Clone, PartialEq)]
+pub struct S3Config {
+    pub endpoint: Option<String>,
+    pub region: String,
+    pub path_style: bool,
+    /// Access key id and secret access key; none: the environment's credentials.
+    pub credentials: Option<(String, String)>,
+}
+
+impl fmt::Debug for S3Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("S3Config")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("path_style", &self.path_style)
+            .field(
+                "credentials",
+                &self.credentials.as_ref().map(|_| "<secret>"),
+            )
+            .finish()
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct RetryPolicy {
     pub max_attempts: u32,
@@ -181,8 +240,7 @@ pub struct PipelineConfig {
     pub initial_snapshot: bool,
     pub publication: String,
     pub slot: String,
-    pub sink: ConnString,
-    pub sink_schema: String,
+    pub sink: SinkConfig,
     pub buffer: ConnString,
     pub batch_size: usize,
     pub flush_interval: Duration,
@@ -239,6 +297,21 @@ mod tests {
         assert_eq!(c.user(), "app");
         assert!(ConnString::parse("postgres://app@/x").is_err());
         assert!(ConnString::parse("nonsense").is_err());
+    }
+
+    #[test]
+    fn s3_credentials_never_print() {
+        let s3 = S3Config {
+            endpoint: None,
+            region: "us-east-1".into(),
+            path_style: true,
+            credentials: Some(("AKIAEXAMPLE".into(), "wJalrXUtnFEMI".into())),
+        };
+        let text = format!("{s3:?}");
+        assert!(
+            !text.contains("wJalrXUtnFEMI") && !text.contains("AKIAEXAMPLE"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -76,6 +76,14 @@ pub enum EngineError {
     Invalid { problem: String, fix: String },
     #[error("{0}")]
     Protocol(String),
+    #[error("iceberg sink: {0}")]
+    Iceberg(Box<crate::engine::sink::iceberg::IcebergError>),
+}
+
+impl From<crate::engine::sink::iceberg::IcebergError> for EngineError {
+    fn from(e: crate::engine::sink::iceberg::IcebergError) -> Self {
+        EngineError::Iceberg(Box::new(e))
+    }
 }
 
 impl EngineError {
@@ -111,6 +119,7 @@ impl EngineError {
             EngineError::Invalid { .. }
             | EngineError::SlotLost { .. }
             | EngineError::Superseded { .. } => ErrorClass::Config,
+            EngineError::Iceberg(e) => e.class(),
         }
     }
 
@@ -124,6 +133,7 @@ impl EngineError {
             EngineError::Superseded { .. } => {
                 "none needed when replicas share pipelines: the new owner goes on from the buffer; if two processes were started on one pipeline by mistake (`philotes run` and the operator), stop one".into()
             }
+            EngineError::Iceberg(e) if e.fix().is_some() => e.fix().unwrap_or_default().into(),
             EngineError::Decode(_) => {
                 "a replication message could not be decoded: report it with the log; the pipeline stopped before the message, so nothing is lost".into()
             }

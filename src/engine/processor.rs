@@ -207,6 +207,16 @@ impl Queue {
     }
 }
 
+/// How making the sink's staged transactions durable ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flush {
+    Done,
+    /// Failed; what was staged is kept for the next try.
+    Failed,
+    /// Failed; the sink dropped what it staged and delivery starts again after the durable position.
+    Rewound,
+}
+
 /// How a delivery ended.
 enum Outcome {
     Done,
@@ -214,6 +224,9 @@ enum Outcome {
     /// The sink transaction spanned earlier batches and was rolled back: it is applied again from the
     /// last committed position.
     Rewind,
+    /// The sink dropped the transactions it had staged (see `Sink::take_lost`): they are applied
+    /// again from the last position durable in the sink.
+    Lost,
     /// As `Rewind`, for data the sink refused: the source transaction is applied again change by
     /// change, so that only refused changes become dead letters.
     Isolate,
@@ -247,24 +260,76 @@ impl<S: Sink> Processor<S> {
         .await?
         .processed;
         let mut marked = (processed, Instant::now());
+        // What the sink holds durably: the buffer is marked processed up to here, never beyond.
+        let mut durable = processed;
         let result = self
-            .deliver_batches(&mut rels, &mut processed, &mut marked)
+            .deliver_batches(&mut rels, &mut processed, &mut durable, &mut marked)
             .await;
-        if result.is_ok() && marked.0 != processed {
+        if result.is_ok() && self.sink.pending() {
+            // Stopping: what the sink staged becomes durable now, or is delivered again after the
+            // restart.
+            match self.sink.flush().await {
+                Ok(()) => durable = processed,
+                Err(e) => {
+                    tracing::warn!(pipeline = %self.cfg.name, error = %e, "the sink could not make its staged changes durable on stop; they are delivered again on start")
+                }
+            }
+        }
+        if result.is_ok() && marked.0 != durable {
             pg::deadline(
                 self.cfg.response_timeout,
                 "marking a batch processed",
-                self.buffer.mark_processed(processed),
+                self.buffer.mark_processed(durable),
             )
             .await?;
         }
         result
     }
 
+    /// Makes what the sink staged durable (see [`Sink::pending`]). On failure it waits a backoff
+    /// delay and, when the sink dropped what it staged, makes delivery start again after the durable
+    /// position. Err only for errors a person must fix.
+    async fn flush_sink(
+        &mut self,
+        q: &mut Queue,
+        processed: &mut Position,
+        durable: &mut Position,
+        staged: &mut i64,
+        outage: &mut (impl Iterator<Item = Duration> + Send),
+    ) -> Result<Flush, EngineError> {
+        match self.sink.flush().await {
+            Ok(()) => {
+                self.shared.set_sink_ok();
+                *durable = *processed;
+                self.committed(std::mem::take(staged), *processed);
+                Ok(Flush::Done)
+            }
+            Err(e) if e.class() == ErrorClass::Config => Err(e),
+            Err(e) => {
+                self.shared.set_sink_error(&e);
+                self.shared.stats.retries.inc();
+                let lost = self.sink.take_lost();
+                if lost {
+                    *staged = 0;
+                    *processed = *durable;
+                    q.rewind(*durable);
+                }
+                let delay = outage.next().unwrap_or(self.cfg.retry.max_interval);
+                tracing::warn!(pipeline = %self.cfg.name, error = %e, ?delay, lost, "sink could not make staged changes durable; retrying");
+                tokio::select! {
+                    _ = self.cancel.cancelled() => {}
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                Ok(if lost { Flush::Rewound } else { Flush::Failed })
+            }
+        }
+    }
+
     async fn deliver_batches(
         &mut self,
         rels: &mut HashMap<i64, RelationInfo>,
         processed: &mut Position,
+        durable_pos: &mut Position,
         marked: &mut (Position, Instant),
     ) -> Result<(), EngineError> {
         let planner = self.sink.planner();
@@ -284,20 +349,41 @@ impl<S: Sink> Processor<S> {
         // A sink transaction is open: earlier batches of it are applied, not committed. `processed`
         // stays at the last commit meanwhile; `open` counts the events applied since.
         let mut open: Option<i64> = None;
+        let mut flush_outage = retry::backoff(&self.cfg.retry, None);
+        // Events of sink transactions committed but not yet durable in the sink (see
+        // `Sink::pending`): they count as delivered once durable.
+        let mut staged = 0i64;
         loop {
             if self.cancel.is_cancelled() {
                 return Ok(());
             }
             // A pause waits for the open sink transaction to end.
             if open.is_none() && *self.delivery_rx.borrow() == Delivery::Paused {
-                if marked.0 != *processed {
+                if self.sink.pending() {
+                    match self
+                        .flush_sink(
+                            &mut q,
+                            processed,
+                            durable_pos,
+                            &mut staged,
+                            &mut flush_outage,
+                        )
+                        .await?
+                    {
+                        Flush::Done => flush_outage = retry::backoff(&self.cfg.retry, None),
+                        Flush::Failed => {}
+                        Flush::Rewound => ahead = None,
+                    }
+                    continue;
+                }
+                if marked.0 != *durable_pos {
                     pg::deadline(
                         self.cfg.response_timeout,
                         "marking a batch processed",
-                        self.buffer.mark_processed(*processed),
+                        self.buffer.mark_processed(*durable_pos),
                     )
                     .await?;
-                    *marked = (*processed, Instant::now());
+                    *marked = (*durable_pos, Instant::now());
                 }
                 tokio::select! {
                     _ = self.cancel.cancelled() => return Ok(()),
@@ -328,15 +414,38 @@ impl<S: Sink> Processor<S> {
                 }
             }
             if batch.is_empty() {
-                if marked.0 != *processed {
+                let flush_at = self.sink.flush_at().filter(|_| self.sink.pending());
+                if open.is_none() && flush_at.is_some_and(|t| t <= Instant::now()) {
+                    if self
+                        .flush_sink(
+                            &mut q,
+                            processed,
+                            durable_pos,
+                            &mut staged,
+                            &mut flush_outage,
+                        )
+                        .await?
+                        == Flush::Done
+                    {
+                        flush_outage = retry::backoff(&self.cfg.retry, None);
+                    }
+                    continue;
+                }
+                if marked.0 != *durable_pos {
                     pg::deadline(
                         self.cfg.response_timeout,
                         "marking a batch processed",
-                        self.buffer.mark_processed(*processed),
+                        self.buffer.mark_processed(*durable_pos),
                     )
                     .await?;
-                    *marked = (*processed, Instant::now());
+                    *marked = (*durable_pos, Instant::now());
                 }
+                let flush_due = async {
+                    match flush_at {
+                        Some(t) => tokio::time::sleep_until(t.into()).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 let handoff = async {
                     match &mut handoffs {
                         Some(rx) => rx.recv().await,
@@ -352,6 +461,7 @@ impl<S: Sink> Processor<S> {
                     },
                     _ = self.durable_rx.changed() => {}
                     _ = self.delivery_rx.changed() => {}
+                    _ = flush_due => {}
                     _ = tokio::time::sleep(self.cfg.flush_interval.max(Duration::from_millis(200))) => {}
                 }
                 continue;
@@ -452,11 +562,43 @@ impl<S: Sink> Processor<S> {
                     q.rewind(*processed);
                     continue;
                 }
+                Outcome::Lost => {
+                    // The sink dropped what it staged: from the last durable position.
+                    open = None;
+                    staged = 0;
+                    *processed = *durable_pos;
+                    q.rewind(*durable_pos);
+                    continue;
+                }
                 Outcome::Isolate => {
                     open = None;
+                    // Isolation starts from a durable position: what the sink staged goes first.
+                    if self.sink.pending()
+                        && self
+                            .flush_sink(
+                                &mut q,
+                                processed,
+                                durable_pos,
+                                &mut staged,
+                                &mut flush_outage,
+                            )
+                            .await?
+                            != Flush::Done
+                    {
+                        q.rewind(*processed);
+                        continue;
+                    }
                     match self.isolate_txn(rels, *processed, last.lsn).await? {
+                        Some(upto) if self.sink.pending() => {
+                            // Not durable yet: delivered again from the last durable position.
+                            return Err(EngineError::Protocol(format!(
+                                "the sink left an isolated transaction staged at {}",
+                                pg::lsn_text(upto.lsn)
+                            )));
+                        }
                         Some(upto) => {
                             *processed = upto;
+                            *durable_pos = upto;
                             pg::deadline(
                                 self.cfg.response_timeout,
                                 "marking a batch processed",
@@ -485,17 +627,21 @@ impl<S: Sink> Processor<S> {
             }
             open = None;
             *processed = last;
+            staged += applied;
+            if !self.sink.pending() {
+                *durable_pos = last;
+                self.committed(std::mem::take(&mut staged), last);
+            }
             crate::engine::failpoint::crash_point("sink-before-mark");
-            self.committed(applied, last);
             let caught_up = next.is_empty();
-            if caught_up || marked.1.elapsed() >= MARK_EVERY {
+            if marked.0 != *durable_pos && (caught_up || marked.1.elapsed() >= MARK_EVERY) {
                 pg::deadline(
                     self.cfg.response_timeout,
                     "marking a batch processed",
-                    self.buffer.mark_processed(last),
+                    self.buffer.mark_processed(*durable_pos),
                 )
                 .await?;
-                *marked = (last, Instant::now());
+                *marked = (*durable_pos, Instant::now());
             }
             ahead = (!caught_up).then_some((next, p));
         }
@@ -604,7 +750,8 @@ impl<S: Sink> Processor<S> {
         }
     }
 
-    /// Counts `n` events as delivered once their sink transaction committed, ending at `last`.
+    /// Counts `n` events as delivered once their sink transaction is durable in the sink, ending at
+    /// `last`.
     fn committed(&self, n: i64, last: Position) {
         let stats = &self.shared.stats;
         stats.events_delivered.inc_by(n as u64);
@@ -700,6 +847,21 @@ impl<S: Sink> Deliver<'_, S> {
                 Err(e) => e,
             };
             self.shared.stats.retries.inc();
+            if self.sink.take_lost() {
+                // The sink dropped what it had staged: delivery starts again after its durable
+                // position.
+                if err.class() == ErrorClass::Config {
+                    return Err(err);
+                }
+                self.shared.set_sink_error(&err);
+                let delay = outage.next().unwrap_or(self.cfg.retry.max_interval);
+                tracing::warn!(pipeline = %self.cfg.name, error = %err, ?delay, "sink unavailable; retrying from its last durable position");
+                return Ok(if self.pause(delay).await {
+                    Outcome::Cancelled
+                } else {
+                    Outcome::Lost
+                });
+            }
             if !part.is_whole() {
                 // The sink transaction spans batches and was rolled back whole: it is applied again
                 // from its start, by the processor.

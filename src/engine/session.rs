@@ -9,12 +9,13 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use super::buffer::{self, Buffer, Ownership};
-use super::config::{Delivery, PipelineConfig};
+use super::config::{Delivery, PipelineConfig, SinkConfig};
 use super::error::EngineError;
 use super::housekeeping::housekeeping;
 use super::pg;
 use super::processor::Processor;
 use super::shared::Shared;
+use super::sink::iceberg::IcebergSink;
 use super::sink::postgres::PostgresSink;
 use super::snapshot;
 use super::source::{Reader, catalog};
@@ -164,9 +165,19 @@ pub(super) async fn run_session(
     .await?;
     shared.texts().ownership = own;
 
-    let mut sink = PostgresSink::new(cfg.sink.clone(), cfg.sink_schema.clone(), t)
-        .fenced(&cfg.id, &cfg.owner, epoch);
-    sink.prepare(&layouts).await?;
+    let sink = match &cfg.sink {
+        SinkConfig::Postgres { conn, schema } => {
+            let mut sink = PostgresSink::new(conn.clone(), schema.clone(), t)
+                .fenced(&cfg.id, &cfg.owner, epoch);
+            sink.prepare(&layouts).await?;
+            AnySink::Postgres(Box::new(sink))
+        }
+        SinkConfig::Iceberg(ib) => {
+            let mut sink = IcebergSink::connect(ib, &cfg.id, &cfg.name, t).await?;
+            pg::deadline(t, "preparing the Iceberg tables", sink.prepare(&layouts)).await?;
+            AnySink::Iceberg(Box::new(sink))
+        }
+    };
 
     let cp = pg::deadline(t, "reading the buffer", control.checkpoint()).await?;
     pg::deadline(
@@ -195,21 +206,30 @@ pub(super) async fn run_session(
         durable_tx,
         handoff: Some(handoff_tx),
     };
-    let processor = Processor {
-        cfg: cfg.clone(),
-        buffer: Buffer::connect(&cfg.buffer, &cfg.id, "buffer-reader")
-            .await?
-            .with_epoch(epoch),
-        sink,
-        shared: shared.clone(),
-        cancel: session.clone(),
-        durable_rx,
-        delivery_rx: delivery_rx.clone(),
-        handoffs: Some(handoff_rx),
-    };
+    let processor_buffer = Buffer::connect(&cfg.buffer, &cfg.id, "buffer-reader")
+        .await?
+        .with_epoch(epoch);
     let mut tasks = JoinSet::new();
     tasks.spawn(reader.run(cp.durable_lsn));
-    tasks.spawn(processor.run());
+    macro_rules! processor {
+        ($sink:expr) => {
+            Processor {
+                cfg: cfg.clone(),
+                buffer: processor_buffer,
+                sink: $sink,
+                shared: shared.clone(),
+                cancel: session.clone(),
+                durable_rx,
+                delivery_rx: delivery_rx.clone(),
+                handoffs: Some(handoff_rx),
+            }
+            .run()
+        };
+    }
+    match sink {
+        AnySink::Postgres(s) => tasks.spawn(processor!(*s)),
+        AnySink::Iceberg(s) => tasks.spawn(processor!(*s)),
+    };
     tasks.spawn(housekeeping(
         cfg.clone(),
         shared.clone(),
@@ -240,6 +260,12 @@ pub(super) async fn run_session(
         Some(e) if !cancel.is_cancelled() => Err(e),
         _ => Ok(()),
     }
+}
+
+/// The sink a session delivers to.
+enum AnySink {
+    Postgres(Box<PostgresSink>),
+    Iceberg(Box<IcebergSink>),
 }
 
 /// Phase follows the delivery setting once the source is connected.

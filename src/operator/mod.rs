@@ -141,7 +141,7 @@ pub async fn run(
                         p.namespace() == ns
                             && reconcile::secret_refs(&p.spec, default_buffer.as_ref())
                                 .iter()
-                                .any(|r| r.name == name)
+                                .any(|r| *r == name)
                     })
                     .map(|p| ObjectRef::from_obj(&*p))
                     .collect::<Vec<_>>()

@@ -53,18 +53,35 @@ pub fn error_policy(obj: Arc<CdcPipeline>, err: &Error, _ctx: Arc<Context>) -> A
     Action::requeue(Duration::from_secs(10))
 }
 
-/// The Secrets a spec refers to.
+/// Names of the Secrets a spec refers to (a name may appear more than once).
 pub fn secret_refs<'a>(
     spec: &'a CdcPipelineSpec,
     default_buffer: Option<&'a SecretKeyRef>,
-) -> Vec<&'a SecretKeyRef> {
-    let mut refs = vec![
-        &spec.source.connection_secret_ref,
-        &spec.sink.postgres.connection_secret_ref,
-    ];
+) -> Vec<&'a str> {
+    let mut refs = vec![spec.source.connection_secret_ref.name.as_str()];
+    if let Some(pg) = &spec.sink.postgres {
+        refs.push(&pg.connection_secret_ref.name);
+    }
+    if let Some(ib) = &spec.sink.iceberg {
+        if let Some(r) = ib
+            .catalog
+            .sql
+            .as_ref()
+            .and_then(|s| s.connection_secret_ref.as_ref())
+        {
+            refs.push(&r.name);
+        }
+        if let Some(r) = ib
+            .s3
+            .as_ref()
+            .and_then(|s| s.credentials_secret_ref.as_ref())
+        {
+            refs.push(&r.name);
+        }
+    }
     match (&spec.buffer.connection_secret_ref, default_buffer) {
-        (Some(r), _) => refs.push(r),
-        (None, Some(r)) => refs.push(r),
+        (Some(r), _) => refs.push(&r.name),
+        (None, Some(r)) => refs.push(&r.name),
         (None, None) => {}
     }
     refs
@@ -75,10 +92,10 @@ async fn dereference(ctx: &Context, ns: &str, spec: &CdcPipelineSpec) -> Result<
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
     let mut out = Secrets::new();
     for r in secret_refs(spec, ctx.default_buffer.as_ref()) {
-        if out.contains_key(&r.name) {
+        if out.contains_key(r) {
             continue;
         }
-        if let Some(s) = api.get_opt(&r.name).await? {
+        if let Some(s) = api.get_opt(r).await? {
             let mut data: BTreeMap<String, String> = BTreeMap::new();
             for (k, v) in s.data.unwrap_or_default() {
                 if let Ok(text) = String::from_utf8(v.0) {
@@ -86,7 +103,7 @@ async fn dereference(ctx: &Context, ns: &str, spec: &CdcPipelineSpec) -> Result<
                 }
             }
             data.extend(s.string_data.unwrap_or_default());
-            out.insert(r.name.clone(), data);
+            out.insert(r.to_string(), data);
         }
     }
     Ok(out)
@@ -115,7 +132,7 @@ fn target(ctx: &Context, obj: &CdcPipeline) -> Target {
 fn secret_names(spec: &CdcPipelineSpec, default_buffer: Option<&SecretKeyRef>) -> BTreeSet<String> {
     secret_refs(spec, default_buffer)
         .into_iter()
-        .map(|r| r.name.clone())
+        .map(str::to_string)
         .collect()
 }
 

@@ -86,7 +86,7 @@ pub async fn release(
         .flat_map(|p| {
             secret_refs(&p.spec, default_buffer)
                 .into_iter()
-                .map(|r| r.name.clone())
+                .map(str::to_string)
         })
         .collect();
     for s in held {

@@ -29,6 +29,9 @@ pub struct Spec<'a> {
     pub publication: &'a str,
     pub slot: &'a str,
     pub sink_schema: &'a str,
+    /// An Iceberg warehouse (`file://...`) to deliver to instead of the PostgreSQL sink, namespace
+    /// `bench`.
+    pub iceberg: Option<&'a str>,
     /// Extra spec lines (YAML, indented by two spaces), e.g. a backpressure section.
     pub extra: &'a str,
 }
@@ -38,15 +41,21 @@ pub fn manifest(source_uri: &str, sink_uri: &str, specs: &[Spec]) -> String {
         "apiVersion: v1\nkind: Secret\nmetadata: {{name: bench-db}}\nstringData: {{source: \"{source_uri}\", sink: \"{sink_uri}\"}}\n"
     );
     for s in specs {
+        let sink = match s.iceberg {
+            Some(warehouse) => format!("iceberg: {{warehouse: \"{warehouse}\", namespace: bench}}"),
+            None => format!(
+                "postgres: {{connectionSecretRef: {{name: bench-db, key: sink}}, schema: {}}}",
+                s.sink_schema
+            ),
+        };
         out.push_str(&format!(
-            "---\napiVersion: philotes.io/v1alpha1\nkind: CdcPipeline\nmetadata: {{name: {}, uid: {}}}\nspec:\n  state: {}\n  source:\n    connectionSecretRef: {{name: bench-db, key: source}}\n    tables: [{}]\n    publication: {}\n    slot: {}\n  sink:\n    postgres: {{connectionSecretRef: {{name: bench-db, key: sink}}, schema: {}}}\n{}\n",
+            "---\napiVersion: philotes.io/v1alpha1\nkind: CdcPipeline\nmetadata: {{name: {}, uid: {}}}\nspec:\n  state: {}\n  source:\n    connectionSecretRef: {{name: bench-db, key: source}}\n    tables: [{}]\n    publication: {}\n    slot: {}\n  sink:\n    {sink}\n{}\n",
             s.name,
             s.uid,
             if s.paused { "Paused" } else { "Running" },
             s.table,
             s.publication,
             s.slot,
-            s.sink_schema,
             s.extra
         ));
     }

@@ -100,6 +100,10 @@ struct Cli {
     /// shares the source's WAL and its flushes).
     #[arg(long)]
     sink_in_source_cluster: bool,
+    /// The sink of the end-to-end phase: `postgres` (default) or `iceberg` (a `file://` warehouse in
+    /// the source cluster's directory, the SQL catalog in the buffer database, default settings).
+    #[arg(long, default_value = "postgres")]
+    sink: String,
     /// Skip writing (and recycling) 1 GiB of WAL in each cluster before the workload, so that the
     /// writers pay for creating every WAL segment as on a freshly initialised server.
     #[arg(long)]
@@ -468,7 +472,7 @@ async fn bench(cli: &Cli) -> anyhow::Result<()> {
             t.ratio_to_native = native_rate.map(|r| t.changes_per_s / r);
         };
         if !skip("e2e") {
-            let mut t = end_to_end(&ctx, &src, &sink, &w).await?;
+            let mut t = end_to_end(&ctx, &src, &sink, &w, cli.sink == "iceberg").await?;
             ratios(&mut t);
             throughput.push(t);
         }
@@ -930,6 +934,7 @@ async fn reader_only(ctx: &Ctx, src: &Client, w: &Workload) -> anyhow::Result<Th
             publication: "bench_pub",
             slot: "bench_reader",
             sink_schema: "replica_reader",
+            iceberg: None,
             extra: "  backpressure: {highWatermark: 1000000000, lowWatermark: 900000000}",
         }],
     )?;
@@ -996,9 +1001,11 @@ async fn end_to_end(
     src: &Client,
     sink: &Client,
     w: &Workload,
+    iceberg: bool,
 ) -> anyhow::Result<Throughput> {
     checkpoint_all(ctx).await?;
     eprintln!("Philotes end to end ...");
+    let warehouse = format!("file://{}/warehouse", ctx.cl.dir().display());
     let id = "bench-e2e";
     // Extra spec lines for experiments (e.g. "  buffer: {batchSize: 5000}"); none by default.
     let e2e_extra = std::env::var("PHILOTES_BENCH_E2E_SPEC").unwrap_or_default();
@@ -1013,6 +1020,7 @@ async fn end_to_end(
             publication: "bench_pub",
             slot: "bench_e2e",
             sink_schema: "replica",
+            iceberg: iceberg.then_some(warehouse.as_str()),
             extra: &e2e_extra,
         }],
     )?;
@@ -1053,14 +1061,32 @@ async fn end_to_end(
         sessions.sort_by(|a, b| b.1.total_cmp(&a.1));
     }
     p.stop().await?;
-    let want = workload::checksum(src, "items").await?;
-    let have = workload::checksum(sink, "replica.items").await?;
-    anyhow::ensure!(
-        want == have,
-        "the sink does not match the source: source {want:?}, sink {have:?}"
-    );
+    let (name, check) = if iceberg {
+        // Every change is one changelog row (the workload changes no key).
+        let rows = iceberg_records(src, "bench", "items").await?;
+        anyhow::ensure!(
+            rows == w.changes,
+            "the Iceberg changelog holds {rows} rows, the workload made {} changes",
+            w.changes
+        );
+        (
+            "Philotes end to end → Iceberg sink (file://)",
+            format!("Iceberg changelog rows = changes: {rows}"),
+        )
+    } else {
+        let want = workload::checksum(src, "items").await?;
+        let have = workload::checksum(sink, "replica.items").await?;
+        anyhow::ensure!(
+            want == have,
+            "the sink does not match the source: source {want:?}, sink {have:?}"
+        );
+        (
+            "Philotes end to end → PostgreSQL sink",
+            format!("sink = source: {} rows, checksum {}", have.0, have.1),
+        )
+    };
     let t = Throughput {
-        name: "Philotes end to end → PostgreSQL sink".into(),
+        name: name.into(),
         changes: w.changes,
         seconds,
         changes_per_s: w.changes as f64 / seconds,
@@ -1074,14 +1100,14 @@ async fn end_to_end(
         other_cpu_s: other,
         postgres_cpu_by_session: sessions,
         note: format!(
-            "default settings, sink in {}; all in the buffer after {read_seconds:.2}s; sink = source: {} rows, checksum {}",
-            if ctx.sink_cl.is_some() {
+            "default settings, sink in {}; all in the buffer after {read_seconds:.2}s; {check}",
+            if iceberg {
+                "a file:// warehouse"
+            } else if ctx.sink_cl.is_some() {
                 "a cluster of its own"
             } else {
                 "the source's cluster"
             },
-            have.0,
-            have.1
         ),
     };
     eprintln!(
@@ -1089,6 +1115,36 @@ async fn end_to_end(
         t.seconds, t.changes_per_s
     );
     Ok(t)
+}
+
+/// `total-records` of the current snapshot of Iceberg table `ns.table`, from the SQL catalog in the
+/// buffer database and the table's metadata file (`file://` warehouses only).
+async fn iceberg_records(buffer: &Client, ns: &str, table: &str) -> anyhow::Result<u64> {
+    let location: String = buffer
+        .query_one(
+            "SELECT metadata_location FROM iceberg_tables WHERE table_namespace = $1 AND table_name = $2",
+            &[&ns, &table],
+        )
+        .await?
+        .get(0);
+    let path = location
+        .strip_prefix("file://")
+        .context("not a file:// metadata location")?;
+    let meta: serde_json::Value = serde_json::from_slice(&std::fs::read(path)?)?;
+    let current = meta["current-snapshot-id"]
+        .as_i64()
+        .context("no snapshot")?;
+    let snap = meta["snapshots"]
+        .as_array()
+        .and_then(|s| {
+            s.iter()
+                .find(|s| s["snapshot-id"].as_i64() == Some(current))
+        })
+        .context("the current snapshot is missing")?;
+    snap["summary"]["total-records"]
+        .as_str()
+        .and_then(|n| n.parse().ok())
+        .context("no total-records in the summary")
 }
 
 /// Steady load in small transactions; latency = sink commit time − source commit time per row.
@@ -1120,6 +1176,7 @@ async fn latency_phase(ctx: &Ctx, rate: u64, secs: u64) -> anyhow::Result<Latenc
             publication: "bench_lat_pub",
             slot: "bench_latency",
             sink_schema: "replica",
+            iceberg: None,
             extra: "",
         }],
     )?;
@@ -1295,6 +1352,7 @@ async fn idle_phase(ctx: &Ctx, n: usize, secs: u64) -> anyhow::Result<Idle> {
             publication: "bench_idle_pub",
             slot,
             sink_schema: slot,
+            iceberg: None,
             extra: "",
         })
         .collect();

@@ -266,6 +266,7 @@ pub async fn big_txn(ctx: &Ctx, rows: u64) -> anyhow::Result<MemoryPhase> {
             publication: "bench_big_pub",
             slot: "bench_big",
             sink_schema: "replica_big",
+            iceberg: None,
             extra: "",
         },
         &End {
@@ -405,6 +406,7 @@ pub async fn wide_rows(ctx: &Ctx, count: u64, mib: u64) -> anyhow::Result<Memory
             publication: "bench_wide_pub",
             slot: "bench_wide",
             sink_schema: "replica_wide",
+            iceberg: None,
             extra: "",
         },
         &End {

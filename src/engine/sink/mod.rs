@@ -3,6 +3,7 @@
 //! transaction larger than a batch spans several batches of one sink transaction ([`Part`]).
 
 pub mod fence;
+pub mod iceberg;
 pub mod plan;
 pub mod postgres;
 pub mod sql;
@@ -96,6 +97,33 @@ pub trait Sink: Send {
         part: Part,
         breaker: bool,
     ) -> impl Future<Output = Result<Vec<Rejected>, EngineError>> + Send;
+
+    // A sink may stage committed sink transactions and make them durable later, in one go (the
+    // Iceberg sink commits a snapshot every `commitInterval`). The processor then marks the buffer
+    // processed only up to what is durable. The defaults are those of a sink whose commits are
+    // durable at once (PostgreSQL).
+
+    /// Whether committed sink transactions are staged, not yet durable.
+    fn pending(&self) -> bool {
+        false
+    }
+
+    /// When the staged transactions should be made durable even if no batch comes.
+    fn flush_at(&self) -> Option<std::time::Instant> {
+        None
+    }
+
+    /// Makes every staged transaction durable. Called only between sink transactions. On error
+    /// nothing staged is durable, and [`take_lost`](Self::take_lost) says so.
+    fn flush(&mut self) -> impl Future<Output = Result<(), EngineError>> + Send {
+        std::future::ready(Ok(()))
+    }
+
+    /// After an error: whether the sink dropped staged transactions, so that delivery must start
+    /// again after the last durable position. Reading it clears it.
+    fn take_lost(&mut self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]
