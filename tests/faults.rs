@@ -191,10 +191,11 @@ async fn scenario(point: &'static str, skip: u32, snapshot_rows: i64) -> Outcome
 async fn a_crash_at_every_step_leaves_sink_equal_to_source() {
     let mut rows = Vec::new();
     for (point, skip, snapshot_rows) in [
-        // Passes before the crash: the snapshot's two buffer writes, then the stream's.
+        // Passes before the crash: the snapshot's two buffer writes, then the stream's. The sink's
+        // first commit: in a backlog, sink transactions grow (up to 8 batches), so there may be few.
         ("buffer-before-commit", 3, 0),
         ("buffer-before-ack", 1, 0),
-        ("sink-before-mark", 2, 0),
+        ("sink-before-mark", 0, 0),
         ("dlq-before-mark", 0, 0),
         ("snapshot-mid-copy", 2, 30_000),
     ] {
