@@ -108,7 +108,13 @@ fn bench_runs_end_to_end_into_iceberg() {
     );
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-    let e2e = &r["throughput"][1];
+    // By name: the rows before it (pg_recvlogical, the native subscription) may change.
+    let e2e = r["throughput"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"].as_str().unwrap_or_default().contains("Iceberg"))
+        .unwrap_or_else(|| panic!("no Iceberg row in {r}"));
     assert!(
         e2e["note"]
             .as_str()
