@@ -6,7 +6,7 @@
 mod support;
 
 use std::os::unix::process::ExitStatusExt;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::{Pg, count, eventually, run_philotes, wait_same};
 
@@ -102,16 +102,7 @@ async fn scenario(point: &'static str, skip: u32, snapshot_rows: i64) -> Outcome
             }
         }
     }
-    let started = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break Some(s);
-        }
-        if started.elapsed() > Duration::from_secs(120) {
-            break None;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let status = support::wait_exit(&mut child, Duration::from_secs(120)).await;
     let aborted = status.is_some_and(|s| s.signal() == Some(6));
     if status.is_none() {
         child.kill().unwrap();
@@ -530,16 +521,9 @@ async fn a_resync_that_dies_mid_copy_is_finished_by_the_next_run() {
         &[("FAILPOINTS", "snapshot-mid-copy=1*off->return")],
         &["--resync"],
     );
-    let status = tokio::time::timeout(Duration::from_secs(120), async {
-        loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                return s;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await
-    .expect("the resync did not reach its fail point");
+    let status = support::wait_exit(&mut child, Duration::from_secs(120))
+        .await
+        .expect("the resync did not reach its fail point");
     assert_eq!(status.signal(), Some(6), "{status:?}");
     let (token, replaces): (Option<String>, bool) = dst
         .query_one(

@@ -345,16 +345,9 @@ async fn three_replicas_share_pipelines_through_kills_pauses_and_a_rolling_resta
     };
     for i in 0..3 {
         signal(&replicas[i], "-TERM");
-        let status = tokio::time::timeout(Duration::from_secs(60), async {
-            loop {
-                if let Some(s) = replicas[i].try_wait().unwrap() {
-                    return s;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        })
-        .await
-        .expect("a replica did not stop on SIGTERM");
+        let status = support::wait_exit(&mut replicas[i], Duration::from_secs(60))
+            .await
+            .expect("a replica did not stop on SIGTERM");
         assert!(status.success(), "{}: {status:?}", names[i]);
         write(&src, 6 + i as i64).await;
         let others: Vec<usize> = (0..3).filter(|j| *j != i).collect();

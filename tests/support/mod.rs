@@ -112,6 +112,23 @@ pub fn run_philotes(file: &Path, log: &Path, env: &[(&str, &str)]) -> std::proce
     run_philotes_with(file, log, env, &[])
 }
 
+/// Waits up to `timeout` for `child` to exit; None if it is still running.
+pub async fn wait_exit(
+    child: &mut std::process::Child,
+    timeout: Duration,
+) -> Option<std::process::ExitStatus> {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        if started.elapsed() > timeout {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// [`run_philotes`] with more arguments for `run`.
 pub fn run_philotes_with(
     file: &Path,
