@@ -267,6 +267,63 @@ async fn a_table_dropped_while_its_changes_wait_does_not_wedge_the_pipeline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_column_renamed_while_its_changes_wait_is_renamed_in_the_sink() {
+    let pg = Pg::start();
+    let (src, dst) = setup(&pg).await;
+    src.batch_execute(
+        "CREATE TABLE k (id int PRIMARY KEY, v text); INSERT INTO k VALUES (1, 'a'), (2, 'b')",
+    )
+    .await
+    .unwrap();
+    let cfg = config(
+        "renamed",
+        &pg.uri("shop"),
+        &pg.uri("warehouse"),
+        &["k"],
+        FAST,
+    );
+    let h = start(&cfg);
+    wait_phase(&h, Phase::Running).await;
+    wait_same(&src, "k", &dst, "replica.k", "id", WAIT).await;
+    h.stop().await;
+
+    // Stopped: changes under the old name, the rename, changes under the new one.
+    src.batch_execute(
+        "INSERT INTO k VALUES (3, 'c'); UPDATE k SET v = 'a2' WHERE id = 1;
+         ALTER TABLE k RENAME COLUMN id TO kid;
+         INSERT INTO k VALUES (4, 'd'); UPDATE k SET kid = 20 WHERE kid = 2; DELETE FROM k WHERE kid = 1",
+    )
+    .await
+    .unwrap();
+    let h = start(&cfg);
+    wait_phase(&h, Phase::Running).await;
+    wait_same(&src, "k", &dst, "replica.k", "kid", WAIT).await;
+
+    // Running: renamed again mid-stream, with changes on both sides of it in one transaction.
+    src.batch_execute(
+        "BEGIN; INSERT INTO k VALUES (5, 'e'); ALTER TABLE k RENAME COLUMN kid TO key_id;
+         INSERT INTO k VALUES (6, 'f'); DELETE FROM k WHERE key_id = 3; COMMIT",
+    )
+    .await
+    .unwrap();
+    wait_same(&src, "k", &dst, "replica.k", "key_id", WAIT).await;
+    let cols: Vec<String> = dst
+        .query(
+            "SELECT attname::text FROM pg_attribute WHERE attrelid = 'replica.k'::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(cols, ["key_id", "v"], "the sink table's columns");
+    assert_eq!(h.current().phase, Phase::Running, "{:?}", h.current());
+    assert_eq!(h.current().events_dead_lettered, 0, "{:?}", h.current());
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn values_round_trip_whatever_the_source_settings() {
     let pg = Pg::start_conf(
         "DateStyle = 'SQL, DMY'\nIntervalStyle = sql_standard\nTimeZone = 'Asia/Kolkata'\nextra_float_digits = 0\nbytea_output = escape",

@@ -25,7 +25,7 @@ use super::error::{EngineError, ErrorClass};
 use super::event::{Event, Position, RelationInfo};
 use super::pg;
 use super::retry;
-use super::sink::{Part, Sink};
+use super::sink::{Part, Sink, rekey};
 
 pub struct Processor<S: Sink> {
     pub cfg: Arc<PipelineConfig>,
@@ -493,6 +493,15 @@ impl<S: Sink> Processor<S> {
                 ends = true;
                 last = batch.last().map(|e| e.pos).unwrap_or(*processed);
             }
+            // A key renamed at the source: what came before commits first (sink/rekey.rs). Inside
+            // one source transaction this is the one place it reaches the sink in two transactions.
+            if let Some(cut) = rekey::layout_break(&batch, rels).filter(|&i| i > 0) {
+                let rest = batch.split_off(cut);
+                q.unpop(rest);
+                prepared = None;
+                ends = true;
+                last = batch.last().map(|e| e.pos).unwrap_or(*processed);
+            }
             let prepared = match prepared {
                 Some(p) => p,
                 None => S::prepare(&planner, &batch, rels)?,
@@ -505,6 +514,7 @@ impl<S: Sink> Processor<S> {
             // batches: fewer sink commits while there is a backlog.
             let deep = ends
                 && next.len() >= limit
+                && rekey::layout_break(batch.iter().chain(&next), rels).is_none()
                 && open.unwrap_or(0) + (batch.len() as i64) < (DEEP_TXN_BATCHES * limit) as i64
                 && *self.delivery_rx.borrow() != Delivery::Paused;
             let part = Part {

@@ -6,6 +6,7 @@ pub mod fence;
 pub mod iceberg;
 pub mod plan;
 pub mod postgres;
+pub mod rekey;
 pub mod sql;
 
 use std::collections::HashMap;

@@ -22,7 +22,7 @@ use tokio_postgres::{Client, GenericClient, Statement};
 
 use super::fence::Fence;
 use super::plan::{Action, Change, Step, plan};
-use super::{Part, Rejected, Sink, sql};
+use super::{Part, Rejected, Sink, rekey, sql};
 use crate::engine::config::ConnString;
 use crate::engine::error::{EngineError, ErrorClass};
 use crate::engine::event::{Event, Op, RelationInfo};
@@ -33,7 +33,8 @@ pub struct PostgresSink {
     schema: String,
     timeout: Duration,
     client: Option<Client>,
-    ensured: HashSet<i64>,
+    /// Relation versions whose layout the sink table has, with their table.
+    ensured: HashMap<i64, (String, String)>,
     statements: HashMap<String, Statement>,
     /// Each sink transaction is refused once a newer owner has claimed the pipeline.
     fence: Option<Fence>,
@@ -94,7 +95,7 @@ impl PostgresSink {
             schema,
             timeout,
             client: None,
-            ensured: HashSet::new(),
+            ensured: HashMap::new(),
             statements: HashMap::new(),
             fence: None,
             pause: CopyPause::new(),
@@ -164,15 +165,34 @@ impl PostgresSink {
         self.client = None;
     }
 
-    /// Creates the target schema and the tables for `rels` (adding columns they lack).
+    /// Creates the target schema and the tables for `rels` that are missing. Existing tables are
+    /// changed (columns added, keys followed) only when a batch first meets a layout: the buffer may
+    /// still hold changes made under an older one.
     pub async fn prepare(&mut self, rels: &[RelationInfo]) -> Result<(), EngineError> {
+        self.prepare_layouts(rels, false).await
+    }
+
+    async fn prepare_layouts(
+        &mut self,
+        rels: &[RelationInfo],
+        follow: bool,
+    ) -> Result<(), EngineError> {
         self.connect().await.map_err(|e| self.on_error(e))?;
         let t = self.timeout;
-        let r = pg::deadline(t, "preparing the sink tables", self.prepare_inner(rels)).await;
+        let r = pg::deadline(
+            t,
+            "preparing the sink tables",
+            self.prepare_inner(rels, follow),
+        )
+        .await;
         r.map_err(|e| self.on_error(e))
     }
 
-    async fn prepare_inner(&mut self, rels: &[RelationInfo]) -> Result<(), EngineError> {
+    async fn prepare_inner(
+        &mut self,
+        rels: &[RelationInfo],
+        follow: bool,
+    ) -> Result<(), EngineError> {
         let client = self
             .client
             .as_ref()
@@ -205,7 +225,7 @@ impl PostgresSink {
             f.claim(client, &self.schema).await?;
         }
         for rel in rels {
-            if self.ensured.contains(&rel.rel_ver) {
+            if self.ensured.contains_key(&rel.rel_ver) {
                 continue;
             }
             client
@@ -215,6 +235,22 @@ impl PostgresSink {
                     "creating sink table for {}",
                     rel.qualified()
                 )))?;
+            if !follow {
+                continue;
+            }
+            let key = key_change(client, &self.schema, rel).await?;
+            if !key.renames.is_empty() {
+                // Other layouts of the table must be checked again when met (a rename back).
+                self.ensured
+                    .retain(|_, t| *t != (rel.schema.clone(), rel.name.clone()));
+                client
+                    .batch_execute(&key.renames.join("; "))
+                    .await
+                    .map_err(EngineError::pg(format!(
+                        "renaming key columns of the sink table for {}",
+                        rel.qualified()
+                    )))?;
+            }
             for stmt in sql::add_columns(&self.schema, rel) {
                 client
                     .batch_execute(&stmt)
@@ -224,7 +260,27 @@ impl PostgresSink {
                         rel.qualified()
                     )))?;
             }
-            self.ensured.insert(rel.rel_ver);
+            if let Some(stmt) = key.new_key {
+                client.batch_execute(&stmt).await.map_err(|e| {
+                    EngineError::invalid(
+                        format!(
+                            "the sink table {} cannot take the new key of {} ({}): {}",
+                            sql::table(&self.schema, rel),
+                            rel.qualified(),
+                            rel.key_indexes()
+                                .iter()
+                                .map(|&i| rel.columns[i].as_str())
+                                .collect::<Vec<_>>()
+                                .join(", "),
+                            crate::engine::error::describe_pg(&e)
+                        ),
+                        "the sink rows lack values for the new key columns (or repeat them): fill them in the sink \
+                         table, or drop the sink table and resync the pipeline (spec.resync)",
+                    )
+                })?;
+            }
+            self.ensured
+                .insert(rel.rel_ver, (rel.schema.clone(), rel.name.clone()));
         }
         Ok(())
     }
@@ -239,11 +295,11 @@ impl PostgresSink {
             .into_iter()
             .collect::<HashSet<_>>()
             .into_iter()
-            .filter(|v| !self.ensured.contains(v))
+            .filter(|v| !self.ensured.contains_key(v))
             .filter_map(|v| rels.get(&v).cloned())
             .collect();
         if !needed.is_empty() {
-            self.prepare(&needed).await?;
+            self.prepare_layouts(&needed, true).await?;
         }
         self.connect().await.map_err(|e| self.on_error(e))
     }
@@ -262,7 +318,7 @@ impl PostgresSink {
             return self.ensure(rel_vers, rels).await;
         }
         let rel_vers: Vec<i64> = rel_vers.into_iter().collect();
-        if rel_vers.iter().all(|v| self.ensured.contains(v))
+        if rel_vers.iter().all(|v| self.ensured.contains_key(v))
             && self.client.as_ref().is_some_and(|c| !c.is_closed())
         {
             return Ok(());
@@ -273,6 +329,36 @@ impl PostgresSink {
             "a sink transaction met a new table; it is applied again from its start".into(),
         ))
     }
+}
+
+/// How the sink table's primary key must change to follow `rel`'s key (see [`rekey`]).
+async fn key_change(
+    client: &Client,
+    schema: &str,
+    rel: &RelationInfo,
+) -> Result<rekey::KeyChange, EngineError> {
+    let t = sql::table(schema, rel);
+    let what = || format!("reading the key of the sink table for {}", rel.qualified());
+    let cols: Vec<rekey::SinkColumn> = client
+        .query(rekey::COLUMNS, &[&t])
+        .await
+        .map_err(EngineError::pg(what()))?
+        .iter()
+        .map(|r| rekey::SinkColumn {
+            name: r.get(0),
+            ty: r.get(1),
+            pk_pos: r.get(2),
+        })
+        .collect();
+    let pk: Option<String> = client
+        .query_opt(
+            "SELECT conname::text FROM pg_constraint WHERE conrelid = $1::text::regclass AND contype = 'p'",
+            &[&t],
+        )
+        .await
+        .map_err(EngineError::pg(what()))?
+        .map(|r| r.get(0));
+    Ok(rekey::plan(schema, rel, &cols, pk.as_deref().unwrap_or("")))
 }
 
 /// The I/O-free part of applying batches to a PostgreSQL sink.
