@@ -258,3 +258,136 @@ async fn a_claim_waits_for_the_old_owners_transaction_then_refuses_the_next() {
         .get(0);
     assert_eq!(owner, "new");
 }
+
+/// The Iceberg sink is fenced in its SQL catalog: once a new owner has claimed the pipeline, files
+/// an old owner staged before the takeover can never be committed, and it cannot claim again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_superseded_owner_can_never_commit_an_iceberg_snapshot() {
+    use philotes::engine::sink::iceberg::{IcebergSink, catalog};
+
+    let pg = Pg::start();
+    pg.create_db("shop").await;
+    let src = pg.client("shop").await;
+    src.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let warehouse = pg.dir().join("warehouse");
+    std::fs::create_dir_all(&warehouse).unwrap();
+    let manifest = format!(
+        r#"apiVersion: v1
+kind: Secret
+metadata: {{name: db}}
+stringData: {{source: "{source}"}}
+---
+apiVersion: philotes.io/v1alpha1
+kind: CdcPipeline
+metadata: {{name: lake, uid: 5f3c6a1e-0000-4000-8000-0000000fence}}
+spec:
+  source: {{connectionSecretRef: {{name: db, key: source}}, tables: [t]}}
+  sink: {{iceberg: {{warehouse: "file://{warehouse}", namespace: cdc, commitInterval: 500ms}}}}
+  retry: {{maxAttempts: 2, initialInterval: 100ms, maxInterval: 1s}}
+  buffer: {{batchSize: 500, flushInterval: 200ms}}
+"#,
+        source = pg.uri("shop"),
+        warehouse = warehouse.display()
+    );
+    let m = philotes::standalone::parse(&manifest).unwrap();
+    let mut a = philotes::standalone::configs(&m).unwrap().remove(0).0;
+    a.owner = "replica-a".into();
+    let mut b = a.clone();
+    b.owner = "replica-b".into();
+    let SinkConfig::Iceberg(ib) = a.sink.clone() else {
+        panic!("not an Iceberg sink")
+    };
+    let reader = catalog::connect(&ib, None).await.unwrap();
+    let ident = iceberg::TableIdent::from_strs(["cdc", "t"]).unwrap();
+    // (snapshots, epoch of the current one) of cdc.t.
+    let snapshots = || {
+        let (reader, ident) = (reader.clone(), ident.clone());
+        async move {
+            use iceberg::Catalog;
+            let Ok(t) = reader.load_table(&ident).await else {
+                return (0, String::new());
+            };
+            let m = t.metadata();
+            let epoch = m
+                .current_snapshot()
+                .and_then(|s| {
+                    s.summary()
+                        .additional_properties
+                        .get("philotes.epoch")
+                        .cloned()
+                })
+                .unwrap_or_default();
+            (m.snapshots().count(), epoch)
+        }
+    };
+
+    let h1 = PipelineHandle::start(a.clone(), Arc::new(Metrics::new()));
+    wait_phase(&h1, Phase::Running).await;
+    src.batch_execute("INSERT INTO t SELECT i, 'a' FROM generate_series(1, 100) i")
+        .await
+        .unwrap();
+    let old = h1.current().epoch;
+    support::eventually("the first snapshot", WAIT, || async {
+        snapshots().await.1 == old.to_string()
+    })
+    .await;
+
+    // What replica-a still holds when it is paused: a sink with a staged, uncommitted change.
+    let mut stale = IcebergSink::connect(&ib, &a.id, &a.name, &a.owner, old, a.response_timeout)
+        .await
+        .unwrap();
+    let stale_buffer = Buffer::connect(&a.buffer, &a.id, "stale").await.unwrap();
+    let rels = stale_buffer.relations().await.unwrap();
+    let rel_ver = *rels.keys().next().unwrap();
+    let late_change = Event {
+        pos: Position {
+            lsn: u64::MAX >> 2,
+            ord: 0,
+        },
+        commit_time: 0,
+        rel_ver,
+        op: Op::Update,
+        old_key: None,
+        vals: Some(vec![Some("1".into()), Some("stale".into())]),
+        unchanged: None,
+    };
+    let batch = [late_change];
+    let prepared = <IcebergSink as Sink>::prepare(&(), &batch, &rels).unwrap();
+    stale
+        .apply_prepared(&batch, &prepared, &rels, Part::WHOLE)
+        .await
+        .unwrap();
+    assert!(stale.pending(), "the stale change is staged");
+
+    // replica-b takes over and commits under its epoch.
+    let h2 = PipelineHandle::start(b.clone(), Arc::new(Metrics::new()));
+    wait_phase(&h2, Phase::Running).await;
+    let new = h2.current().epoch;
+    assert_eq!(new, old + 1);
+    assert_eq!(
+        wait_phase(&h1, Phase::Failed).await.reason.as_deref(),
+        Some("Superseded")
+    );
+    src.batch_execute("INSERT INTO t VALUES (101, 'b')")
+        .await
+        .unwrap();
+    support::eventually("a snapshot of the new owner", WAIT, || async {
+        snapshots().await.1 == new.to_string()
+    })
+    .await;
+    let before = snapshots().await;
+
+    // The stale owner's staged files are refused at commit, and it cannot claim again.
+    let flushed = stale.flush().await;
+    assert!(
+        superseded(flushed.map(|_| ())),
+        "a superseded owner committed"
+    );
+    assert_eq!(snapshots().await, before, "the table changed");
+    let again = IcebergSink::connect(&ib, &a.id, &a.name, &a.owner, old, a.response_timeout).await;
+    assert!(matches!(again, Err(EngineError::Superseded { .. })));
+    h2.stop().await;
+    h1.stop().await;
+}

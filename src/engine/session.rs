@@ -173,7 +173,8 @@ pub(super) async fn run_session(
             AnySink::Postgres(Box::new(sink))
         }
         SinkConfig::Iceberg(ib) => {
-            let mut sink = IcebergSink::connect(ib, &cfg.id, &cfg.name, t).await?;
+            let mut sink =
+                IcebergSink::connect(ib, &cfg.id, &cfg.name, &cfg.owner, epoch, t).await?;
             pg::deadline(t, "preparing the Iceberg tables", sink.prepare(&layouts)).await?;
             AnySink::Iceberg(Box::new(sink))
         }

@@ -11,6 +11,7 @@ use iceberg_catalog_sql::{SqlBindStyle, SqlCatalog, SqlCatalogBuilder};
 use iceberg_storage_opendal::OpenDalResolvingStorageFactory;
 
 use super::error::IcebergError;
+use super::fence::CatalogFence;
 use crate::engine::config::IcebergConfig;
 
 /// The catalog name in the SQL catalog's tables (`catalog_name`); readers such as pyiceberg's
@@ -36,12 +37,19 @@ pub fn storage_props(cfg: &IcebergConfig) -> HashMap<String, String> {
 
 /// Connects to the SQL catalog (creating its tables when missing) and makes sure the namespace
 /// exists.
-pub async fn connect(cfg: &IcebergConfig) -> Result<Arc<SqlCatalog>, IcebergError> {
+/// `fence` names the writer on every catalog connection (see [`super::fence`]).
+pub async fn connect(
+    cfg: &IcebergConfig,
+    fence: Option<&CatalogFence>,
+) -> Result<Arc<SqlCatalog>, IcebergError> {
     let mut props = storage_props(cfg);
     // A pipeline commits one table at a time.
     props.insert("pool.max-connections".into(), "2".into());
     let catalog = SqlCatalogBuilder::default()
-        .uri(cfg.catalog.expose())
+        .uri(match fence {
+            Some(f) => f.uri(cfg.catalog.expose()),
+            None => cfg.catalog.expose().to_string(),
+        })
         .warehouse_location(cfg.warehouse.clone())
         .sql_bind_style(SqlBindStyle::DollarNumeric)
         .with_storage_factory(Arc::new(OpenDalResolvingStorageFactory::new()))

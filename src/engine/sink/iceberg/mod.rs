@@ -6,11 +6,13 @@
 //!   changes reach `targetFileSize`, each table with staged files gets one Iceberg snapshot (a fast
 //!   append); never one per buffer batch. A snapshot therefore holds whole source transactions.
 //! - **Exactly once.** Each snapshot's summary carries the buffer position of the last change it
-//!   holds (`philotes.position`) and the writer's owner epoch (`philotes.epoch`, 0 until epoch
-//!   fencing). On start, and after every failed commit, the sink reads each table's position from
-//!   its current snapshot and skips the changes at or before it. The processor marks the buffer
+//!   holds (`philotes.position`) and the writer's owner epoch (`philotes.epoch`). On start, and
+//!   after every failed commit, the sink reads each table's position from its current snapshot
+//!   and skips the changes at or before it. The processor marks the buffer
 //!   processed only up to what is committed ([`Sink::pending`]), so a crash between an Iceberg
 //!   commit and the processed mark redelivers changes that the tables then skip.
+//! - **Fencing.** A new owner claims the pipeline in the catalog when it connects; from then on
+//!   the catalog refuses every commit of an older epoch ([`fence`]).
 //! - **Failures.** Any failure drops everything staged (the files written stay in storage as
 //!   orphans, unreferenced) and the processor delivers again from the last committed position.
 //!   Concurrent commit conflicts are retried by iceberg-rust against the refreshed table.
@@ -20,6 +22,7 @@
 pub mod catalog;
 pub mod convert;
 pub mod error;
+pub mod fence;
 pub mod summary;
 pub mod types;
 
@@ -44,6 +47,7 @@ use parquet::basic::Compression;
 use parquet::file::properties::WriterProperties;
 
 pub use error::IcebergError;
+use fence::CatalogFence;
 
 use super::{Part, Rejected, Sink, breaker_error, breaker_trips};
 use crate::engine::config::IcebergConfig;
@@ -94,6 +98,8 @@ struct TableState {
 
 pub struct IcebergSink {
     cfg: IcebergConfig,
+    /// Commits are refused once a newer owner has claimed the pipeline.
+    fence: CatalogFence,
     pipeline_id: String,
     pipeline: String,
     timeout: Duration,
@@ -121,15 +127,30 @@ pub struct IcebergSink {
 
 impl IcebergSink {
     /// Connects to the catalog and makes sure the namespace exists.
+    /// Connects to the catalog, makes sure the namespace exists, and claims the pipeline for
+    /// `owner` at `epoch` in the catalog's fence.
     pub async fn connect(
         cfg: &IcebergConfig,
         pipeline_id: &str,
         pipeline: &str,
+        owner: &str,
+        epoch: i64,
         timeout: Duration,
     ) -> Result<Self, EngineError> {
+        let fence = CatalogFence {
+            pipeline_id: pipeline_id.to_string(),
+            owner: owner.to_string(),
+            epoch,
+        };
         let catalog = pg::deadline(timeout, "connecting to the Iceberg catalog", async {
-            Ok(catalog::connect(cfg).await?)
+            Ok(catalog::connect(cfg, Some(&fence)).await?)
         })
+        .await?;
+        pg::deadline(
+            timeout,
+            "claiming the pipeline in the Iceberg catalog",
+            fence.claim(&cfg.catalog),
+        )
         .await?;
         let props = WriterProperties::builder()
             .set_compression(Compression::SNAPPY)
@@ -138,6 +159,7 @@ impl IcebergSink {
             .build();
         Ok(Self {
             cfg: cfg.clone(),
+            fence,
             pipeline_id: pipeline_id.to_string(),
             pipeline: pipeline.to_string(),
             timeout,
@@ -512,7 +534,7 @@ impl IcebergSink {
         let mut files_total = 0usize;
         for name in names {
             let catalog = self.catalog.clone();
-            let props = summary::properties(upto, &self.pipeline_id);
+            let props = summary::properties(upto, &self.pipeline_id, self.fence.epoch);
             let Some(st) = self.tables.get_mut(&name) else {
                 continue;
             };
@@ -539,7 +561,8 @@ impl IcebergSink {
                         table.identifier()
                     )))
             })
-            .await?;
+            .await
+            .map_err(|e| self.fence.superseded(e))?;
             crate::engine::failpoint::crash_point("iceberg-after-commit");
             st.arrow = arrow_schema_of(&committed)?;
             st.table = committed;

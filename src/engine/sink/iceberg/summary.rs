@@ -1,5 +1,5 @@
 //! What an Iceberg snapshot's summary says about the buffer: the position of the last change the
-//! table holds, and the owner epoch of the writer (reserved for epoch fencing; always 0 for now).
+//! table holds, and the owner epoch of the writer.
 
 use std::collections::HashMap;
 
@@ -11,7 +11,7 @@ use crate::engine::pg;
 
 /// The buffer position of the last change in the table: `<commit lsn>:<index>` (decimal).
 pub const POSITION: &str = "philotes.position";
-/// The owner epoch of the committing writer (a later issue fences on it). Always `0` for now.
+/// The owner epoch of the committing writer (the catalog's fence refuses older ones).
 pub const EPOCH: &str = "philotes.epoch";
 /// The pipeline (its uid) that committed.
 pub const PIPELINE: &str = "philotes.pipeline";
@@ -19,10 +19,10 @@ pub const PIPELINE: &str = "philotes.pipeline";
 pub const LSN_TEXT: &str = "philotes.lsn";
 
 /// The summary properties of a commit that holds every change up to `pos`.
-pub fn properties(pos: Position, pipeline: &str) -> HashMap<String, String> {
+pub fn properties(pos: Position, pipeline: &str, epoch: i64) -> HashMap<String, String> {
     HashMap::from([
         (POSITION.to_string(), encode(pos)),
-        (EPOCH.to_string(), "0".to_string()),
+        (EPOCH.to_string(), epoch.to_string()),
         (PIPELINE.to_string(), pipeline.to_string()),
         (LSN_TEXT.to_string(), pg::lsn_text(pos.lsn)),
     ])
@@ -73,8 +73,8 @@ mod tests {
         assert_eq!(decode(&encode(p)), Some(p));
         assert_eq!(decode("12"), None);
         assert_eq!(decode("a:1"), None);
-        let props = properties(p, "uid");
-        assert_eq!(props[EPOCH], "0");
+        let props = properties(p, "uid", 3);
+        assert_eq!(props[EPOCH], "3");
         assert_eq!(props[LSN_TEXT], "1/6B3748A0");
     }
 }
