@@ -84,6 +84,23 @@ pub fn secret_refs<'a>(
         (None, Some(r)) => refs.push(&r.name),
         (None, None) => {}
     }
+    let tls = [
+        spec.source.tls.as_ref(),
+        spec.buffer.tls.as_ref(),
+        spec.sink.postgres.as_ref().and_then(|p| p.tls.as_ref()),
+        spec.sink
+            .iceberg
+            .as_ref()
+            .and_then(|i| i.catalog.sql.as_ref())
+            .and_then(|s| s.tls.as_ref()),
+    ];
+    for r in tls
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t.ca_secret_ref.as_ref())
+    {
+        refs.push(&r.name);
+    }
     refs
 }
 

@@ -40,8 +40,9 @@ pub async fn connect(cfg: &IcebergConfig) -> Result<Arc<SqlCatalog>, IcebergErro
     let mut props = storage_props(cfg);
     // A pipeline commits one table at a time.
     props.insert("pool.max-connections".into(), "2".into());
+    let uri = cfg.catalog.sqlx_uri()?;
     let catalog = SqlCatalogBuilder::default()
-        .uri(cfg.catalog.expose())
+        .uri(uri)
         .warehouse_location(cfg.warehouse.clone())
         .sql_bind_style(SqlBindStyle::DollarNumeric)
         .with_storage_factory(Arc::new(OpenDalResolvingStorageFactory::new()))
