@@ -219,6 +219,33 @@ async fn a_certificate_of_another_ca_is_refused_in_both_verify_modes() {
     assert!(pg::connect(&require, "source").await.is_ok());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_full_accepts_an_ip_address_the_certificate_names() {
+    let ca = Ca::new("philotes test CA");
+    let (crt, key) = ca.server(&["127.0.0.1"]);
+    let pg = Pg::start_tls_pem(&crt, &key);
+    pg.create_db("shop").await;
+    let ca_file = pg.dir().join("ca.crt");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let by_ip = uri(&pg, "127.0.0.1", "shop", &rootcert("verify-full", &ca_file));
+    for (what, r) in every_connection(&by_ip, pg.dir()).await {
+        assert!(r.is_ok(), "{what} with verify-full to 127.0.0.1: {r:?}");
+    }
+    // The certificate names the address, not localhost.
+    let by_name = uri(&pg, "localhost", "shop", &rootcert("verify-full", &ca_file));
+    let e = pg::connect(&by_name, "source")
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains(
+            "sslmode=verify-full: the server certificate is not valid for host name localhost"
+        ),
+        "{e}"
+    );
+}
+
 /// Indents `text` by `n` spaces, for a YAML block scalar.
 fn indent(text: &str, n: usize) -> String {
     let pad = " ".repeat(n);
