@@ -362,3 +362,22 @@ async fn cleanup(obj: Arc<CdcPipeline>, ctx: &Context) -> Result<Action, Error> 
     }
     Ok(Action::await_change())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_secrets_of_a_spec_include_its_ca_secrets() {
+        let spec: CdcPipelineSpec = serde_yaml::from_str(
+            "source: {connectionSecretRef: {name: src, key: uri}, tls: {caSecretRef: {name: src-ca, key: ca.crt}}, tables: [t]}
+sink: {postgres: {connectionSecretRef: {name: dst, key: uri}, tls: {caSecretRef: {name: dst-ca, key: ca.crt}}}}
+buffer: {tls: {caSecretRef: {name: buf-ca, key: ca.crt}}}",
+        )
+        .unwrap();
+        let refs = secret_refs(&spec, None);
+        for name in ["src", "dst", "src-ca", "dst-ca", "buf-ca"] {
+            assert!(refs.contains(&name), "{name} missing from {refs:?}");
+        }
+    }
+}
