@@ -107,9 +107,7 @@ impl Check {
             }
         }
     }
-}
 
-impl Check {
     /// `conn` with the CA of `tls` (field `{field}.tls.caSecretRef`), checked with its `sslmode`.
     fn tls(
         &mut self,
@@ -217,9 +215,14 @@ pub fn validate(
         (None, None) if spec.buffer.tls.is_some() => source.clone().map(ConnString::without_ca),
         (None, None) => source.clone(),
     };
-    let buffer = match (&spec.buffer.connection_secret_ref, &spec.buffer.tls) {
-        (None, None) => buffer,
-        (_, tls) => c.tls("spec.buffer", buffer, tls.as_ref(), secrets, ns),
+    // The source's TLS is checked already; every other buffer URI is checked here.
+    let buffer = match (
+        &spec.buffer.connection_secret_ref,
+        default_buffer,
+        &spec.buffer.tls,
+    ) {
+        (None, None, None) => buffer,
+        (_, _, tls) => c.tls("spec.buffer", buffer, tls.as_ref(), secrets, ns),
     };
     // The PostgreSQL sink's connection and schema, or the Iceberg sink's settings.
     let mut sink_schema = String::new();
@@ -843,6 +846,21 @@ mod tests {
         let errs = validate(&id(), &spec(&with_ca), &s, None).unwrap_err();
         assert_eq!(errs[0].field, "spec.source.tls.caSecretRef");
         assert!(validate(&id(), &spec(GOOD), &s, None).is_ok());
+
+        // The operator's default buffer is checked too.
+        s.insert(
+            "shared-buffer".into(),
+            BTreeMap::from([(
+                "uri".into(),
+                "postgres://u:p@buf:5432/b?sslmode=verify-full".into(),
+            )]),
+        );
+        let default = SecretKeyRef {
+            name: "shared-buffer".into(),
+            key: "uri".into(),
+        };
+        let errs = validate(&id(), &spec(GOOD), &s, Some(&default)).unwrap_err();
+        assert_eq!(errs[0].field, "spec.buffer.connectionSecretRef", "{errs:?}");
     }
 
     #[test]

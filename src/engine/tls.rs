@@ -83,6 +83,10 @@ pub enum TlsError {
         reason: String,
     },
     #[error(
+        "sslmode={mode} needs a CA certificate (sslrootcert or a caSecretRef), and none is given"
+    )]
+    NoCa { mode: &'static str },
+    #[error(
         "sslmode={mode}: cannot write the CA certificate of {ca} for the sqlx driver to {path}: {source}"
     )]
     Write {
@@ -158,9 +162,14 @@ impl TlsSettings {
                     ca: ca.to_string(),
                 })
             }
-            // Validation refuses verify-* without a CA; encrypt without checking, as libpq does
-            // without a root certificate.
-            _ => Arc::new(Unverified(provider)),
+            // Validation refuses this; never fall back to not checking.
+            (TlsMode::VerifyCa | TlsMode::VerifyFull, None) => {
+                return Err(TlsError::NoCa {
+                    mode: mode.as_str(),
+                });
+            }
+            // Encrypted, not checked, as libpq does without a root certificate.
+            (TlsMode::Prefer | TlsMode::Require, _) => Arc::new(Unverified(provider)),
         };
         Ok(Some(Arc::new(
             builder
@@ -429,6 +438,15 @@ mod tests {
                 .is_some()
         );
         assert!(with(TlsMode::VerifyCa, Some(ca)).problem("f").is_none());
+        // verify-* without a CA never connects unchecked.
+        let e = with(TlsMode::VerifyFull, None).client_config().unwrap_err();
+        assert!(e.to_string().contains("sslmode=verify-full"), "{e}");
+        assert!(
+            with(TlsMode::Disable, None)
+                .client_config()
+                .unwrap()
+                .is_none()
+        );
         assert_eq!(percent_decode("%2Ftmp%2Fa+b"), Some("/tmp/a+b".into()));
         assert_eq!(percent_encode("/tmp/a b"), "/tmp/a%20b");
         assert_eq!(percent_decode("%zz"), None);
