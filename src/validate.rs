@@ -5,11 +5,12 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
-use crate::crd::{CdcPipelineSpec, DesiredState, IcebergSinkSpec, SecretKeyRef};
+use crate::crd::{CdcPipelineSpec, DesiredState, IcebergSinkSpec, SecretKeyRef, TlsSpec};
 use crate::engine::config::{
     ConnString, Delivery, IcebergConfig, PipelineConfig, RetryPolicy, S3Config, SinkConfig,
     TableName, derived_name,
 };
+use crate::engine::tls::CaCert;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SpecError {
@@ -106,6 +107,71 @@ impl Check {
             }
         }
     }
+
+    /// `conn` with the CA of `tls` (field `{field}.tls.caSecretRef`), checked with its `sslmode`.
+    fn tls(
+        &mut self,
+        field: &str,
+        conn: Option<ConnString>,
+        tls: Option<&TlsSpec>,
+        secrets: &Secrets,
+        namespace: &str,
+    ) -> Option<ConnString> {
+        let mut conn = conn?;
+        let ca_field = format!("{field}.tls.caSecretRef");
+        if let Some(r) = tls.and_then(|t| t.ca_secret_ref.as_ref()) {
+            let pem = match secrets.get(&r.name).map(|d| d.get(&r.key)) {
+                None => {
+                    self.err(
+                        format!("{ca_field}.name"),
+                        format!("Secret {:?} not found in namespace {namespace}", r.name),
+                        format!(
+                            "create Secret {:?} with key {:?} holding the CA certificate (PEM)",
+                            r.name, r.key
+                        ),
+                    );
+                    return None;
+                }
+                Some(None) => {
+                    self.err(
+                        format!("{ca_field}.key"),
+                        format!("Secret {:?} has no key {:?}", r.name, r.key),
+                        format!("add key {:?} to the Secret, or name an existing key", r.key),
+                    );
+                    return None;
+                }
+                Some(Some(pem)) => pem,
+            };
+            if !pem.contains("-----BEGIN CERTIFICATE-----") {
+                self.err(
+                    ca_field,
+                    format!(
+                        "Secret {:?} key {:?} holds no PEM certificate",
+                        r.name, r.key
+                    ),
+                    "store the CA certificate as PEM (-----BEGIN CERTIFICATE----- ...)",
+                );
+                return None;
+            }
+            if conn.tls().ca.is_some() {
+                self.err(
+                    ca_field,
+                    "the URI names sslrootcert too, so the CA is given twice",
+                    "keep one: sslrootcert in the URI or the Secret key here",
+                );
+                return None;
+            }
+            conn = conn.with_ca(CaCert::Pem {
+                pem: pem.as_str().into(),
+                origin: format!("Secret {:?} key {:?}", r.name, r.key),
+            });
+        }
+        if let Some((problem, fix)) = conn.tls().problem(&ca_field) {
+            self.err(format!("{field}.connectionSecretRef"), problem, fix);
+            return None;
+        }
+        Some(conn)
+    }
 }
 
 fn valid_identifier(s: &str) -> bool {
@@ -119,15 +185,9 @@ fn valid_slot_name(s: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
+/// A `spec.source.tables` entry (see [`TableName::parse`]).
 pub fn parse_table(entry: &str) -> Option<TableName> {
-    let (schema, name) = match entry.split_once('.') {
-        Some((s, n)) => (s.trim(), n.trim()),
-        None => ("public", entry.trim()),
-    };
-    (valid_identifier(schema) && valid_identifier(name) && !name.contains('.')).then(|| TableName {
-        schema: schema.to_string(),
-        name: name.to_string(),
-    })
+    TableName::parse(entry)
 }
 
 /// Validates a spec. `default_buffer` is used when the spec names no buffer database and the operator
@@ -147,10 +207,22 @@ pub fn validate(
         secrets,
         ns,
     );
+    let source = c.tls("spec.source", source, spec.source.tls.as_ref(), secrets, ns);
     let buffer = match (&spec.buffer.connection_secret_ref, default_buffer) {
         (Some(r), _) => c.secret("spec.buffer.connectionSecretRef", r, secrets, ns),
         (None, Some(r)) => c.secret("operator --default-buffer-secret", r, secrets, ns),
+        // The source database, with the source's TLS unless spec.buffer.tls names its own CA.
+        (None, None) if spec.buffer.tls.is_some() => source.clone().map(ConnString::without_ca),
         (None, None) => source.clone(),
+    };
+    // The source's TLS is checked already; every other buffer URI is checked here.
+    let buffer = match (
+        &spec.buffer.connection_secret_ref,
+        default_buffer,
+        &spec.buffer.tls,
+    ) {
+        (None, None, None) => buffer,
+        (_, _, tls) => c.tls("spec.buffer", buffer, tls.as_ref(), secrets, ns),
     };
     // The PostgreSQL sink's connection and schema, or the Iceberg sink's settings.
     let mut sink_schema = String::new();
@@ -179,6 +251,7 @@ pub fn validate(
                 secrets,
                 ns,
             );
+            let conn = c.tls("spec.sink.postgres", conn, pg.tls.as_ref(), secrets, ns);
             (conn, None)
         }
         (None, Some(ib)) => (None, iceberg_sink(&mut c, ib, secrets, ns, buffer.as_ref())),
@@ -203,7 +276,10 @@ pub fn validate(
                 if let Some(other) = tables.iter().find(|o: &&TableName| o.name == tn.name) {
                     c.err(
                         format!("spec.source.tables[{i}]"),
-                        format!("{tn} and {other} would both land in sink table {}", tn.name),
+                        format!(
+                            "{tn} and {other} would both land in sink table {}",
+                            crate::engine::table_name::sql_ident(&tn.name)
+                        ),
                         "capture them in separate pipelines with different sink schemas",
                     );
                 }
@@ -212,7 +288,7 @@ pub fn validate(
             None => c.err(
                 format!("spec.source.tables[{i}]"),
                 format!("{t:?} is not a table name"),
-                "write schema.table, e.g. public.orders",
+                r#"write schema.table, e.g. public.orders; quote parts with capitals, spaces, dots or other characters as SQL does, e.g. "Sales Data"."Orders.2024" (unquoted parts fold to lower case)"#,
             ),
         }
     }
@@ -415,18 +491,19 @@ fn iceberg_sink(
     ns: &str,
     buffer: Option<&ConnString>,
 ) -> Option<IcebergConfig> {
-    let catalog = match ib
-        .catalog
-        .sql
-        .as_ref()
-        .and_then(|s| s.connection_secret_ref.as_ref())
-    {
-        Some(r) => c.secret(
-            "spec.sink.iceberg.catalog.sql.connectionSecretRef",
-            r,
-            secrets,
-            ns,
-        ),
+    let sql = ib.catalog.sql.as_ref();
+    let tls = sql.and_then(|s| s.tls.as_ref());
+    let field = "spec.sink.iceberg.catalog.sql";
+    let catalog = match sql.and_then(|s| s.connection_secret_ref.as_ref()) {
+        Some(r) => {
+            let conn = c.secret(&format!("{field}.connectionSecretRef"), r, secrets, ns);
+            c.tls(field, conn, tls, secrets, ns)
+        }
+        // The buffer database, with the buffer's TLS unless the catalog names its own CA.
+        None if tls.is_some() => {
+            let plain = buffer.cloned().map(ConnString::without_ca);
+            c.tls(field, plain, tls, secrets, ns)
+        }
         None => buffer.cloned(),
     };
     let w = ib.warehouse.trim();
@@ -714,6 +791,104 @@ mod tests {
         assert_eq!(parse_quantity("1000"), Some(1000));
         assert_eq!(parse_quantity("2G"), Some(2_000_000_000));
         assert_eq!(parse_quantity("1.5Gi"), None);
+    }
+
+    #[test]
+    fn a_ca_comes_from_the_uri_or_a_secret_key_and_must_suit_the_sslmode() {
+        let mut s = secrets();
+        let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+        s.insert("ca".into(), BTreeMap::from([("ca.crt".into(), pem.into())]));
+        s.get_mut("src").unwrap().insert(
+            "uri".into(),
+            "postgres://u:topsecret@db:5432/shop?sslmode=verify-full".into(),
+        );
+        let errs = validate(&id(), &spec(GOOD), &s, None).unwrap_err();
+        assert_eq!(errs[0].field, "spec.source.connectionSecretRef", "{errs:?}");
+        assert!(
+            errs[0].problem.contains("sslmode=verify-full"),
+            "{}",
+            errs[0]
+        );
+        assert!(
+            errs[0].fix.contains("spec.source.tls.caSecretRef"),
+            "{}",
+            errs[0]
+        );
+        assert!(!errs[0].to_string().contains("topsecret"));
+
+        // The Secret's CA; the buffer (the source database) verifies the same way.
+        let with_ca = GOOD.replace(
+            "tables:",
+            "tls: {caSecretRef: {name: ca, key: ca.crt}}, tables:",
+        );
+        let (c, _) = validate(&id(), &spec(&with_ca), &s, None).unwrap();
+        assert!(c.source.tls().ca.is_some() && c.buffer.tls().ca.is_some());
+        assert_eq!(
+            c.source.to_string(),
+            "postgres://db:5432/shop?sslmode=verify-full"
+        );
+
+        // A CA that sslmode (prefer, the default) would not use; a missing key; a CA given twice.
+        let sink_ca = with_ca.replace(
+            "schema: replica",
+            "schema: replica, tls: {caSecretRef: {name: ca, key: ca.crt}}",
+        );
+        let errs = validate(&id(), &spec(&sink_ca), &s, None).unwrap_err();
+        assert_eq!(errs[0].field, "spec.sink.postgres.connectionSecretRef");
+        assert!(errs[0].fix.contains("sslmode=verify-full"), "{}", errs[0]);
+        let no_key = with_ca.replace("key: ca.crt", "key: nope");
+        let errs = validate(&id(), &spec(&no_key), &s, None).unwrap_err();
+        assert_eq!(errs[0].field, "spec.source.tls.caSecretRef.key");
+        s.get_mut("src").unwrap().insert(
+            "uri".into(),
+            "postgres://u:topsecret@db:5432/shop?sslmode=verify-ca&sslrootcert=/etc/ca.crt".into(),
+        );
+        let errs = validate(&id(), &spec(&with_ca), &s, None).unwrap_err();
+        assert_eq!(errs[0].field, "spec.source.tls.caSecretRef");
+        assert!(validate(&id(), &spec(GOOD), &s, None).is_ok());
+
+        // The operator's default buffer is checked too.
+        s.insert(
+            "shared-buffer".into(),
+            BTreeMap::from([(
+                "uri".into(),
+                "postgres://u:p@buf:5432/b?sslmode=verify-full".into(),
+            )]),
+        );
+        let default = SecretKeyRef {
+            name: "shared-buffer".into(),
+            key: "uri".into(),
+        };
+        let errs = validate(&id(), &spec(GOOD), &s, Some(&default)).unwrap_err();
+        assert_eq!(errs[0].field, "spec.buffer.connectionSecretRef", "{errs:?}");
+    }
+
+    #[test]
+    fn quoted_table_names_are_parsed_and_named_as_sql_writes_them() {
+        let quoted = GOOD.replace(
+            "tables: [public.orders, customers]",
+            r#"tables: ['"Sales Data"."Orders.2024"', 'Shop.Orders', '"Sales Data"."Orders.2024"', '"Bad']"#,
+        );
+        let errs = validate(&id(), &spec(&quoted), &secrets(), None).unwrap_err();
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert_eq!(errs[0].field, "spec.source.tables[2]");
+        assert_eq!(
+            errs[0].problem,
+            r#""Sales Data"."Orders.2024" is listed twice"#
+        );
+        assert_eq!(errs[1].field, "spec.source.tables[3]");
+        assert!(
+            errs[1].fix.contains(r#""Sales Data"."Orders.2024""#),
+            "{}",
+            errs[1]
+        );
+        let ok = quoted.replace(r#", '"Sales Data"."Orders.2024"', '"Bad'"#, "");
+        let (c, _) = validate(&id(), &spec(&ok), &secrets(), None).unwrap();
+        assert_eq!(
+            (c.tables[0].schema.as_str(), c.tables[0].name.as_str()),
+            ("Sales Data", "Orders.2024")
+        );
+        assert_eq!(c.tables[1].to_string(), "shop.orders");
     }
 
     #[test]

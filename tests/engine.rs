@@ -580,3 +580,70 @@ async fn inserts_of_keys_the_sink_has_already_are_upserts() {
     wait_same(&src, "t", &dst, "replica.t", "id", WAIT).await;
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quoted_table_names_are_read_as_postgres_writes_them() {
+    // Quoted parts keep case, spaces, dots and quotes; an unquoted part folds to lower case.
+    let pg = Pg::start();
+    let (src, dst) = setup(&pg).await;
+    src.batch_execute(
+        r#"CREATE SCHEMA "Sales Data";
+           CREATE TABLE "Sales Data"."Orders.2024" ("Id" int PRIMARY KEY, "Note" text);
+           INSERT INTO "Sales Data"."Orders.2024" SELECT i, 'copied ' || i FROM generate_series(1, 200) i;
+           CREATE TABLE "Say ""hi""" (id int PRIMARY KEY, v text);
+           INSERT INTO "Say ""hi""" VALUES (1, 'copied');
+           CREATE TABLE mixed (id int PRIMARY KEY);
+           INSERT INTO mixed VALUES (1);"#,
+    )
+    .await
+    .unwrap();
+    let h = PipelineHandle::start(
+        config(
+            "quoted",
+            &pg.uri("shop"),
+            &pg.uri("warehouse"),
+            &[
+                r#"'"Sales Data"."Orders.2024"'"#,
+                r#"'"Say ""hi"""'"#,
+                "Mixed",
+            ],
+            FAST,
+        ),
+        Arc::new(Metrics::new()),
+    );
+    wait_phase(&h, Phase::Running).await;
+    let orders = r#""Sales Data"."Orders.2024""#;
+    let sink_orders = r#"replica."Orders.2024""#;
+    wait_same(&src, orders, &dst, sink_orders, r#""Id""#, WAIT).await;
+    wait_same(
+        &src,
+        r#""Say ""hi""""#,
+        &dst,
+        r#"replica."Say ""hi""""#,
+        "id",
+        WAIT,
+    )
+    .await;
+    src.batch_execute(
+        r#"INSERT INTO "Sales Data"."Orders.2024" SELECT i, 'streamed ' || i FROM generate_series(201, 300) i;
+           UPDATE "Sales Data"."Orders.2024" SET "Note" = 'updated' WHERE "Id" % 7 = 0;
+           DELETE FROM "Sales Data"."Orders.2024" WHERE "Id" BETWEEN 50 AND 60;
+           INSERT INTO "Say ""hi""" VALUES (2, 'streamed');
+           INSERT INTO mixed VALUES (2);"#,
+    )
+    .await
+    .unwrap();
+    wait_same(&src, orders, &dst, sink_orders, r#""Id""#, WAIT).await;
+    wait_same(
+        &src,
+        r#""Say ""hi""""#,
+        &dst,
+        r#"replica."Say ""hi""""#,
+        "id",
+        WAIT,
+    )
+    .await;
+    wait_same(&src, "mixed", &dst, "replica.mixed", "id", WAIT).await;
+    assert_eq!(count(&dst, sink_orders).await, 289);
+    h.stop().await;
+}

@@ -77,12 +77,28 @@ pub struct SecretKeyRef {
     pub key: String,
 }
 
+/// TLS of a database connection beyond what its URI says (`sslmode` stays in the URI).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// Secret key holding the PEM of the CA certificate(s) that signed the server's certificate:
+    /// what `sslrootcert` names in a URI. Needs `sslmode=verify-ca`, `verify-full` or `require`
+    /// (which then checks as `verify-ca`) in the URI, and no `sslrootcert` there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretKeyRef>,
+}
+
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SourceSpec {
     /// Secret key holding a connection URI `postgres://user:password@host:port/database`.
     pub connection_secret_ref: SecretKeyRef,
-    /// Tables to capture, as `schema.table` (or `table` for `public`). Each needs a primary key.
+    /// TLS of the source connections (the CA to verify the server with).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
+    /// Tables to capture, as `schema.table` (or `table` for `public`), each part written as in SQL:
+    /// unquoted parts fold to lower case, `"Sales Data"."Orders.2024"` keeps case, dots and spaces
+    /// (`""` is a quote). Each needs a primary key.
     #[schemars(length(min = 1))]
     pub tables: Vec<String>,
     /// Copy the rows the tables hold when the pipeline creates its slot, before streaming changes
@@ -172,6 +188,9 @@ pub struct SqlCatalogSpec {
     /// (`iceberg_tables`, `iceberg_namespace_properties`); default: the buffer database.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connection_secret_ref: Option<SecretKeyRef>,
+    /// TLS of the catalog connection; default: the buffer's when the catalog is the buffer database.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, JsonSchema)]
@@ -198,6 +217,9 @@ fn default_s3_region() -> String {
 #[serde(rename_all = "camelCase")]
 pub struct PostgresSinkSpec {
     pub connection_secret_ref: SecretKeyRef,
+    /// TLS of the sink connections (the CA to verify the server with).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
     /// Target schema; tables are created there with the source's columns and primary key.
     #[serde(default = "default_sink_schema")]
     pub schema: String,
@@ -213,6 +235,9 @@ pub struct BufferSpec {
     /// Database holding the `philotes` schema; default: the source database.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connection_secret_ref: Option<SecretKeyRef>,
+    /// TLS of the buffer connections; default: the source's when the buffer is the source database.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
     #[serde(default = "default_batch_size")]
     pub batch_size: u32,
     #[serde(default = "default_flush_interval")]
@@ -226,6 +251,7 @@ impl Default for BufferSpec {
     fn default() -> Self {
         Self {
             connection_secret_ref: None,
+            tls: None,
             batch_size: default_batch_size(),
             flush_interval: default_flush_interval(),
             retention: default_retention(),

@@ -23,7 +23,7 @@ pub async fn migrate(uri: &ConnString) -> Result<(), EngineError> {
     use std::str::FromStr;
     let target = uri.to_string();
     let err = move |e: sqlx::Error| EngineError::Migrate(format!("buffer database {target}: {e}"));
-    let opts = sqlx::postgres::PgConnectOptions::from_str(uri.expose())
+    let opts = sqlx::postgres::PgConnectOptions::from_str(&uri.sqlx_uri()?)
         .map_err(err.clone())?
         .options([("search_path", "philotes")])
         .application_name("philotes-migrate")

@@ -3,17 +3,24 @@
 use std::fmt;
 use std::time::Duration;
 
+use tokio_postgres::config::SslMode;
+
+use super::tls::{CaCert, TlsError, TlsMode, TlsSettings, percent_decode};
+
 /// A PostgreSQL connection URI. It holds a password, so it never prints: `Debug` and `Display` show
-/// only host, port and database.
+/// only host, port and database (and `sslmode` when it verifies).
 #[derive(Clone, PartialEq, Eq)]
 pub struct ConnString {
+    /// The URI without `sslmode` and `sslrootcert`: [`ConnString::tls`] holds them.
     uri: String,
     config: tokio_postgres::Config,
+    tls: TlsSettings,
 }
 
 impl ConnString {
     pub fn parse(uri: &str) -> Result<Self, String> {
-        let config: tokio_postgres::Config = uri
+        let (uri, tls) = split_tls(uri)?;
+        let mut config: tokio_postgres::Config = uri
             .parse()
             .map_err(|e| format!("not a valid postgres:// URI ({e})"))?;
         if config.get_hosts().is_empty() {
@@ -25,10 +32,37 @@ impl ConnString {
         if config.get_dbname().is_none() {
             return Err("the URI names no database".into());
         }
-        Ok(Self {
-            uri: uri.to_string(),
-            config,
-        })
+        // tokio-postgres negotiates TLS; the verifier of [`TlsSettings::client_config`] checks.
+        config.ssl_mode(match tls.mode {
+            TlsMode::Disable => SslMode::Disable,
+            TlsMode::Prefer => SslMode::Prefer,
+            _ => SslMode::Require,
+        });
+        Ok(Self { uri, config, tls })
+    }
+
+    pub fn tls(&self) -> &TlsSettings {
+        &self.tls
+    }
+
+    /// The same URI with the CA from a Secret key (replacing none: validation refuses a CA given
+    /// both ways).
+    pub fn with_ca(mut self, ca: CaCert) -> Self {
+        self.tls.ca = Some(ca);
+        self
+    }
+
+    /// The same URI without a CA: for a database that defaults to another's but names its own CA.
+    pub fn without_ca(mut self) -> Self {
+        self.tls.ca = None;
+        self
+    }
+
+    /// The URI for the sqlx drivers (buffer migrations, the Iceberg SQL catalog): `sslmode` as
+    /// connections use it and `sslrootcert` a file.
+    pub fn sqlx_uri(&self) -> Result<String, TlsError> {
+        let sep = if self.uri.contains('?') { '&' } else { '?' };
+        Ok(format!("{}{sep}{}", self.uri, self.tls.sqlx_params()?))
     }
 
     pub fn config(&self) -> &tokio_postgres::Config {
@@ -46,11 +80,6 @@ impl ConnString {
     pub fn with_connect_timeout(mut self, d: Duration) -> Self {
         self.config.connect_timeout(d);
         self
-    }
-
-    /// The full URI, for connecting only.
-    pub fn expose(&self) -> &str {
-        &self.uri
     }
 
     pub fn host(&self) -> String {
@@ -81,17 +110,19 @@ impl ConnString {
         self.config.get_dbname().unwrap_or_default()
     }
 
-    /// TLS for the replication connection, as `sslmode` asks (encrypted, certificate not verified,
-    /// as libpq does without a root certificate).
-    pub fn replication_tls(&self) -> pgwire_replication::TlsConfig {
-        use tokio_postgres::config::SslMode;
+    /// TLS for the replication connection: the same rustls configuration as the others.
+    pub fn replication_tls(&self) -> Result<pgwire_replication::TlsConfig, TlsError> {
         let mut tls = pgwire_replication::TlsConfig::disabled();
-        tls.mode = match self.config.get_ssl_mode() {
-            SslMode::Disable => pgwire_replication::SslMode::Disable,
-            SslMode::Require => pgwire_replication::SslMode::Require,
-            _ => pgwire_replication::SslMode::Prefer,
+        tls.mode = match self.tls.effective() {
+            TlsMode::Disable => pgwire_replication::SslMode::Disable,
+            TlsMode::Prefer => pgwire_replication::SslMode::Prefer,
+            _ => pgwire_replication::SslMode::Require,
         };
-        tls
+        tls.rustls_config = self
+            .tls
+            .client_config()?
+            .map(pgwire_replication::RustlsClientConfig);
+        Ok(tls)
     }
 
     /// A replication session on this database for `slot` and `publication`.
@@ -100,8 +131,8 @@ impl ConnString {
         slot: &str,
         publication: &str,
         application: &str,
-    ) -> pgwire_replication::ReplicationConfig {
-        pgwire_replication::ReplicationConfig::new(
+    ) -> Result<pgwire_replication::ReplicationConfig, TlsError> {
+        Ok(pgwire_replication::ReplicationConfig::new(
             self.host(),
             self.user(),
             self.password(),
@@ -110,9 +141,9 @@ impl ConnString {
             publication,
         )
         .with_port(self.port())
-        .with_tls(self.replication_tls())
+        .with_tls(self.replication_tls()?)
         .with_options(super::pg::session_options(self.config.get_options()))
-        .with_application_name(application)
+        .with_application_name(application))
     }
 
     /// Whether two URIs point at the same database (same host, port and database name).
@@ -137,22 +168,48 @@ impl fmt::Display for ConnString {
             self.host(),
             self.port(),
             self.dbname()
-        )
+        )?;
+        match self.tls.effective() {
+            m if m.verifies() => write!(f, "?sslmode={}", m.as_str()),
+            _ => Ok(()),
+        }
     }
 }
 
-/// `schema.table` of a captured source table.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TableName {
-    pub schema: String,
-    pub name: String,
+/// Takes `sslmode` and `sslrootcert` out of a `postgres://` URI's query (tokio-postgres knows
+/// neither verify mode nor the root certificate); the rest stays as written.
+fn split_tls(uri: &str) -> Result<(String, TlsSettings), String> {
+    let mut tls = TlsSettings::default();
+    let is_url = uri.starts_with("postgres://") || uri.starts_with("postgresql://");
+    let Some((base, query)) = uri.split_once('?').filter(|_| is_url) else {
+        return Ok((uri.to_string(), tls));
+    };
+    let mut kept = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = || {
+            percent_decode(value)
+                .ok_or_else(|| format!("the URI's {key} is not valid percent-encoded text"))
+        };
+        match key {
+            "sslmode" => {
+                let v = value()?;
+                tls.mode = TlsMode::parse(&v).ok_or_else(|| {
+                    format!("sslmode {v:?} is not one of disable, prefer, require, verify-ca, verify-full")
+                })?;
+            }
+            "sslrootcert" => tls.ca = Some(CaCert::File(value()?.into())),
+            _ => kept.push(pair),
+        }
+    }
+    let uri = match kept.is_empty() {
+        true => base.to_string(),
+        false => format!("{base}?{}", kept.join("&")),
+    };
+    Ok((uri, tls))
 }
 
-impl fmt::Display for TableName {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.schema, self.name)
-    }
-}
+pub use super::table_name::TableName;
 
 /// Where the pipeline delivers.
 #[derive(Debug, Clone, PartialEq)]
@@ -297,6 +354,34 @@ mod tests {
         assert_eq!(c.user(), "app");
         assert!(ConnString::parse("postgres://app@/x").is_err());
         assert!(ConnString::parse("nonsense").is_err());
+    }
+
+    #[test]
+    fn sslmode_and_sslrootcert_are_taken_out_of_the_uri() {
+        let c = ConnString::parse(
+            "postgres://app:s3cret@db:5432/shop?application_name=x&sslmode=verify-full&sslrootcert=%2Fetc%2Fca%201.crt",
+        )
+        .unwrap();
+        assert_eq!(c.tls().mode, TlsMode::VerifyFull);
+        assert_eq!(c.tls().ca, Some(CaCert::File("/etc/ca 1.crt".into())));
+        assert_eq!(c.to_string(), "postgres://db:5432/shop?sslmode=verify-full");
+        assert_eq!(
+            c.sqlx_uri().unwrap(),
+            "postgres://app:s3cret@db:5432/shop?application_name=x&sslmode=verify-full&sslrootcert=/etc/ca%201.crt"
+        );
+        assert_eq!(c.config().get_ssl_mode(), SslMode::Require);
+        let plain = ConnString::parse("postgres://app:pw@db/shop").unwrap();
+        assert_eq!(plain.tls().mode, TlsMode::Prefer);
+        assert_eq!(plain.to_string(), "postgres://db:5432/shop");
+        assert_eq!(
+            plain.sqlx_uri().unwrap(),
+            "postgres://app:pw@db/shop?sslmode=prefer"
+        );
+        let err = ConnString::parse("postgres://app:s3cret@db/shop?sslmode=verify").unwrap_err();
+        assert!(
+            err.contains("verify-full") && !err.contains("s3cret"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -44,6 +44,9 @@ pub enum EngineError {
     },
     #[error("buffer migrations: {0}")]
     Migrate(String),
+    /// The CA certificate cannot be used (unreadable, not PEM): a person must fix it.
+    #[error("{0}")]
+    Tls(#[from] crate::engine::tls::TlsError),
     #[error("pgoutput: {0}")]
     Decode(#[from] crate::engine::source::pgoutput::DecodeError),
     /// A database owed an answer for too long: the connection counts as dead.
@@ -117,6 +120,7 @@ impl EngineError {
             EngineError::Decode(_) => ErrorClass::Config,
             EngineError::Protocol(_) => ErrorClass::Transient,
             EngineError::Invalid { .. }
+            | EngineError::Tls(_)
             | EngineError::SlotLost { .. }
             | EngineError::Superseded { .. } => ErrorClass::Config,
             EngineError::Iceberg(e) => e.class(),

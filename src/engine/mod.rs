@@ -21,6 +21,8 @@ pub mod sink;
 pub mod snapshot;
 pub mod source;
 pub mod state;
+pub mod table_name;
+pub mod tls;
 mod worker;
 
 pub use self::handle::PipelineHandle;

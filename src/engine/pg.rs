@@ -4,10 +4,6 @@ use std::time::Duration;
 
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{DigitallySignedStruct, SignatureScheme};
-use tokio_postgres::config::SslMode;
 use tokio_postgres::{Client, NoTls};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
@@ -71,20 +67,23 @@ async fn connect_once(uri: &ConnString, purpose: &str) -> Result<Client, EngineE
         // Unacknowledged data this long: the peer is gone (a pulled cable, a crashed host).
         .tcp_user_timeout(Duration::from_secs(30));
     let context = format!("connecting to {purpose} database {uri}");
-    let client = if config.get_ssl_mode() == SslMode::Disable {
-        let (client, connection) = config
-            .connect(NoTls)
-            .await
-            .map_err(EngineError::pg(context))?;
-        tokio::spawn(drive(connection));
-        client
-    } else {
-        let (client, connection) = config
-            .connect(tls_connector())
-            .await
-            .map_err(EngineError::pg(context))?;
-        tokio::spawn(drive(connection));
-        client
+    let client = match uri.tls().client_config()? {
+        None => {
+            let (client, connection) = config
+                .connect(NoTls)
+                .await
+                .map_err(EngineError::pg(context))?;
+            tokio::spawn(drive(connection));
+            client
+        }
+        Some(tls) => {
+            let (client, connection) = config
+                .connect(MakeRustlsConnect::new(Arc::unwrap_or_clone(tls)))
+                .await
+                .map_err(EngineError::pg(context))?;
+            tokio::spawn(drive(connection));
+            client
+        }
     };
     Ok(client)
 }
@@ -92,74 +91,6 @@ async fn connect_once(uri: &ConnString, purpose: &str) -> Result<Client, EngineE
 async fn drive<F: std::future::Future<Output = Result<(), tokio_postgres::Error>>>(connection: F) {
     if let Err(e) = connection.await {
         tracing::debug!(error = %e, "postgres connection ended");
-    }
-}
-
-/// TLS as libpq does it for `sslmode=prefer` and `require` without a root certificate: the
-/// connection is encrypted, the server certificate is not verified.
-fn tls_connector() -> MakeRustlsConnect {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map(|b| {
-            b.dangerous()
-                .with_custom_certificate_verifier(Arc::new(Unverified(provider)))
-                .with_no_client_auth()
-        })
-        .unwrap_or_else(|_| {
-            rustls::ClientConfig::builder()
-                .with_root_certificates(rustls::RootCertStore::empty())
-                .with_no_client_auth()
-        });
-    MakeRustlsConnect::new(config)
-}
-
-/// Accepts any server certificate but still checks the handshake signatures.
-#[derive(Debug)]
-struct Unverified(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for Unverified {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
     }
 }
 

@@ -158,7 +158,7 @@ pub async fn run(
     };
     let replication = cfg
         .source
-        .replication(&cfg.slot, &cfg.publication, "philotes-snapshot");
+        .replication(&cfg.slot, &cfg.publication, "philotes-snapshot")?;
     let mut session = ReplicationClient::connect_gated(replication)
         .await
         .map_err(wire("opening a replication session for the snapshot"))?;

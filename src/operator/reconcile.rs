@@ -84,6 +84,23 @@ pub fn secret_refs<'a>(
         (None, Some(r)) => refs.push(&r.name),
         (None, None) => {}
     }
+    let tls = [
+        spec.source.tls.as_ref(),
+        spec.buffer.tls.as_ref(),
+        spec.sink.postgres.as_ref().and_then(|p| p.tls.as_ref()),
+        spec.sink
+            .iceberg
+            .as_ref()
+            .and_then(|i| i.catalog.sql.as_ref())
+            .and_then(|s| s.tls.as_ref()),
+    ];
+    for r in tls
+        .into_iter()
+        .flatten()
+        .filter_map(|t| t.ca_secret_ref.as_ref())
+    {
+        refs.push(&r.name);
+    }
     refs
 }
 
@@ -344,4 +361,23 @@ async fn cleanup(obj: Arc<CdcPipeline>, ctx: &Context) -> Result<Action, Error> 
         }
     }
     Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_secrets_of_a_spec_include_its_ca_secrets() {
+        let spec: CdcPipelineSpec = serde_yaml::from_str(
+            "source: {connectionSecretRef: {name: src, key: uri}, tls: {caSecretRef: {name: src-ca, key: ca.crt}}, tables: [t]}
+sink: {postgres: {connectionSecretRef: {name: dst, key: uri}, tls: {caSecretRef: {name: dst-ca, key: ca.crt}}}}
+buffer: {tls: {caSecretRef: {name: buf-ca, key: ca.crt}}}",
+        )
+        .unwrap();
+        let refs = secret_refs(&spec, None);
+        for name in ["src", "dst", "src-ca", "dst-ca", "buf-ca"] {
+            assert!(refs.contains(&name), "{name} missing from {refs:?}");
+        }
+    }
 }

@@ -24,6 +24,8 @@ pub struct Options {
     pub logical: bool,
     /// `ssl = on`, with a self-signed certificate made by `openssl` (which must be installed).
     pub tls: bool,
+    /// `ssl = on` with this certificate chain and key (PEM) instead of openssl's self-signed one.
+    pub tls_pem: Option<(String, String)>,
     /// `fsync = off` and `full_page_writes = off`: fast, and unsafe if the machine crashes. For tests,
     /// never for measurements.
     pub unsafe_durability: bool,
@@ -41,6 +43,7 @@ impl Default for Options {
             password: "philotes-pw".into(),
             logical: true,
             tls: false,
+            tls_pem: None,
             unsafe_durability: false,
             conf: String::new(),
             keep: false,
@@ -157,7 +160,10 @@ impl Cluster {
         if opts.unsafe_durability {
             conf.push_str("fsync = off\nfull_page_writes = off\n");
         }
-        if opts.tls {
+        if let Some((crt, key)) = &opts.tls_pem {
+            c.write_certificate(crt, key)?;
+            conf.push_str("ssl = on\n");
+        } else if opts.tls {
             c.make_certificate()?;
             conf.push_str("ssl = on\n");
         }
@@ -197,10 +203,24 @@ impl Cluster {
         if !out.status.success() {
             bail!("openssl: {}", String::from_utf8_lossy(&out.stderr));
         }
+        self.protect_key(&key, &crt)
+    }
+
+    /// Writes `crt` and `key` (PEM) as server.crt and server.key in the data directory.
+    fn write_certificate(&self, crt: &str, key: &str) -> anyhow::Result<()> {
+        let data = self.data();
+        let (key_path, crt_path) = (data.join("server.key"), data.join("server.crt"));
+        std::fs::write(&crt_path, crt)?;
+        std::fs::write(&key_path, key)?;
+        self.protect_key(&key_path, &crt_path)
+    }
+
+    /// The server's key readable by the server's user only, as PostgreSQL demands.
+    fn protect_key(&self, key: &Path, crt: &Path) -> anyhow::Result<()> {
         if self.as_postgres {
-            self.chown(&[], &[&key, &crt])?;
+            self.chown(&[], &[key, crt])?;
         }
-        let ok = Command::new("chmod").arg("600").arg(&key).status()?;
+        let ok = Command::new("chmod").arg("600").arg(key).status()?;
         if !ok.success() {
             bail!("chmod 600 {} failed", key.display());
         }

@@ -33,17 +33,27 @@ impl Pg {
         Self::start_with(true, "")
     }
 
+    /// A cluster with `ssl = on` and this certificate chain and key (PEM).
+    pub fn start_tls_pem(crt: &str, key: &str) -> Pg {
+        Self::start_opts(false, Some((crt.into(), key.into())), "")
+    }
+
     /// A cluster with `extra` appended to its postgresql.conf.
     pub fn start_conf(extra: &str) -> Pg {
         Self::start_with(false, extra)
     }
 
     fn start_with(tls: bool, extra: &str) -> Pg {
+        Self::start_opts(tls, None, extra)
+    }
+
+    fn start_opts(tls: bool, tls_pem: Option<(String, String)>, extra: &str) -> Pg {
         let cluster = Cluster::start(&Options {
             name: "pg".into(),
             password: PASSWORD.into(),
             logical: true,
             tls,
+            tls_pem,
             unsafe_durability: true,
             conf: format!("{CONF}{extra}\n"),
             keep: false,

@@ -26,6 +26,7 @@ impl Cluster {
             password: PASSWORD.into(),
             logical,
             tls: false,
+            tls_pem: None,
             unsafe_durability: false,
             conf,
             keep,

@@ -273,7 +273,10 @@ pub async fn ensure_publication(
                     .any(|t| t.schema == r.get::<_, String>(0) && t.name == r.get::<_, String>(1))
                     && (r.get::<_, bool>(2) || r.get::<_, bool>(3))
             }) {
-                let t = format!("{}.{}", r.get::<_, String>(0), r.get::<_, String>(1));
+                let t = TableName {
+                    schema: r.get(0),
+                    name: r.get(1),
+                };
                 return Err(EngineError::invalid(
                     format!(
                         "spec.source.publication: publication {name} has a row filter or column list for table {t}; Philotes copies and replicates whole tables"

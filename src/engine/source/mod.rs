@@ -23,7 +23,7 @@ use self::pgoutput::{ChangeKind, Col, Message};
 use super::Shared;
 use super::backpressure::Watermarks;
 use super::buffer::{Buffer, CopyRows};
-use super::config::PipelineConfig;
+use super::config::{PipelineConfig, TableName};
 use super::error::EngineError;
 use super::event::{Op, Position, RelationInfo};
 use super::pg;
@@ -193,10 +193,11 @@ async fn write_batches(
 }
 
 impl Reader {
-    fn replication_config(&self, start: u64) -> ReplicationConfig {
-        self.cfg
+    fn replication_config(&self, start: u64) -> Result<ReplicationConfig, EngineError> {
+        Ok(self
+            .cfg
             .source
-            .replication(&self.cfg.slot, &self.cfg.publication, "philotes-reader")
+            .replication(&self.cfg.slot, &self.cfg.publication, "philotes-reader")?
             .with_start_lsn(Lsn(start))
             .with_ack_lsn(Lsn(start))
             .with_status_interval(Duration::from_millis(500))
@@ -205,7 +206,7 @@ impl Reader {
             .with_wakeup_interval((self.cfg.response_timeout / 4).max(Duration::from_millis(250)))
             .with_server_timeout(self.cfg.response_timeout)
             .with_buffer_size(16384)
-            .with_buffer_bytes(REPLICATION_BUFFER_BYTES)
+            .with_buffer_bytes(REPLICATION_BUFFER_BYTES))
     }
 
     pub async fn run(self, start: u64) -> Result<(), EngineError> {
@@ -213,8 +214,9 @@ impl Reader {
             "starting replication from slot {} on {}",
             self.cfg.slot, self.cfg.source
         );
+        let config = self.replication_config(start)?;
         let connect = async {
-            ReplicationClient::connect(self.replication_config(start))
+            ReplicationClient::connect(config)
                 .await
                 .map_err(|source| EngineError::Replication {
                     context: what.clone(),
@@ -578,8 +580,14 @@ impl Decoder {
                 }
                 let key = info.key_indexes();
                 if key.is_empty() {
-                    let (problem, fix) =
-                        catalog::no_key(&format!("{}.{}", r.namespace, r.name), r.replica_identity);
+                    let (problem, fix) = catalog::no_key(
+                        &TableName {
+                            schema: r.namespace.clone(),
+                            name: r.name.clone(),
+                        }
+                        .to_string(),
+                        r.replica_identity,
+                    );
                     return Err(EngineError::invalid(
                         format!("spec.source.tables: {problem}"),
                         fix,

@@ -93,7 +93,28 @@ pub struct TlsConfig {
     /// Must be paired with `client_cert_pem_path`.
     /// Supports PKCS#8, PKCS#1 (RSA), and SEC1 (EC) formats.
     pub client_key_pem_path: Option<PathBuf>,
+
+    /// A rustls client configuration used as it is (Philotes addition): its verifier decides what
+    /// is checked, and `mode` only says whether TLS may be skipped (`Prefer`) or not. The CA, SNI and
+    /// client certificate fields above are then ignored.
+    #[cfg(feature = "tls-rustls")]
+    pub rustls_config: Option<RustlsClientConfig>,
 }
+
+/// A shared rustls client configuration; equal when it is the same one.
+#[cfg(feature = "tls-rustls")]
+#[derive(Debug, Clone)]
+pub struct RustlsClientConfig(pub std::sync::Arc<rustls::ClientConfig>);
+
+#[cfg(feature = "tls-rustls")]
+impl PartialEq for RustlsClientConfig {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+#[cfg(feature = "tls-rustls")]
+impl Eq for RustlsClientConfig {}
 
 impl TlsConfig {
     /// Create a configuration with TLS disabled.

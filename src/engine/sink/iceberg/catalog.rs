@@ -36,8 +36,7 @@ pub fn storage_props(cfg: &IcebergConfig) -> HashMap<String, String> {
 }
 
 /// Connects to the SQL catalog (creating its tables when missing) and makes sure the namespace
-/// exists.
-/// `fence` names the writer on every catalog connection (see [`super::fence`]).
+/// exists. `fence` names the writer on every catalog connection (see [`super::fence`]).
 pub async fn connect(
     cfg: &IcebergConfig,
     fence: Option<&CatalogFence>,
@@ -45,10 +44,11 @@ pub async fn connect(
     let mut props = storage_props(cfg);
     // A pipeline commits one table at a time.
     props.insert("pool.max-connections".into(), "2".into());
+    let uri = cfg.catalog.sqlx_uri()?;
     let catalog = SqlCatalogBuilder::default()
         .uri(match fence {
-            Some(f) => f.uri(cfg.catalog.expose()),
-            None => cfg.catalog.expose().to_string(),
+            Some(f) => f.uri(&uri),
+            None => uri,
         })
         .warehouse_location(cfg.warehouse.clone())
         .sql_bind_style(SqlBindStyle::DollarNumeric)

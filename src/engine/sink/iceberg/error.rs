@@ -32,6 +32,9 @@ pub enum IcebergError {
         #[source]
         source: arrow_schema::ArrowError,
     },
+    /// The catalog's CA certificate cannot be used.
+    #[error("the Iceberg SQL catalog's TLS: {0}")]
+    Tls(#[from] crate::engine::tls::TlsError),
     /// The snapshot summary holds a position the sink cannot read.
     #[error("table {table}: snapshot summary {key} = {value:?} is not a position")]
     Summary {
@@ -54,7 +57,9 @@ impl IcebergError {
         match self {
             IcebergError::Iceberg { source, .. } => classify(source),
             IcebergError::Value { .. } => ErrorClass::Data,
-            IcebergError::Schema { .. } | IcebergError::Summary { .. } => ErrorClass::Config,
+            IcebergError::Schema { .. } | IcebergError::Summary { .. } | IcebergError::Tls(_) => {
+                ErrorClass::Config
+            }
             IcebergError::Arrow { .. } => ErrorClass::Transient,
         }
     }

@@ -189,15 +189,23 @@ pub async fn maybe_upgrade_to_tls(
         };
     }
 
-    // Determine verification requirements based on SSL mode
-    let verify_chain = matches!(tls.mode, SslMode::VerifyCa | SslMode::VerifyFull);
-    let verify_hostname = matches!(tls.mode, SslMode::VerifyFull);
-
-    let cfg = build_rustls_config(tls, verify_chain, verify_hostname, host)?;
-    let connector = TlsConnector::from(Arc::new(cfg));
+    let connector = match &tls.rustls_config {
+        // Philotes addition: the caller's configuration, as it is.
+        Some(given) => TlsConnector::from(given.0.clone()),
+        None => {
+            // Determine verification requirements based on SSL mode
+            let verify_chain = matches!(tls.mode, SslMode::VerifyCa | SslMode::VerifyFull);
+            let verify_hostname = matches!(tls.mode, SslMode::VerifyFull);
+            let cfg = build_rustls_config(tls, verify_chain, verify_hostname, host)?;
+            TlsConnector::from(Arc::new(cfg))
+        }
+    };
 
     // SNI hostname: use override if provided, otherwise use connection host
-    let sni = tls.sni_hostname.as_deref().unwrap_or(host);
+    let sni = match tls.rustls_config {
+        Some(_) => host,
+        None => tls.sni_hostname.as_deref().unwrap_or(host),
+    };
     let server_name = rustls::pki_types::ServerName::try_from(sni.to_string())
         .map_err(|_| PgWireError::Tls(format!("invalid SNI hostname '{sni}'")))?;
 
