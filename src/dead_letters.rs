@@ -11,16 +11,22 @@ use crate::engine::sink::postgres::PostgresSink;
 /// a database without the pipeline's row would answer "no dead letters" to the wrong question.
 async fn buffer(cfg: &PipelineConfig) -> Result<Buffer, EngineError> {
     let buffer = Buffer::connect(&cfg.buffer, &cfg.id, "dlq").await?;
-    let known: bool = buffer
-        .client()
-        .query_one(
-            "SELECT to_regclass('philotes.pipelines') IS NOT NULL
-                    AND EXISTS (SELECT 1 FROM philotes.pipelines WHERE pipeline_id = $1)",
-            &[&cfg.id],
-        )
+    // Two statements: a query naming a missing table fails before it runs.
+    let client = buffer.client();
+    let schema: bool = client
+        .query_one("SELECT to_regclass('philotes.pipelines') IS NOT NULL", &[])
         .await
-        .map_err(EngineError::pg("looking the pipeline up in the buffer"))?
+        .map_err(EngineError::pg("looking for the buffer schema"))?
         .get(0);
+    let known = schema
+        && client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM philotes.pipelines WHERE pipeline_id = $1)",
+                &[&cfg.id],
+            )
+            .await
+            .map_err(EngineError::pg("looking the pipeline up in the buffer"))?
+            .get::<_, bool>(0);
     if !known {
         return Err(EngineError::invalid(
             format!(
