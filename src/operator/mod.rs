@@ -2,6 +2,7 @@
 //! that turns each resource into a supervised engine worker and reports status.
 
 pub mod assignment;
+pub mod dereference;
 pub mod membership;
 pub mod reconcile;
 pub mod reporter;

@@ -1,17 +1,17 @@
 //! Reconcile: finalizer first, then dereference (Secrets) → validate (pure) → plan and apply to the
 //! supervisor → hand the status inputs to the pipeline's status writer. Never streams.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Secret;
 use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Resource, ResourceExt};
 
 use super::assignment;
+use super::dereference::read_secrets;
 use super::reporter::{self, Input, Target};
 use super::secret_hold;
 use super::status::Inputs;
@@ -104,26 +104,8 @@ pub fn secret_refs<'a>(
     refs
 }
 
-/// Reads the referenced Secrets; a missing one is left out (validation names it).
 async fn dereference(ctx: &Context, ns: &str, spec: &CdcPipelineSpec) -> Result<Secrets, Error> {
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
-    let mut out = Secrets::new();
-    for r in secret_refs(spec, ctx.default_buffer.as_ref()) {
-        if out.contains_key(r) {
-            continue;
-        }
-        if let Some(s) = api.get_opt(r).await? {
-            let mut data: BTreeMap<String, String> = BTreeMap::new();
-            for (k, v) in s.data.unwrap_or_default() {
-                if let Ok(text) = String::from_utf8(v.0) {
-                    data.insert(k, text);
-                }
-            }
-            data.extend(s.string_data.unwrap_or_default());
-            out.insert(r.to_string(), data);
-        }
-    }
-    Ok(out)
+    Ok(read_secrets(&ctx.client, ns, spec, ctx.default_buffer.as_ref()).await?)
 }
 
 fn identity(obj: &CdcPipeline) -> Identity {

@@ -113,3 +113,111 @@ pub async fn install_crd(client: &Client) {
     }
     panic!("CRD not established");
 }
+
+/// The operator's controller, run in the test process against one namespace.
+pub struct Operator {
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), philotes::operator::Error>>,
+}
+
+/// Starts the operator for namespace `ns` (its Leases there too), serving /health and /metrics on
+/// `health_addr` when given.
+pub fn start_operator(
+    client: &Client,
+    ns: &str,
+    health_addr: Option<std::net::SocketAddr>,
+) -> Operator {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,philotes=info".into()),
+        )
+        .with_test_writer()
+        .try_init();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let cfg = philotes::operator::OperatorConfig {
+        namespace: Some(ns.to_string()),
+        default_buffer: None,
+        health_addr,
+        instance: Some("test".into()),
+        identity: "test".into(),
+        lease_namespace: ns.to_string(),
+    };
+    let task = tokio::spawn(philotes::operator::run(client.clone(), cfg, stop.clone()));
+    Operator { stop, task }
+}
+
+impl Operator {
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(60), self.task)
+            .await
+            .expect("operator did not stop")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+pub async fn create_namespace(client: &Client, ns: &str) {
+    let api: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    api.create(
+        &PostParams::default(),
+        &serde_json::from_value(serde_json::json!({"metadata": {"name": ns}})).unwrap(),
+    )
+    .await
+    .unwrap();
+}
+
+/// Secret `name` with key `uri`.
+pub async fn uri_secret(client: &Client, ns: &str, name: &str, uri: &str) {
+    let api: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), ns);
+    let s = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": name}, "stringData": {"uri": uri}
+    }))
+    .unwrap();
+    api.create(&PostParams::default(), &s).await.unwrap();
+}
+
+/// Creates CdcPipeline `name` with `spec`.
+pub async fn create_pipeline(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    spec: serde_json::Value,
+) -> Api<CdcPipeline> {
+    let api: Api<CdcPipeline> = Api::namespaced(client.clone(), ns);
+    let p: CdcPipeline = serde_json::from_value(serde_json::json!({
+        "apiVersion": "philotes.io/v1alpha1", "kind": "CdcPipeline",
+        "metadata": {"name": name}, "spec": spec
+    }))
+    .unwrap();
+    api.create(&PostParams::default(), &p).await.unwrap();
+    api
+}
+
+/// Waits until `f` holds for pipeline `name`; returns it.
+pub async fn wait_pipeline(
+    api: &Api<CdcPipeline>,
+    name: &str,
+    what: &str,
+    f: impl Fn(&CdcPipeline) -> bool,
+) -> CdcPipeline {
+    let start = std::time::Instant::now();
+    loop {
+        let p = api.get(name).await.unwrap();
+        if f(&p) {
+            return p;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "timed out waiting for {what}; status: {:#?}",
+            p.status
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub fn phase_of(p: &CdcPipeline) -> Option<philotes::crd::Phase> {
+    p.status.as_ref().and_then(|s| s.phase)
+}
