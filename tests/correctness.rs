@@ -267,6 +267,51 @@ async fn a_table_dropped_while_its_changes_wait_does_not_wedge_the_pipeline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_identity_table_dropped_while_its_changes_wait_keeps_its_key_across_a_restart() {
+    let pg = Pg::start();
+    let (src, dst) = setup(&pg).await;
+    src.batch_execute(
+        "CREATE TABLE a (id int PRIMARY KEY, v text);
+         CREATE TABLE f (id int PRIMARY KEY, v text); ALTER TABLE f REPLICA IDENTITY FULL",
+    )
+    .await
+    .unwrap();
+    let both = config(
+        "full",
+        &pg.uri("shop"),
+        &pg.uri("warehouse"),
+        &["a", "f"],
+        FAST,
+    );
+    let h = start(&both);
+    wait_phase(&h, Phase::Running).await;
+    src.batch_execute("INSERT INTO f VALUES (1, 'x'), (2, 'y')")
+        .await
+        .unwrap();
+    wait_same(&src, "f", &dst, "replica.f", "id", WAIT).await;
+    h.stop().await;
+
+    // Stopped: f changes (an update and a delete, which need its key) and is dropped; the next
+    // session reads f's Relation message when its catalog entry, and primary key, are gone.
+    src.batch_execute(
+        "UPDATE f SET v = 'x2' WHERE id = 1; DELETE FROM f WHERE id = 2; INSERT INTO f VALUES (3, 'z');
+         DROP TABLE f; INSERT INTO a VALUES (1, 'a')",
+    )
+    .await
+    .unwrap();
+    let only_a = config("full", &pg.uri("shop"), &pg.uri("warehouse"), &["a"], FAST);
+    let h = start(&only_a);
+    wait_phase(&h, Phase::Running).await;
+    wait_same(&src, "a", &dst, "replica.a", "id", WAIT).await;
+    eventually("f's last changes", WAIT, || async {
+        dump(&dst, "replica.f", "id").await == "(1,x2)\n(3,z)"
+    })
+    .await;
+    assert_eq!(h.current().phase, Phase::Running, "{:?}", h.current());
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_column_renamed_while_its_changes_wait_is_renamed_in_the_sink() {
     let pg = Pg::start();
     let (src, dst) = setup(&pg).await;

@@ -278,7 +278,7 @@ impl<S: Sink> Processor<S> {
         if result.is_ok() && marked.0 != durable {
             pg::deadline(
                 self.cfg.response_timeout,
-                "marking a batch processed",
+                "marking a batch processed in the buffer",
                 self.buffer.mark_processed(durable),
             )
             .await?;
@@ -379,7 +379,7 @@ impl<S: Sink> Processor<S> {
                 if marked.0 != *durable_pos {
                     pg::deadline(
                         self.cfg.response_timeout,
-                        "marking a batch processed",
+                        "marking a batch processed in the buffer",
                         self.buffer.mark_processed(*durable_pos),
                     )
                     .await?;
@@ -434,7 +434,7 @@ impl<S: Sink> Processor<S> {
                 if marked.0 != *durable_pos {
                     pg::deadline(
                         self.cfg.response_timeout,
-                        "marking a batch processed",
+                        "marking a batch processed in the buffer",
                         self.buffer.mark_processed(*durable_pos),
                     )
                     .await?;
@@ -611,7 +611,7 @@ impl<S: Sink> Processor<S> {
                             *durable_pos = upto;
                             pg::deadline(
                                 self.cfg.response_timeout,
-                                "marking a batch processed",
+                                "marking a batch processed in the buffer",
                                 self.buffer.mark_processed(upto),
                             )
                             .await?;
@@ -647,7 +647,7 @@ impl<S: Sink> Processor<S> {
             if marked.0 != *durable_pos && (caught_up || marked.1.elapsed() >= MARK_EVERY) {
                 pg::deadline(
                     self.cfg.response_timeout,
-                    "marking a batch processed",
+                    "marking a batch processed in the buffer",
                     self.buffer.mark_processed(*durable_pos),
                 )
                 .await?;

@@ -238,6 +238,22 @@ impl Reader {
             durable_tx,
             handoff,
         } = self;
+        // The keys of the layouts the buffer knows, for a FULL-identity table dropped since.
+        let known = pg::deadline(
+            cfg.response_timeout,
+            "reading relations from the buffer",
+            buffer.relations(),
+        )
+        .await?;
+        let mut known_keys: HashMap<(String, String), Vec<Vec<String>>> = HashMap::new();
+        for r in known.into_values() {
+            let key: Vec<String> = r
+                .key_indexes()
+                .iter()
+                .map(|&i| r.columns[i].clone())
+                .collect();
+            known_keys.entry((r.schema, r.name)).or_default().push(key);
+        }
         shared.source_connected.store(true, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(1);
         let (ack_tx, mut ack_rx) = watch::channel((0, start));
@@ -251,6 +267,7 @@ impl Reader {
             cfg.response_timeout,
         ));
         let mut decoder = Decoder {
+            known_keys,
             pipeline_id: cfg.id.clone(),
             cfg,
             sql,
@@ -285,6 +302,8 @@ impl Reader {
 }
 
 struct Decoder {
+    /// Key column names of each table's layouts in the buffer at the start of the session.
+    known_keys: HashMap<(String, String), Vec<Vec<String>>>,
     cfg: Arc<PipelineConfig>,
     pipeline_id: String,
     sql: Client,
@@ -576,6 +595,20 @@ impl Decoder {
                     && let Some(prev) = st.relations.get(&r.id)
                 {
                     let key = info.columns.iter().map(|c| prev.info.key_of(c)).collect();
+                    info = RelationInfo::new(info.schema, info.name, info.columns, info.types, key);
+                }
+                // ... or, after a restart, the key of a layout of it the buffer has.
+                if !info.key.contains(&true)
+                    && let Some(names) = self
+                        .known_keys
+                        .get(&(info.schema.clone(), info.name.clone()))
+                        .and_then(|keys| {
+                            keys.iter().find(|k| {
+                                !k.is_empty() && k.iter().all(|c| info.columns.contains(c))
+                            })
+                        })
+                {
+                    let key = info.columns.iter().map(|c| names.contains(c)).collect();
                     info = RelationInfo::new(info.schema, info.name, info.columns, info.types, key);
                 }
                 let key = info.key_indexes();
