@@ -103,8 +103,7 @@ impl Supervisor {
             map.get(id).map(|h| Running {
                 config: h.config(),
                 failed_for: h.failed_for(),
-                superseded: h.failed_for().is_some()
-                    && h.current().reason.as_deref() == Some("Superseded"),
+                superseded: h.failed_for().is_some() && h.current().superseded,
             }),
         );
         // A worker being stopped is out of the map first: no lock is held while it stops (it may

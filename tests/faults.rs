@@ -133,20 +133,8 @@ async fn scenario(point: &'static str, skip: u32, snapshot_rows: i64) -> Outcome
     );
 
     // Again, without fail points.
-    let mut child = run_philotes(&file, &log, &[]);
-    let same = tokio::time::timeout(
-        Duration::from_secs(180),
-        wait_same(
-            &src,
-            "t_ok",
-            &dst,
-            "replica.t",
-            "id",
-            Duration::from_secs(3600),
-        ),
-    )
-    .await
-    .is_ok();
+    let (mut child, same) =
+        rerun_until_same(&file, &log, &src, "t_ok", &dst, Duration::from_secs(180)).await;
     let want_dead = if snapshot_rows == 0 { POISON } else { 0 };
     let dead_letters = if same {
         let mut n = 0;
@@ -176,6 +164,29 @@ async fn scenario(point: &'static str, skip: u32, snapshot_rows: i64) -> Outcome
         dead_letters,
         slot_vs_buffer,
     }
+}
+
+/// Runs Philotes on `file` again, without fail points, and waits up to `within` for `replica.t`
+/// to equal `table` of the source: the process, and whether it did.
+async fn rerun_until_same(
+    file: &std::path::Path,
+    log: &std::path::Path,
+    src: &tokio_postgres::Client,
+    table: &str,
+    dst: &tokio_postgres::Client,
+    within: Duration,
+) -> (std::process::Child, bool) {
+    let child = run_philotes(file, log, &[]);
+    let waited = wait_same(
+        src,
+        table,
+        dst,
+        "replica.t",
+        "id",
+        Duration::from_secs(3600),
+    );
+    let same = tokio::time::timeout(within, waited).await.is_ok();
+    (child, same)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -539,20 +550,8 @@ async fn a_resync_that_dies_mid_copy_is_finished_by_the_next_run() {
     );
     assert!(replaces, "the interrupted resync is not recorded as owed");
 
-    let mut child = run_philotes(&file, &log, &[]);
-    let same = tokio::time::timeout(
-        Duration::from_secs(120),
-        wait_same(
-            &src,
-            "t",
-            &dst,
-            "replica.t",
-            "id",
-            Duration::from_secs(3600),
-        ),
-    )
-    .await
-    .is_ok();
+    let (mut child, same) =
+        rerun_until_same(&file, &log, &src, "t", &dst, Duration::from_secs(120)).await;
     child.kill().unwrap();
     child.wait().unwrap();
     if !same {

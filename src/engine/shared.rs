@@ -30,8 +30,10 @@ pub struct Progress {
     /// Whether the worker retries by itself after `last_error`.
     pub retrying: bool,
     pub message: String,
-    /// What a Failed phase is, for a condition reason: `SlotLost`, or None.
+    /// What a Failed phase is, for a condition reason: `SlotLost`, `Superseded`, or None.
     pub reason: Option<String>,
+    /// Failed because another process took the pipeline over (a newer ownership epoch).
+    pub superseded: bool,
     pub slot: SlotHealth,
     /// The `spec.resync` token of the last resync whose copy is complete.
     pub resynced: Option<String>,
@@ -61,6 +63,7 @@ pub(super) struct Texts {
     pub(super) ownership: Ownership,
     sink_error: bool,
     reason: Option<String>,
+    superseded: bool,
     pub(super) slot: SlotHealth,
     pub(super) resynced: Option<String>,
     pub(super) epoch: i64,
@@ -144,6 +147,7 @@ impl Shared {
             t.fix = Some(e.fix());
             t.retrying = retrying;
             t.reason = e.reason().map(str::to_string);
+            t.superseded = matches!(e, EngineError::Superseded { .. });
         }
         self.set_phase(Phase::Failed);
         self.changed.notify_one();
@@ -160,6 +164,7 @@ impl Shared {
         t.fix = None;
         t.retrying = false;
         t.reason = None;
+        t.superseded = false;
     }
 
     /// Notes the slot's position and WAL state; WAL at risk when `wal_status` is `unreserved` or
@@ -231,6 +236,7 @@ impl Shared {
             retrying: t.retrying,
             message: t.message.clone(),
             reason: t.reason.clone(),
+            superseded: t.superseded,
             slot: t.slot.clone(),
             resynced: t.resynced.clone(),
             epoch: t.epoch,

@@ -329,6 +329,7 @@ mod tests {
             retrying: false,
             message: "streaming".into(),
             reason: None,
+            superseded: false,
             slot: Default::default(),
             resynced: None,
             epoch: 1,

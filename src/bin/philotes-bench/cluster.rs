@@ -17,9 +17,23 @@ impl Cluster {
     pub fn start(name: &str, logical: bool, keep: bool) -> anyhow::Result<Cluster> {
         // Capacity only: 50 idle pipelines need ~350 connections and 50+ slots. Durability (fsync,
         // synchronous_commit, full_page_writes, wal_sync_method) and memory settings stay default.
-        let mut conf = String::from("max_connections = 500\n");
+        Self::start_for(name, logical, keep, 50)
+    }
+
+    /// Starts a cluster with room for `pipelines` idle pipelines (7 connections and a slot each).
+    pub fn start_for(
+        name: &str,
+        logical: bool,
+        keep: bool,
+        pipelines: usize,
+    ) -> anyhow::Result<Cluster> {
+        let connections = (pipelines * 8).max(500);
+        let slots = (pipelines + 20).max(100);
+        let mut conf = format!("max_connections = {connections}\n");
         if logical {
-            conf.push_str("max_replication_slots = 100\nmax_wal_senders = 100\n");
+            conf.push_str(&format!(
+                "max_replication_slots = {slots}\nmax_wal_senders = {slots}\n"
+            ));
         }
         let cluster = testkit::Cluster::start(&testkit::Options {
             name: format!("bench-{name}"),

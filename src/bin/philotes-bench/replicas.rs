@@ -115,7 +115,7 @@ fn operator(api: &ApiServer, identity: &str, log: &Path) -> anyhow::Result<Child
 
 /// One pipeline count: what the replicas cost while every pipeline is Running and idle.
 async fn measure(pipelines: usize, replicas: usize, secs: u64) -> anyhow::Result<()> {
-    let source = Cluster::start("replicas", true, false)?;
+    let source = Cluster::start_for("replicas", true, false, pipelines)?;
     let src = source.client("postgres").await?;
     src.batch_execute("CREATE DATABASE shop").await?;
     src.batch_execute("CREATE DATABASE warehouse").await?;
