@@ -5,96 +5,18 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{Namespace, Secret};
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use philotes::crd::{CdcPipeline, Phase};
-use philotes::operator::{self, OperatorConfig};
 use serde_json::json;
-use support::k8s::{ApiServer, install_crd};
-use support::{Pg, count, dump, eventually, wait_same};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+use support::k8s::{
+    ApiServer, create_namespace as namespace, create_pipeline as pipeline, install_crd,
+    phase_of as phase, start_operator, wait_pipeline as wait_status,
+};
+use support::{Pg, count, dump, eventually, http_get, wait_same};
 
 const WAIT: Duration = Duration::from_secs(90);
-
-struct Operator {
-    stop: CancellationToken,
-    task: JoinHandle<Result<(), operator::Error>>,
-}
-
-fn start_operator(client: &Client, ns: &str) -> Operator {
-    start_operator_serving(client, ns, None)
-}
-
-fn start_operator_serving(
-    client: &Client,
-    ns: &str,
-    health_addr: Option<std::net::SocketAddr>,
-) -> Operator {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,philotes=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
-    let stop = CancellationToken::new();
-    let cfg = OperatorConfig {
-        namespace: Some(ns.to_string()),
-        default_buffer: None,
-        health_addr,
-        instance: Some("test".into()),
-        identity: "test".into(),
-        lease_namespace: ns.to_string(),
-    };
-    let task = tokio::spawn(operator::run(client.clone(), cfg, stop.clone()));
-    Operator { stop, task }
-}
-
-impl Operator {
-    async fn shutdown(self) {
-        self.stop.cancel();
-        tokio::time::timeout(Duration::from_secs(60), self.task)
-            .await
-            .expect("operator did not stop")
-            .unwrap()
-            .unwrap();
-    }
-}
-
-/// A plain HTTP GET: status code and body.
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
-        return (0, String::new());
-    };
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut buf = String::new();
-    s.read_to_string(&mut buf).await.unwrap();
-    let code = buf
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = buf
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (code, body)
-}
-
-async fn namespace(client: &Client, ns: &str) {
-    let api: Api<Namespace> = Api::all(client.clone());
-    api.create(
-        &PostParams::default(),
-        &serde_json::from_value(json!({"metadata": {"name": ns}})).unwrap(),
-    )
-    .await
-    .unwrap();
-}
 
 async fn secret(client: &Client, ns: &str, name: &str, uri: &str) {
     let api: Api<Secret> = Api::namespaced(client.clone(), ns);
@@ -104,22 +26,6 @@ async fn secret(client: &Client, ns: &str, name: &str, uri: &str) {
     api.patch(name, &PatchParams::apply("test").force(), &Patch::Apply(&s))
         .await
         .unwrap();
-}
-
-async fn pipeline(
-    client: &Client,
-    ns: &str,
-    name: &str,
-    spec: serde_json::Value,
-) -> Api<CdcPipeline> {
-    let api: Api<CdcPipeline> = Api::namespaced(client.clone(), ns);
-    let p: CdcPipeline = serde_json::from_value(json!({
-        "apiVersion": "philotes.io/v1alpha1", "kind": "CdcPipeline",
-        "metadata": {"name": name}, "spec": spec
-    }))
-    .unwrap();
-    api.create(&PostParams::default(), &p).await.unwrap();
-    api
 }
 
 fn spec(tables: &[&str], extra: serde_json::Value) -> serde_json::Value {
@@ -135,31 +41,6 @@ fn spec(tables: &[&str], extra: serde_json::Value) -> serde_json::Value {
         }
     }
     s
-}
-
-async fn wait_status(
-    api: &Api<CdcPipeline>,
-    name: &str,
-    what: &str,
-    f: impl Fn(&CdcPipeline) -> bool,
-) -> CdcPipeline {
-    let start = Instant::now();
-    loop {
-        let p = api.get(name).await.unwrap();
-        if f(&p) {
-            return p;
-        }
-        assert!(
-            start.elapsed() < WAIT,
-            "timed out waiting for {what}; status: {:#?}",
-            p.status
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn phase(p: &CdcPipeline) -> Option<Phase> {
-    p.status.as_ref().and_then(|s| s.phase)
 }
 
 fn condition<'a>(p: &'a CdcPipeline, t: &str) -> Option<&'a philotes::crd::Condition> {
@@ -246,7 +127,7 @@ async fn run_pause_resume_secret_change_and_retain() {
     .await;
     pg.create_db("warehouse2").await;
     let dst = pg.client("warehouse").await;
-    let op = start_operator(&client, ns);
+    let op = start_operator(&client, ns, None);
     let api = pipeline(&client, ns, "orders", spec(&["public.orders"], json!({}))).await;
 
     let p = wait_status(&api, "orders", "phase Running", |p| {
@@ -453,7 +334,7 @@ async fn invalid_specs_fail_with_a_clear_condition_and_delete_reclaims() {
         client,
         src,
     } = world(ns, "CREATE TABLE t (id int PRIMARY KEY, v text)", false).await;
-    let op = start_operator(&client, ns);
+    let op = start_operator(&client, ns, None);
 
     // The sink Secret does not exist yet, and the flush interval is not a duration.
     let api = pipeline(
@@ -582,7 +463,7 @@ async fn operator_restart_resumes_with_nothing_lost() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let op = start_operator_serving(&client, ns, Some(addr));
+    let op = start_operator(&client, ns, Some(addr));
     let api = pipeline(&client, ns, "p", spec(&["t"], json!({}))).await;
     wait_status(&api, "p", "phase Running", |p| {
         phase(p) == Some(Phase::Running)
@@ -657,7 +538,7 @@ async fn operator_restart_resumes_with_nothing_lost() {
     );
     load.await.unwrap();
 
-    let op = start_operator(&client, ns);
+    let op = start_operator(&client, ns, None);
     wait_status(&api, "p", "phase Running after the restart", |p| {
         phase(p) == Some(Phase::Running)
     })
@@ -707,7 +588,7 @@ async fn kubectl_delete_of_the_example_file_still_reclaims_the_slot() {
     )
     .unwrap();
     let file = file.to_str().unwrap();
-    let op = start_operator(&client, ns);
+    let op = start_operator(&client, ns, None);
     k8s.kubectl(&["apply", "-f", file]);
     let api: Api<CdcPipeline> = Api::namespaced(client.clone(), ns);
     let p = wait_status(&api, "shop-orders", "phase Running", |p| {
@@ -775,7 +656,7 @@ async fn an_iceberg_pipeline_runs_and_a_spec_naming_both_sinks_is_refused() {
         true,
     )
     .await;
-    let op = start_operator(&client, ns);
+    let op = start_operator(&client, ns, None);
     let warehouse = pg.dir().join("warehouse");
     std::fs::create_dir_all(&warehouse).unwrap();
     let mut s = spec(&["public.orders"], json!({}));
