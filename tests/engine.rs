@@ -503,30 +503,7 @@ async fn connections_use_tls_when_the_uri_asks_for_it() {
         .await
         .unwrap();
     wait_same(&src, "t", &dst, "replica.t", "id", WAIT).await;
-    let rows = src
-        .query(
-            "SELECT a.application_name, s.ssl FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
-             WHERE a.application_name LIKE 'philotes-%' ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap();
-    let seen: Vec<(String, bool)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    for app in [
-        "philotes-reader",
-        "philotes-source",
-        "philotes-sink",
-        "philotes-buffer-writer",
-    ] {
-        assert!(
-            seen.iter().any(|(a, _)| a == app),
-            "{app} not connected: {seen:?}"
-        );
-    }
-    assert!(
-        seen.iter().all(|(_, ssl)| *ssl),
-        "a connection without TLS: {seen:?}"
-    );
+    support::assert_pipeline_connections_use_tls(&src).await;
     h.stop().await;
 }
 

@@ -257,3 +257,32 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
         .unwrap_or_default();
     (code, body)
 }
+
+/// Asserts that the pipeline's connections to `src` (reader, source, sink, buffer writer) are all
+/// there and all encrypted (`pg_stat_ssl`).
+pub async fn assert_pipeline_connections_use_tls(src: &tokio_postgres::Client) {
+    let rows = src
+        .query(
+            "SELECT a.application_name, s.ssl FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid)
+             WHERE a.application_name LIKE 'philotes-%' ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let seen: Vec<(String, bool)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    for app in [
+        "philotes-reader",
+        "philotes-source",
+        "philotes-sink",
+        "philotes-buffer-writer",
+    ] {
+        assert!(
+            seen.iter().any(|(a, _)| a == app),
+            "{app} not connected: {seen:?}"
+        );
+    }
+    assert!(
+        seen.iter().all(|(_, ssl)| *ssl),
+        "a connection without TLS: {seen:?}"
+    );
+}
