@@ -73,7 +73,7 @@ pub(super) struct Texts {
 pub struct Shared {
     name: String,
     pub stats: PipelineStats,
-    metrics: Arc<Metrics>,
+    pub(super) metrics: Arc<Metrics>,
     phase: Mutex<Phase>,
     pub source_connected: AtomicBool,
     sink_healthy: AtomicBool,
@@ -138,9 +138,6 @@ impl Shared {
     }
 
     pub(super) fn fail(&self, e: &EngineError, retrying: bool) {
-        if matches!(e, EngineError::Superseded { .. }) {
-            self.metrics.superseded_writes.inc();
-        }
         {
             let mut t = self.texts();
             t.last_error = Some(e.to_string());

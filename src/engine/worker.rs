@@ -27,6 +27,11 @@ pub(super) async fn supervise(
     let failed_for_good = loop {
         shared.set_phase(Phase::Starting);
         let result = run_session(&cfg, &shared, delivery_rx.clone(), cancel.clone()).await;
+        // A refused write counts even when the worker is being stopped (as it is when this replica
+        // learns of the takeover at the same moment).
+        if matches!(result, Err(EngineError::Superseded { .. })) {
+            shared.metrics.superseded_writes.inc();
+        }
         if cancel.is_cancelled() {
             break false;
         }

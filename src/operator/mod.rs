@@ -9,6 +9,7 @@ pub mod reporter;
 pub mod secret_hold;
 pub mod status;
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -59,6 +60,29 @@ pub struct Context {
     pub default_buffer: Option<SecretKeyRef>,
     pub reporters: reporter::Reporters,
     pub membership: membership::Membership,
+    /// Every pipeline this replica watches: the owner of one depends on all of them.
+    pub pipelines: reflector::Store<CdcPipeline>,
+}
+
+/// The uids of every pipeline in `store`.
+pub fn pipeline_uids(store: &reflector::Store<CdcPipeline>) -> BTreeSet<String> {
+    store.state().iter().filter_map(|p| p.uid()).collect()
+}
+
+/// Yields whenever the set of pipelines in `store` changes (looked at every 2 s, in memory).
+fn pipeline_set_changes(
+    store: reflector::Store<CdcPipeline>,
+) -> impl futures::Stream<Item = ()> + Send {
+    futures::stream::unfold((store, BTreeSet::new()), |(store, mut seen)| async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            let now = pipeline_uids(&store);
+            if now != seen {
+                seen = now;
+                return Some(((), (store, seen)));
+            }
+        }
+    })
 }
 
 /// What of a pipeline is worth a reconcile: its generation (spec), deletion, finalizers and
@@ -148,23 +172,28 @@ pub async fn run(
                     .collect::<Vec<_>>()
             },
         )
-        // Every pipeline is looked at again when the members change: some may move.
-        .reconcile_all_on(futures::stream::unfold(
-            membership.changes(),
-            |mut rx| async move {
+        // Every pipeline is looked at again when the members or the set of pipelines change: some
+        // may move.
+        .reconcile_all_on(futures::stream::select(
+            futures::stream::unfold(membership.changes(), |mut rx| async move {
                 rx.changed().await.ok()?;
                 Some(((), rx))
-            },
+            }),
+            pipeline_set_changes(store.clone()),
         ))
         .graceful_shutdown_on(shutdown.clone().cancelled_owned());
 
     let ready_flag = synced.clone();
+    let ready_store = store.clone();
     tokio::spawn(async move {
         // Polled again every second: the store's readiness future wakes only one of its waiters, and
         // the controller's own runner waits on it too.
         loop {
-            match tokio::time::timeout(std::time::Duration::from_secs(1), store.wait_until_ready())
-                .await
+            match tokio::time::timeout(
+                std::time::Duration::from_secs(1),
+                ready_store.wait_until_ready(),
+            )
+            .await
             {
                 Ok(Ok(())) => {
                     ready_flag.store(true, Ordering::Relaxed);
@@ -191,6 +220,7 @@ pub async fn run(
         default_buffer: cfg.default_buffer.clone(),
         reporters: reporter::Reporters::default(),
         membership,
+        pipelines: store.clone(),
     });
     controller
         .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())

@@ -26,8 +26,8 @@ pub async fn reconcile(obj: Arc<CdcPipeline>, ctx: Arc<Context>) -> Result<Actio
     ctx.supervisor.metrics().reconciles.inc();
     let uid = obj.uid().unwrap_or_default();
     let members = ctx.membership.members();
-    let owner = assignment::owner(&uid, &members);
-    if owner != Some(ctx.membership.identity.as_str()) {
+    let owner = assignment::owner(&uid, &super::pipeline_uids(&ctx.pipelines), &members);
+    if owner.as_deref() != Some(ctx.membership.identity.as_str()) {
         // Another replica runs it (or this one is not a member yet): nothing of it runs here, and
         // only its owner writes its status. A change of members reconciles it again.
         if ctx.supervisor.apply(&uid, None).await == Planned::Stop {
