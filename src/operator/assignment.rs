@@ -38,12 +38,14 @@ pub fn owners<'a>(
     let mut load: BTreeMap<&str, usize> = members.iter().map(|m| (m.as_str(), 0)).collect();
     let mut out = BTreeMap::new();
     for uid in uids {
-        let mut ranked: Vec<&str> = members.iter().map(String::as_str).collect();
-        ranked.sort_by_cached_key(|m| std::cmp::Reverse((weight(uid, m), *m)));
         // Capacity × members ≥ pipelines, so some member always has room.
-        if let Some(m) = ranked.into_iter().find(|m| load[m] < cap) {
-            *load.entry(m).or_default() += 1;
-            out.insert(uid.as_str(), m);
+        let best = load
+            .iter_mut()
+            .filter(|(_, n)| **n < cap)
+            .max_by_key(|(m, _)| (weight(uid, m), **m));
+        if let Some((m, n)) = best {
+            *n += 1;
+            out.insert(uid.as_str(), *m);
         }
     }
     out
@@ -58,6 +60,37 @@ pub fn owner(uid: &str, uids: &BTreeSet<String>, members: &BTreeSet<String>) -> 
     let mut with = uids.clone();
     with.insert(uid.to_string());
     owners(&with, members).get(uid).map(|m| m.to_string())
+}
+
+/// The owners of the last pipelines and members asked about, placed again only when either
+/// changed: a reconcile of every pipeline then places them all once, not once per pipeline.
+#[derive(Default)]
+pub struct Placement {
+    uids: BTreeSet<String>,
+    members: BTreeSet<String>,
+    owners: BTreeMap<String, String>,
+}
+
+impl Placement {
+    /// As [`owner`], from the cached placement when `uids` and `members` are the last ones seen.
+    pub fn owner(
+        &mut self,
+        uid: &str,
+        uids: BTreeSet<String>,
+        members: BTreeSet<String>,
+    ) -> Option<String> {
+        if !uids.contains(uid) {
+            return owner(uid, &uids, &members);
+        }
+        if uids != self.uids || members != self.members {
+            self.owners = owners(&uids, &members)
+                .into_iter()
+                .map(|(u, m)| (u.to_string(), m.to_string()))
+                .collect();
+            (self.uids, self.members) = (uids, members);
+        }
+        self.owners.get(uid).cloned()
+    }
 }
 
 #[cfg(test)]
@@ -113,5 +146,13 @@ mod tests {
         assert_eq!(owner("x", &uids, &BTreeSet::new()), None);
         // A pipeline not yet in the set is placed as though it were.
         assert!(owner("new", &uids, &three).is_some());
+        // The cached placement answers as the function does, before and after the members change.
+        let mut cached = Placement::default();
+        for (members, want) in [(&three, &before), (&two, &after), (&three, &before)] {
+            for u in &uids {
+                let got = cached.owner(u, uids.clone(), members.clone());
+                assert_eq!(got.as_deref(), Some(want[u.as_str()]), "{u}");
+            }
+        }
     }
 }

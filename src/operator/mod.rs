@@ -62,6 +62,8 @@ pub struct Context {
     pub membership: membership::Membership,
     /// Every pipeline this replica watches: the owner of one depends on all of them.
     pub pipelines: reflector::Store<CdcPipeline>,
+    /// Their owners as last placed (see [`assignment::Placement`]).
+    pub placement: std::sync::Mutex<assignment::Placement>,
 }
 
 /// The uids of every pipeline in `store`.
@@ -221,6 +223,7 @@ pub async fn run(
         reporters: reporter::Reporters::default(),
         membership,
         pipelines: store.clone(),
+        placement: Default::default(),
     });
     controller
         .run(reconcile::reconcile, reconcile::error_policy, ctx.clone())

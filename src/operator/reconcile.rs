@@ -10,7 +10,6 @@ use kube::runtime::controller::Action;
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::{Resource, ResourceExt};
 
-use super::assignment;
 use super::dereference::read_secrets;
 use super::reporter::{self, Input, Target};
 use super::secret_hold;
@@ -26,7 +25,11 @@ pub async fn reconcile(obj: Arc<CdcPipeline>, ctx: Arc<Context>) -> Result<Actio
     ctx.supervisor.metrics().reconciles.inc();
     let uid = obj.uid().unwrap_or_default();
     let members = ctx.membership.members();
-    let owner = assignment::owner(&uid, &super::pipeline_uids(&ctx.pipelines), &members);
+    let owner = ctx
+        .placement
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .owner(&uid, super::pipeline_uids(&ctx.pipelines), members);
     if owner.as_deref() != Some(ctx.membership.identity.as_str()) {
         // Another replica runs it (or this one is not a member yet): nothing of it runs here, and
         // only its owner writes its status. A change of members reconciles it again.
