@@ -3,10 +3,14 @@
 //! transaction of an owner first sets `writer_epoch` to its own epoch, which the CHECK refuses once
 //! a newer owner has claimed. The UPDATE's row lock orders it against a claim: a transaction in
 //! flight finishes first, every later one of the old owner fails and rolls back whole.
+//!
+//! The same row records the position of the last source change each committed sink transaction
+//! holds (`lsn`, `ord`), written in that transaction: what the sink has, whatever the buffer says.
 
 use tokio_postgres::Client;
 
 use crate::engine::error::EngineError;
+use crate::engine::event::Position;
 use crate::engine::pg::{ident, literal};
 
 /// The constraint a superseded owner's transaction violates.
@@ -31,9 +35,25 @@ impl Fence {
         )
     }
 
-    /// Creates the progress table when missing and claims the pipeline for this epoch; fails with
-    /// [`EngineError::Superseded`] when a newer owner already has.
-    pub async fn claim(&self, client: &Client, schema: &str) -> Result<(), EngineError> {
+    /// The statement that records, inside a sink transaction, the position of its last change.
+    pub fn record_sql(&self, schema: &str, upto: Position) -> String {
+        format!(
+            "UPDATE {}.philotes_progress SET lsn = {}, ord = {} WHERE pipeline_id = {}",
+            ident(schema),
+            upto.lsn as i64,
+            upto.ord,
+            literal(&self.pipeline_id)
+        )
+    }
+
+    /// Creates the progress table when missing and claims the pipeline for this epoch; returns the
+    /// position the sink recorded last (None before the first sink transaction). Fails with
+    /// [`EngineError::Superseded`] when a newer owner already has claimed it.
+    pub async fn claim(
+        &self,
+        client: &Client,
+        schema: &str,
+    ) -> Result<Option<Position>, EngineError> {
         let table = format!("{}.philotes_progress", ident(schema));
         client
             .batch_execute(&format!(
@@ -43,7 +63,10 @@ impl Fence {
                    writer_epoch bigint NOT NULL,
                    owner text,
                    updated_at timestamptz NOT NULL DEFAULT now(),
-                   CONSTRAINT {CONSTRAINT} CHECK (writer_epoch = epoch))"
+                   lsn bigint,
+                   ord integer,
+                   CONSTRAINT {CONSTRAINT} CHECK (writer_epoch = epoch));
+                 ALTER TABLE {table} ADD COLUMN IF NOT EXISTS lsn bigint, ADD COLUMN IF NOT EXISTS ord integer"
             ))
             .await
             .map_err(EngineError::pg("creating the sink's progress table"))?;
@@ -54,14 +77,19 @@ impl Fence {
                      ON CONFLICT (pipeline_id) DO UPDATE SET epoch = EXCLUDED.epoch, writer_epoch = EXCLUDED.epoch,
                        owner = EXCLUDED.owner, updated_at = now()
                      WHERE p.epoch <= EXCLUDED.epoch
-                     RETURNING epoch"
+                     RETURNING lsn, ord"
                 ),
                 &[&self.pipeline_id, &self.epoch, &self.owner],
             )
             .await
             .map_err(EngineError::pg("claiming the pipeline in the sink"))?;
-        if claimed.is_some() {
-            return Ok(());
+        if let Some(row) = claimed {
+            let lsn: Option<i64> = row.get(0);
+            let ord: Option<i32> = row.get(1);
+            return Ok(lsn.map(|lsn| Position {
+                lsn: lsn as u64,
+                ord: ord.unwrap_or(i32::MAX),
+            }));
         }
         let row = client
             .query_one(

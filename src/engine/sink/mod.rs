@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::future::Future;
 
 use super::error::EngineError;
-use super::event::{Event, RelationInfo};
+use super::event::{Event, Position, RelationInfo};
 
 /// Events of a batch that the sink refused, with the reason.
 #[derive(Debug, Clone, PartialEq)]
@@ -70,6 +70,12 @@ pub trait Sink: Send {
     type Prepared: Send + Sync;
 
     fn planner(&self) -> Self::Planner;
+
+    /// The position of the last change the sink holds, recorded in the sink's own transactions
+    /// (read when it was prepared); None when it records none. Everything up to it is in the sink.
+    fn recorded(&self) -> Option<Position> {
+        None
+    }
 
     fn prepare(
         planner: &Self::Planner,

@@ -25,7 +25,7 @@ use super::plan::{Action, Change, Step, plan};
 use super::{Part, Rejected, Sink, rekey, sql};
 use crate::engine::config::ConnString;
 use crate::engine::error::{EngineError, ErrorClass};
-use crate::engine::event::{Event, Op, RelationInfo};
+use crate::engine::event::{Event, Op, Position, RelationInfo};
 use crate::engine::pg;
 
 pub struct PostgresSink {
@@ -39,6 +39,10 @@ pub struct PostgresSink {
     /// Each sink transaction is refused once a newer owner has claimed the pipeline.
     fence: Option<Fence>,
     pause: CopyPause,
+    /// The position the sink recorded last, read when the pipeline was claimed.
+    recorded: Option<Position>,
+    /// The last change of the open sink transaction, recorded (under a fence) when it commits.
+    open_upto: Option<Position>,
 }
 
 /// After a COPY met a row already in the sink: batches applied with upserts only before COPY is
@@ -99,6 +103,8 @@ impl PostgresSink {
             statements: HashMap::new(),
             fence: None,
             pause: CopyPause::new(),
+            recorded: None,
+            open_upto: None,
         }
     }
 
@@ -111,6 +117,21 @@ impl PostgresSink {
             epoch,
         });
         self
+    }
+
+    /// Notes the last change of `batch` as part of the open sink transaction; at its commit, the
+    /// statement that records where the transaction ends (under a fence).
+    fn record_stmt(&mut self, batch: &[Event], part: Part) -> Option<String> {
+        if part.begin {
+            self.open_upto = None;
+        }
+        if let Some(e) = batch.last() {
+            self.open_upto = Some(e.pos);
+        }
+        let upto = self.open_upto.filter(|_| part.commit)?;
+        self.fence
+            .as_ref()
+            .map(|f| f.record_sql(&self.schema, upto))
     }
 
     /// The statement that opens each sink transaction under a fence.
@@ -222,7 +243,7 @@ impl PostgresSink {
                 )))?;
         }
         if let Some(f) = &self.fence {
-            f.claim(client, &self.schema).await?;
+            self.recorded = f.claim(client, &self.schema).await?;
         }
         for rel in rels {
             if self.ensured.contains_key(&rel.rel_ver) {
@@ -719,6 +740,7 @@ async fn run_transaction(
     fence: Option<&Stmt>,
     stmts: &[Stmt],
     part: Part,
+    record: Option<&str>,
 ) -> Result<(), EngineError> {
     let mut prepared = Vec::with_capacity(stmts.len());
     for s in stmts {
@@ -771,9 +793,15 @@ async fn run_transaction(
         });
     }
     if part.commit {
-        steps.push(Box::pin(async {
+        // Where the transaction ends, recorded in it: one simple query, so a failed UPDATE skips
+        // the COMMIT.
+        let commit = match record {
+            Some(r) => format!("{r}; COMMIT"),
+            None => "COMMIT".to_string(),
+        };
+        steps.push(Box::pin(async move {
             client
-                .batch_execute("COMMIT")
+                .batch_execute(&commit)
                 .await
                 .map_err(EngineError::pg("committing a sink transaction"))
         }));
@@ -785,6 +813,10 @@ async fn run_transaction(
 impl Sink for PostgresSink {
     type Planner = Planner;
     type Prepared = Prepared;
+
+    fn recorded(&self) -> Option<Position> {
+        self.recorded
+    }
 
     fn planner(&self) -> Planner {
         Planner {
@@ -810,6 +842,7 @@ impl Sink for PostgresSink {
         self.ready_for(p.rel_vers.iter().copied(), rels, part)
             .await?;
         let fence = self.fence_stmt();
+        let record = self.record_stmt(batch, part);
         let upserts;
         let mut p = p;
         if p.copies && !self.pause.copy_allowed() {
@@ -821,7 +854,14 @@ impl Sink for PostgresSink {
                 pg::deadline(
                     self.timeout,
                     "applying a batch to the sink",
-                    run_transaction(&mut self.statements, client, fence.as_ref(), &p.stmts, part),
+                    run_transaction(
+                        &mut self.statements,
+                        client,
+                        fence.as_ref(),
+                        &p.stmts,
+                        part,
+                        record.as_deref(),
+                    ),
                 )
                 .await
             }
@@ -853,6 +893,7 @@ impl Sink for PostgresSink {
                                 fence.as_ref(),
                                 &upserts.stmts,
                                 part,
+                                record.as_deref(),
                             ),
                         )
                         .await
@@ -877,6 +918,7 @@ impl Sink for PostgresSink {
             .await?;
         let timeout = self.timeout;
         let fence = self.fence_stmt();
+        let record = self.record_stmt(batch, part);
         let result = pg::deadline(
             timeout,
             "applying a batch to the sink change by change",
@@ -950,6 +992,12 @@ impl Sink for PostgresSink {
                     return Err(super::breaker_error(refused, batch.len(), first));
                 }
                 if part.commit {
+                    if let Some(r) = &record {
+                        client
+                            .batch_execute(r)
+                            .await
+                            .map_err(EngineError::pg("recording the sink's position"))?;
+                    }
                     sql("COMMIT", "committing a sink transaction").await?;
                 }
                 Ok(rejected)
@@ -963,7 +1011,6 @@ impl Sink for PostgresSink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::event::Position;
 
     fn rel() -> RelationInfo {
         RelationInfo::new(
