@@ -224,6 +224,7 @@ mod tests {
             },
             buffer: c,
             batch_size: 10,
+            bypass_buffer: false,
             flush_interval: Duration::from_secs(1),
             retention: Duration::from_secs(1),
             retry: RetryPolicy {

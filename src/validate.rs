@@ -332,6 +332,13 @@ pub fn validate(
     }
 
     let b = &spec.buffer;
+    if b.bypass && spec.sink.iceberg.is_some() {
+        c.err(
+            "spec.buffer.bypass",
+            "the Iceberg sink cannot skip the buffer: it makes changes durable only every commitInterval",
+            "remove spec.buffer.bypass (or set it to false) for an Iceberg sink",
+        );
+    }
     if b.batch_size == 0 || b.batch_size > 100_000 {
         c.err(
             "spec.buffer.batchSize",
@@ -457,6 +464,7 @@ pub fn validate(
         sink,
         buffer,
         batch_size: b.batch_size as usize,
+        bypass_buffer: b.bypass,
         flush_interval,
         retention,
         retry: RetryPolicy {
@@ -757,6 +765,24 @@ mod tests {
         );
         assert!(!format!("{c:?}").contains("sup3rs3cret"));
         assert!(!c.sink.describe().contains("sup3rs3cret"));
+    }
+
+    #[test]
+    fn bypassing_the_buffer_is_for_postgres_sinks_only() {
+        let good = format!("{GOOD}\nbuffer: {{bypass: true}}");
+        let (c, _) = validate(&id(), &spec(&good), &secrets(), None).unwrap();
+        assert!(c.bypass_buffer);
+        let (c, _) = validate(&id(), &spec(GOOD), &secrets(), None).unwrap();
+        assert!(!c.bypass_buffer, "off by default");
+        let lake = format!("{ICEBERG}\nbuffer: {{bypass: true}}");
+        let errs = validate(&id(), &spec(&lake), &lake_secrets(), None).unwrap_err();
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert_eq!(errs[0].field, "spec.buffer.bypass");
+        assert!(
+            errs[0].fix.contains("remove spec.buffer.bypass"),
+            "{}",
+            errs[0]
+        );
     }
 
     #[test]

@@ -245,6 +245,12 @@ pub struct BufferSpec {
     /// How long processed rows stay in the buffer.
     #[serde(default = "default_retention")]
     pub retention: String,
+    /// Deliver changes from the replication stream straight to the sink, which records its position
+    /// in the same transaction (PostgreSQL sinks only), instead of storing them in the buffer first.
+    /// Faster; but a paused pipeline stops reading (the slot keeps the WAL) instead of draining into
+    /// the buffer. The dead-letter queue and backpressure work as before. Default false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bypass: bool,
 }
 
 impl Default for BufferSpec {
@@ -255,6 +261,7 @@ impl Default for BufferSpec {
             batch_size: default_batch_size(),
             flush_interval: default_flush_interval(),
             retention: default_retention(),
+            bypass: false,
         }
     }
 }

@@ -135,6 +135,12 @@ impl CopyRows {
         self.last
     }
 
+    /// The encoded rows, to be read back with [`decode_rows`].
+    pub fn into_bytes(mut self) -> Bytes {
+        self.seal();
+        self.data.freeze()
+    }
+
     /// The encoded rows (a copy), to be read back with [`decode_rows`].
     pub fn to_bytes(&mut self) -> Bytes {
         self.seal();

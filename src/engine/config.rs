@@ -300,6 +300,9 @@ pub struct PipelineConfig {
     pub sink: SinkConfig,
     pub buffer: ConnString,
     pub batch_size: usize,
+    /// Changes go from the replication stream straight to the sink (`spec.buffer.bypass`); the
+    /// sink's own recorded position is then what the source is acknowledged up to.
+    pub bypass_buffer: bool,
     pub flush_interval: Duration,
     pub retention: Duration,
     pub retry: RetryPolicy,

@@ -37,6 +37,12 @@ pub struct Processor<S: Sink> {
     pub delivery_rx: watch::Receiver<Delivery>,
     /// Rows the buffer writer of the same session has just committed (see [`Handoff`]).
     pub handoffs: Option<mpsc::Receiver<Handoff>>,
+    /// Delivery starts after the later of this and the buffer's processed position.
+    pub delivered: Position,
+    /// `spec.buffer.bypass`: the handoffs are the only copy of the rows (none is lost or dropped,
+    /// and rows of an open transaction are delivered before its commit arrives); the LSN up to which
+    /// the sink holds everything goes back to the reader, which acknowledges it to the source.
+    pub bypass: Option<watch::Sender<u64>>,
 }
 
 /// Rows the buffer writer has just committed, for the processor of the same session.
@@ -69,6 +75,9 @@ struct Queue {
     /// Handoffs that start beyond `last` (the processor is reading the buffer behind the writer),
     /// kept until the reads reach them.
     later: VecDeque<Handoff>,
+    /// Handoffs are the only copy of their rows (`spec.buffer.bypass`): each is taken whole; the
+    /// processor takes one only when it has room and is not reading the buffer behind the writer.
+    lossless: bool,
 }
 
 /// Most handoffs kept for later (each at most one write batch).
@@ -94,6 +103,12 @@ impl Queue {
                 }
             }
             Some(last) if last <= self.last => {}
+            Some(_) if h.after > self.last && self.lossless => {
+                return Err(EngineError::Protocol(format!(
+                    "rows handed over after {:?} do not follow the processor's {:?}",
+                    h.after, self.last
+                )));
+            }
             Some(_) if h.after > self.last => {
                 if self.later.len() == LATER {
                     self.later.pop_front();
@@ -107,7 +122,9 @@ impl Queue {
                     .filter(|e| e.pos > known)
                     .collect();
                 let bytes: usize = events.iter().map(Event::size).sum();
-                if self.events.len() + events.len() <= self.cap && self.bytes + bytes <= QUEUE_BYTES
+                if self.lossless
+                    || (self.events.len() + events.len() <= self.cap
+                        && self.bytes + bytes <= QUEUE_BYTES)
                 {
                     self.bytes += bytes;
                     self.events.extend(events);
@@ -117,6 +134,12 @@ impl Queue {
             }
         }
         Ok(())
+    }
+
+    /// Whether a lossless queue takes another handoff now: it has room, and is not behind the
+    /// buffer (whose rows come before any handoff).
+    fn takes_handoff(&self, buffer_durable: u64) -> bool {
+        self.events.len() < self.cap && self.bytes < QUEUE_BYTES && !self.behind(buffer_durable)
     }
 
     fn durable_at(&mut self, d: Option<u64>) {
@@ -179,6 +202,15 @@ impl Queue {
     /// the next known event belongs to another one, or every durable event is known. None: the
     /// buffer must be read to tell.
     fn ends_txn(&self, last: Position, durable: u64) -> Option<bool> {
+        if self.lossless {
+            // Rows come before their commit: the transaction ends at `last` when the next row is
+            // another's, or when its commit has come (durable is past its commit LSN) and no row
+            // of it follows.
+            return Some(match self.events.front() {
+                Some(e) => e.pos.lsn != last.lsn,
+                None => durable > last.lsn,
+            });
+        }
         match self.events.front() {
             Some(e) => Some(e.pos.lsn != last.lsn),
             None if !self.behind(durable) => Some(true),
@@ -260,6 +292,7 @@ impl<S: Sink> Processor<S> {
         .await?
         .processed;
         let mut marked = (processed, Instant::now());
+        processed = processed.max(self.delivered);
         // What the sink holds durably: the buffer is marked processed up to here, never beyond.
         let mut durable = processed;
         let result = self
@@ -342,6 +375,7 @@ impl<S: Sink> Processor<S> {
             cap: (8 * limit).max(16_384),
             bytes: 0,
             later: VecDeque::new(),
+            lossless: self.bypass.is_some(),
         };
         let mut handoffs = self.handoffs.take();
         // The next batch, taken (and prepared for the sink) while the previous one was being delivered.
@@ -391,12 +425,18 @@ impl<S: Sink> Processor<S> {
                 }
                 continue;
             }
+            let buffer_durable = *self.durable_rx.borrow_and_update();
             if let Some(rx) = &mut handoffs {
-                while let Ok(h) = rx.try_recv() {
+                while (!q.lossless || q.takes_handoff(buffer_durable))
+                    && let Ok(h) = rx.try_recv()
+                {
                     q.offer(h)?;
                 }
             }
-            let durable = (*self.durable_rx.borrow_and_update()).max(q.durable);
+            let durable = buffer_durable.max(q.durable);
+            // Bypassing the buffer, rows of a transaction whose commit has not come yet are
+            // delivered too (in a sink transaction left open).
+            let avail = if q.lossless { u64::MAX } else { durable };
             let (mut batch, mut prepared) = ahead.take().unwrap_or_default();
             if batch.len() < limit {
                 if q.behind(durable) {
@@ -404,7 +444,7 @@ impl<S: Sink> Processor<S> {
                 }
                 let room = BATCH_BYTES.saturating_sub(batch.iter().map(Event::size).sum());
                 let more = if room > 0 {
-                    q.pop_durable(durable, limit - batch.len(), room)
+                    q.pop_durable(avail, limit - batch.len(), room)
                 } else {
                     Vec::new()
                 };
@@ -446,9 +486,11 @@ impl<S: Sink> Processor<S> {
                         None => std::future::pending().await,
                     }
                 };
+                let take = !q.lossless || q.takes_handoff(buffer_durable);
                 let handoff = async {
                     match &mut handoffs {
-                        Some(rx) => rx.recv().await,
+                        Some(rx) if take => rx.recv().await,
+                        Some(_) => std::future::pending().await,
                         None => std::future::pending().await,
                     }
                 };
@@ -508,7 +550,7 @@ impl<S: Sink> Processor<S> {
             };
             let started = Instant::now();
             // The next batch: from the queue, topped up from the buffer while this one is delivered.
-            let next = q.pop_durable(durable, limit, BATCH_BYTES);
+            let next = q.pop_durable(avail, limit, BATCH_BYTES);
             // With a full batch waiting behind this one, the sink transaction goes on into it
             // (whole source transactions still: this batch ends one), up to DEEP_TXN_BATCHES
             // batches: fewer sink commits while there is a backlog.
@@ -567,10 +609,26 @@ impl<S: Sink> Processor<S> {
             match outcome? {
                 Outcome::Cancelled => return Ok(()),
                 Outcome::Done => {}
+                Outcome::Rewind if q.lossless => {
+                    // The rows of the rolled-back transaction were only in memory: the session
+                    // starts again from what the sink holds, and the source sends them again.
+                    return self.restart(
+                        "a sink transaction spanning batches was rolled back; delivery starts again from the sink's position",
+                        None,
+                    );
+                }
                 Outcome::Rewind => {
                     open = None;
                     q.rewind(*processed);
                     continue;
+                }
+                Outcome::Isolate if q.lossless => {
+                    // Applied change by change, the transaction is read from the buffer: the
+                    // sessions store changes in the buffer until it is delivered.
+                    return self.restart(
+                        "the sink refused a change of a large transaction; it goes through the buffer, to be applied change by change",
+                        Some(last.lsn),
+                    );
                 }
                 Outcome::Lost => {
                     // The sink dropped what it staged: from the last durable position.
@@ -617,6 +675,9 @@ impl<S: Sink> Processor<S> {
                             .await?;
                             *marked = (upto, Instant::now());
                             q.rewind(upto);
+                            if self.bypass_resumes(upto) {
+                                return self.restart("the refused transaction is delivered; changes skip the buffer again", None);
+                            }
                         }
                         None => return Ok(()),
                     }
@@ -642,6 +703,28 @@ impl<S: Sink> Processor<S> {
                 *durable_pos = last;
                 self.committed(std::mem::take(&mut staged), last);
             }
+            if let Some(ack) = &self.bypass {
+                // Everything handed over is in the sink: up to the end of its last commit.
+                let caught_up = next.is_empty()
+                    && q.events.is_empty()
+                    && handoffs.as_ref().is_none_or(|rx| rx.is_empty());
+                let upto = if caught_up {
+                    q.durable.max(last.lsn)
+                } else {
+                    last.lsn
+                };
+                ack.send_if_modified(|a| {
+                    let moved = upto > *a;
+                    *a = (*a).max(upto);
+                    moved
+                });
+            }
+            if self.bypass_resumes(last) {
+                return self.restart(
+                    "the refused transaction is delivered; changes skip the buffer again",
+                    None,
+                );
+            }
             crate::engine::failpoint::crash_point("sink-before-mark");
             let caught_up = next.is_empty();
             if marked.0 != *durable_pos && (caught_up || marked.1.elapsed() >= MARK_EVERY) {
@@ -655,6 +738,28 @@ impl<S: Sink> Processor<S> {
             }
             ahead = (!caught_up).then_some((next, p));
         }
+    }
+
+    /// Ends the session so that the worker starts the next one at once (see
+    /// [`Shared::request_restart`]); `buffer_until`: its sessions store changes in the buffer, even
+    /// with `spec.buffer.bypass`, until the transaction committed at that LSN is delivered.
+    fn restart(&self, why: &str, buffer_until: Option<u64>) -> Result<(), EngineError> {
+        tracing::info!(pipeline = %self.cfg.name, why, "starting the session again");
+        self.shared.request_restart(buffer_until);
+        self.cancel.cancel();
+        Ok(())
+    }
+
+    /// Whether a session that stores changes in the buffer only because of a refused transaction
+    /// (see [`restart`](Self::restart)) has delivered it at `upto`, so that changes may skip the
+    /// buffer again.
+    fn bypass_resumes(&self, upto: Position) -> bool {
+        self.bypass.is_none()
+            && self.cfg.bypass_buffer
+            && self
+                .shared
+                .buffered_until()
+                .is_some_and(|lsn| upto.lsn >= lsn)
     }
 
     /// Reads durable events after the queue's end from the buffer into the queue.
@@ -1001,6 +1106,7 @@ mod tests {
             cap: 100,
             bytes: 0,
             later: VecDeque::new(),
+            lossless: false,
         }
     }
 

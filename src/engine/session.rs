@@ -11,10 +11,12 @@ use tokio_util::sync::CancellationToken;
 use super::buffer::{self, Buffer, Ownership};
 use super::config::{Delivery, PipelineConfig, SinkConfig};
 use super::error::EngineError;
+use super::event::Position;
 use super::housekeeping::housekeeping;
 use super::pg;
 use super::processor::Processor;
 use super::shared::Shared;
+use super::sink::Sink;
 use super::sink::iceberg::IcebergSink;
 use super::sink::postgres::PostgresSink;
 use super::snapshot;
@@ -189,6 +191,18 @@ pub(super) async fn run_session(
     .await?;
     let depth = pg::deadline(t, "counting buffered events", control.depth(&cp)).await?;
     shared.stats.buffer_depth.set(depth);
+    // `spec.buffer.bypass`: changes skip the buffer unless a refused transaction is still to be
+    // applied change by change from it. With nothing left in the buffer, delivery goes on after
+    // what the sink recorded it holds (the buffer's processed position may lag behind it). Rows a
+    // resync copied into the buffer are delivered first.
+    let bypass = cfg.bypass_buffer
+        && matches!(sink, AnySink::Postgres(_))
+        && shared.buffered_until().is_none();
+    let delivered = match sink.recorded() {
+        Some(p) if cfg.bypass_buffer && depth == 0 => p.max(cp.processed),
+        _ => cp.processed,
+    };
+    let (sink_ack_tx, sink_ack_rx) = watch::channel(0u64);
     shared.durable_lsn.store(cp.durable_lsn, Ordering::Relaxed);
     let (durable_tx, durable_rx) = watch::channel(cp.durable_lsn);
     let monitor = pg::connect(&cfg.source, "monitor").await?;
@@ -206,6 +220,8 @@ pub(super) async fn run_session(
         cancel: session.clone(),
         durable_tx,
         handoff: Some(handoff_tx),
+        sink_ack: bypass.then_some(sink_ack_rx),
+        delivered,
     };
     let processor_buffer = Buffer::connect(&cfg.buffer, &cfg.id, "buffer-reader")
         .await?
@@ -223,6 +239,8 @@ pub(super) async fn run_session(
                 durable_rx,
                 delivery_rx: delivery_rx.clone(),
                 handoffs: Some(handoff_rx),
+                delivered,
+                bypass: bypass.then_some(sink_ack_tx),
             }
             .run()
         };
@@ -242,6 +260,7 @@ pub(super) async fn run_session(
         shared.clone(),
         delivery_rx,
         session.clone(),
+        bypass,
     ));
 
     let mut first_error = None;
@@ -269,11 +288,21 @@ enum AnySink {
     Iceberg(Box<IcebergSink>),
 }
 
+impl AnySink {
+    fn recorded(&self) -> Option<Position> {
+        match self {
+            AnySink::Postgres(s) => s.recorded(),
+            AnySink::Iceberg(s) => s.recorded(),
+        }
+    }
+}
+
 /// Phase follows the delivery setting once the source is connected.
 async fn follow_delivery(
     shared: Arc<Shared>,
     mut delivery_rx: watch::Receiver<Delivery>,
     cancel: CancellationToken,
+    bypass: bool,
 ) -> Result<(), EngineError> {
     while !shared.source_connected.load(Ordering::Relaxed) {
         tokio::select! {
@@ -286,6 +315,10 @@ async fn follow_delivery(
         let d = *delivery_rx.borrow_and_update();
         let (phase, msg) = match d {
             Delivery::Running => (Phase::Running, "streaming"),
+            Delivery::Paused if bypass => (
+                Phase::Paused,
+                "paused: delivery to the sink stopped, and reading too (spec.buffer.bypass): the slot retains the WAL",
+            ),
             Delivery::Paused => (
                 Phase::Paused,
                 "paused: delivery to the sink stopped; the slot still drains into the buffer",

@@ -84,6 +84,11 @@ pub struct Shared {
     pub(super) changed: Notify,
     /// When the worker ended by itself (failed for good).
     pub(super) ended_at: Mutex<Option<std::time::Instant>>,
+    /// A session asked to be started again at once (not a failure).
+    restart: AtomicBool,
+    /// With `spec.buffer.bypass`: sessions store changes in the buffer until the transaction
+    /// committed at this LSN is delivered (0: none).
+    buffered_until: AtomicU64,
 }
 
 impl Shared {
@@ -105,7 +110,28 @@ impl Shared {
             }),
             changed: Notify::new(),
             ended_at: Mutex::new(None),
+            restart: AtomicBool::new(false),
+            buffered_until: AtomicU64::new(0),
         }
+    }
+
+    /// Asks the worker to start the next session at once; `buffer_until` sets (Some) or clears
+    /// (None) [`buffered_until`](Self::buffered_until).
+    pub(super) fn request_restart(&self, buffer_until: Option<u64>) {
+        self.buffered_until
+            .store(buffer_until.unwrap_or(0), Ordering::Relaxed);
+        self.restart.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a restart was asked for (and clears it).
+    pub(super) fn take_restart(&self) -> bool {
+        self.restart.swap(false, Ordering::Relaxed)
+    }
+
+    /// Sessions store changes in the buffer, even with `spec.buffer.bypass`, until the transaction
+    /// committed at this LSN is delivered.
+    pub(super) fn buffered_until(&self) -> Option<u64> {
+        Some(self.buffered_until.load(Ordering::Relaxed)).filter(|&l| l > 0)
     }
 
     pub(super) fn texts(&self) -> std::sync::MutexGuard<'_, Texts> {

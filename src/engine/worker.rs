@@ -35,6 +35,9 @@ pub(super) async fn supervise(
         if cancel.is_cancelled() {
             break false;
         }
+        if result.is_ok() && shared.take_restart() {
+            continue;
+        }
         let e = match result {
             Ok(()) => EngineError::Protocol("the pipeline's tasks ended unexpectedly".into()),
             Err(e) => e,

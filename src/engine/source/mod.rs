@@ -56,6 +56,12 @@ pub struct Reader {
     /// Where the buffer writer hands its committed rows to the processor; None: the processor reads
     /// them back from the buffer.
     pub handoff: Option<mpsc::Sender<Handoff>>,
+    /// `spec.buffer.bypass`: rows are handed to the processor only, never stored in the buffer,
+    /// and the source is acknowledged up to what the sink holds, as this watch reports.
+    pub sink_ack: Option<watch::Receiver<u64>>,
+    /// Where the processor starts: the first rows handed over follow the later of this and the
+    /// buffer's newest event.
+    pub delivered: Position,
 }
 
 /// One buffer transaction's worth of changes, from the reader to the writer.
@@ -104,6 +110,10 @@ struct State {
     acked: u64,
     /// The durable position acknowledged to the source.
     durable: u64,
+    /// End LSN of the last transaction handed to the writer.
+    handed_end: u64,
+    /// `spec.buffer.bypass`: durable means in the sink.
+    bypass: bool,
     backpressured: bool,
     old: Vec<Col>,
     new: Vec<Col>,
@@ -112,6 +122,26 @@ struct State {
 
 /// The writer's report after each batch: (batches committed, durable position).
 type Ack = (u64, u64);
+
+impl State {
+    /// The batch, for the writer.
+    fn take_batch(&mut self) -> Batch {
+        if let Some(lsn) = self.batch.durable_lsn {
+            self.handed_end = lsn;
+        }
+        std::mem::take(&mut self.batch)
+    }
+}
+
+/// When the sink's position moves (never, without one).
+async fn sink_moved(rx: &mut Option<watch::Receiver<u64>>) {
+    let Some(rx) = rx else {
+        return std::future::pending().await;
+    };
+    if rx.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
 
 fn writer_gone() -> EngineError {
     EngineError::Protocol("the buffer writer stopped".into())
@@ -133,6 +163,7 @@ fn key<'a>(
 /// Stores the reader's batches in the buffer, each in one transaction, in order. After each commit it
 /// moves the durable position (for the processor and, through the reader, for the source), and hands
 /// the rows to the processor of this session, which then need not read them back from the buffer.
+#[allow(clippy::too_many_arguments)]
 async fn write_batches(
     mut buffer: Buffer,
     mut rx: mpsc::Receiver<Batch>,
@@ -141,17 +172,22 @@ async fn write_batches(
     ack_tx: watch::Sender<Ack>,
     mut handoff: Option<mpsc::Sender<Handoff>>,
     shared_timeout: Duration,
+    (bypass, delivered): (bool, Position),
 ) -> Result<(), EngineError> {
     let (mut seq, mut durable) = *ack_tx.borrow();
     // The newest event already in the buffer: what the first batch follows.
     let t = shared_timeout;
     let processed = pg::deadline(t, "reading the buffer checkpoint", buffer.checkpoint())
         .await?
-        .processed;
+        .processed
+        .max(delivered);
     let mut written = buffer
         .last_position()
         .await?
         .map_or(processed, |p| p.max(processed));
+    if bypass {
+        return hand_over(buffer, rx, shared, ack_tx, handoff, t, written).await;
+    }
     while let Some(mut b) = rx.recv().await {
         let last = b.rows.last();
         // A copy only when the processor has room for it; else it reads the rows from the buffer.
@@ -186,6 +222,52 @@ async fn write_batches(
             shared.stats.buffer_depth.inc_by(b.completed_events);
             shared.durable_lsn.store(lsn, Ordering::Relaxed);
             durable_tx.send_replace(lsn);
+        }
+        ack_tx.send_replace((seq, durable));
+    }
+    Ok(())
+}
+
+/// `spec.buffer.bypass`: hands every batch to the processor, waiting while it has no room (which
+/// stops the reader in turn); only relation layouts go to the buffer. Nothing is durable here: the
+/// source is acknowledged from the sink's position instead (see [`Reader::sink_ack`]).
+async fn hand_over(
+    mut buffer: Buffer,
+    mut rx: mpsc::Receiver<Batch>,
+    shared: Arc<Shared>,
+    ack_tx: watch::Sender<Ack>,
+    handoff: Option<mpsc::Sender<Handoff>>,
+    t: Duration,
+    mut written: Position,
+) -> Result<(), EngineError> {
+    let (mut seq, durable) = *ack_tx.borrow();
+    let handoff = handoff
+        .ok_or_else(|| EngineError::Protocol("bypassing the buffer needs a processor".into()))?;
+    while let Some(b) = rx.recv().await {
+        if !b.relations.is_empty() {
+            pg::deadline(
+                t,
+                "writing table layouts to the buffer",
+                buffer.write(&b.relations, CopyRows::default(), None),
+            )
+            .await?;
+        }
+        let last = b.rows.last();
+        let h = Handoff {
+            after: written,
+            rows: b.rows.into_bytes(),
+            last,
+            durable: b.durable_lsn,
+        };
+        if handoff.send(h).await.is_err() {
+            // The processor stopped: the session is ending.
+            return Ok(());
+        }
+        seq += 1;
+        written = last.unwrap_or(written);
+        if let Some(lsn) = b.durable_lsn {
+            shared.stats.buffer_depth.inc_by(b.completed_events);
+            shared.durable_lsn.store(lsn, Ordering::Relaxed);
         }
         ack_tx.send_replace((seq, durable));
     }
@@ -237,6 +319,8 @@ impl Reader {
             cancel,
             durable_tx,
             handoff,
+            sink_ack,
+            delivered,
         } = self;
         // The keys of the layouts the buffer knows, for a FULL-identity table dropped since.
         let known = pg::deadline(
@@ -265,6 +349,7 @@ impl Reader {
             ack_tx,
             handoff,
             cfg.response_timeout,
+            (sink_ack.is_some(), delivered),
         ));
         let mut decoder = Decoder {
             known_keys,
@@ -273,8 +358,11 @@ impl Reader {
             sql,
             shared: shared.clone(),
             cancel,
+            skip_upto: sink_ack.is_some().then_some(delivered),
         };
-        let result = decoder.stream(&mut client, &tx, &mut ack_rx, start).await;
+        let result = decoder
+            .stream(&mut client, &tx, &mut ack_rx, start, sink_ack.clone())
+            .await;
         // The writer finishes what it was handed: each batch is a buffer transaction of its own, and
         // a transaction cut off mid-way is discarded on restart.
         drop(tx);
@@ -291,7 +379,10 @@ impl Reader {
             }
         };
         if written.is_ok() {
-            let (_, durable) = *ack_rx.borrow();
+            let durable = match &sink_ack {
+                Some(rx) => (*rx.borrow()).max(start),
+                None => ack_rx.borrow().1,
+            };
             client.update_applied_lsn(Lsn(durable));
         }
         shared.source_connected.store(false, Ordering::Relaxed);
@@ -309,15 +400,25 @@ struct Decoder {
     sql: Client,
     shared: Arc<Shared>,
     cancel: CancellationToken,
+    /// Changes at or before this position are in the sink already (bypassing the buffer, the
+    /// source sends again what came after its acknowledged position): skipped, so that they count
+    /// nowhere.
+    skip_upto: Option<Position>,
 }
 
 impl Decoder {
+    /// Whether the change at `pos` is in the sink already (see `skip_upto`).
+    fn delivered(&self, pos: Position) -> bool {
+        self.skip_upto.is_some_and(|d| pos <= d)
+    }
+
     async fn stream(
         &mut self,
         client: &mut ReplicationClient,
         tx: &mpsc::Sender<Batch>,
         ack_rx: &mut watch::Receiver<Ack>,
         start: u64,
+        mut sink_ack: Option<watch::Receiver<u64>>,
     ) -> Result<(), EngineError> {
         let mut st = State {
             relations: HashMap::new(),
@@ -328,6 +429,8 @@ impl Decoder {
             sent: 0,
             acked: 0,
             durable: start,
+            handed_end: start,
+            bypass: sink_ack.is_some(),
             backpressured: false,
             old: Vec::new(),
             new: Vec::new(),
@@ -343,11 +446,11 @@ impl Decoder {
         };
         let ended = || EngineError::Protocol("the replication stream ended".into());
         loop {
-            self.take_ack(client, ack_rx, &mut st);
+            self.take_ack(client, ack_rx, &mut sink_ack, &mut st);
             if st.batch.ready(batch_size) {
                 match tx.try_reserve() {
                     Ok(permit) => {
-                        permit.send(std::mem::take(&mut st.batch));
+                        permit.send(st.take_batch());
                         st.sent += 1;
                     }
                     Err(mpsc::error::TrySendError::Closed(())) => return Err(writer_gone()),
@@ -393,8 +496,9 @@ impl Decoder {
                     return Ok(());
                 }
                 r = ack_rx.changed() => r.map_err(|_| writer_gone())?,
+                _ = sink_moved(&mut sink_ack) => {}
                 permit = tx.reserve(), if ready => {
-                    permit.map_err(|_| writer_gone())?.send(std::mem::take(&mut st.batch));
+                    permit.map_err(|_| writer_gone())?.send(st.take_batch());
                     st.sent += 1;
                 }
                 r = client.recv(), if reading => {
@@ -410,20 +514,28 @@ impl Decoder {
         self.shared.stats.buffer_depth.get().max(0) as u64
     }
 
-    /// Acknowledges to the source what the writer has committed.
+    /// Acknowledges to the source what the writer has committed (or, bypassing the buffer, what
+    /// the sink holds).
     fn take_ack(
         &self,
         client: &ReplicationClient,
         ack_rx: &mut watch::Receiver<Ack>,
+        sink_ack: &mut Option<watch::Receiver<u64>>,
         st: &mut State,
     ) {
+        let mut durable = None;
         if ack_rx.has_changed().unwrap_or(false) {
-            let (seq, durable) = *ack_rx.borrow_and_update();
+            let (seq, d) = *ack_rx.borrow_and_update();
             st.acked = seq;
-            if durable > st.durable {
-                st.durable = durable;
-                client.update_applied_lsn(Lsn(durable));
-            }
+            durable = Some(d);
+        }
+        if let Some(rx) = sink_ack {
+            // Not `has_changed`: waiting for a change (in `stream`) marks it seen.
+            durable = Some(*rx.borrow_and_update());
+        }
+        if let Some(d) = durable.filter(|&d| d > st.durable) {
+            st.durable = d;
+            client.update_applied_lsn(Lsn(d));
         }
     }
 
@@ -476,6 +588,7 @@ impl Decoder {
                 if st.txn.is_none()
                     && st.batch.is_empty()
                     && st.acked == st.sent
+                    && (!st.bypass || st.durable >= st.handed_end)
                     && wal_end.0 > st.durable
                 {
                     client.update_applied_lsn(wal_end);
@@ -503,6 +616,10 @@ impl Decoder {
             lsn: txn.lsn,
             ord: txn.next_ord,
         };
+        if self.delivered(pos) {
+            txn.next_ord += 1;
+            return Ok(());
+        }
         let rows = &mut st.batch.rows;
         let (msg, old, new) = (&data[..], &st.old[..], &st.new[..]);
         match kind {
@@ -650,6 +767,10 @@ impl Decoder {
                         lsn: txn.lsn,
                         ord: txn.next_ord,
                     };
+                    if self.delivered(pos) {
+                        txn.next_ord += 1;
+                        continue;
+                    }
                     let rows = &mut st.batch.rows;
                     rows.begin_row(
                         &self.pipeline_id,
