@@ -13,6 +13,8 @@
 //!    `confirmed_flush_lsn` passes the workload end;
 //! 3. Philotes end to end into a PostgreSQL sink, until the sink has committed the last change (then
 //!    count and checksum are compared with the source);
+//!    bypass: the same with `spec.buffer.bypass: true` on slot `bench_bypass`, until the slot's
+//!    `confirmed_flush_lsn` passes the workload end (the native subscription's criterion);
 //! 4. Philotes reader + buffer only (delivery Paused), until `durable_lsn` is past the workload end;
 //! 5. latency at a steady rate in small transactions: source commit → sink commit, from commit
 //!    timestamps (the clusters are restarted with track_commit_timestamp=on for this phase only);
@@ -379,10 +381,11 @@ impl Ctx {
 }
 
 /// Every phase, as `--skip` names them.
-const PHASES: [&str; 8] = [
+const PHASES: [&str; 9] = [
     "reference",
     "native",
     "e2e",
+    "bypass",
     "reader",
     "latency",
     "idle",
@@ -449,7 +452,7 @@ async fn bench(cli: &Cli) -> anyhow::Result<()> {
 
     let mut throughput = Vec::new();
     let mut workload = None;
-    if !(skip("reference") && skip("native") && skip("e2e") && skip("reader")) {
+    if !(skip("reference") && skip("native") && skip("e2e") && skip("bypass") && skip("reader")) {
         let w = main_workload(&ctx, &src, cli.rows, !skip("native")).await?;
         workload = Some(w);
         let mut reference_rate = None;
@@ -477,6 +480,12 @@ async fn bench(cli: &Cli) -> anyhow::Result<()> {
             throughput.push(t);
         }
         drop_slot(&src, "bench_e2e").await?;
+        if !skip("bypass") && cli.sink != "iceberg" {
+            let mut t = bypass(&ctx, &src, &sink, &w).await?;
+            ratios(&mut t);
+            throughput.push(t);
+        }
+        drop_slot(&src, "bench_bypass").await?;
         if !skip("reader") {
             let mut t = reader_only(&ctx, &src, &w).await?;
             ratios(&mut t);
@@ -555,8 +564,14 @@ async fn main_workload(
         // After the publication: the subscription learns its tables when it is created.
         native_prepare(ctx).await?;
     }
-    let slots = ["bench_ref", "bench_e2e", "bench_reader", NATIVE_SLOT];
-    for slot in &slots[..if native { 4 } else { 3 }] {
+    let slots = [
+        "bench_ref",
+        "bench_e2e",
+        "bench_bypass",
+        "bench_reader",
+        NATIVE_SLOT,
+    ];
+    for slot in &slots[..if native { 5 } else { 4 }] {
         src.execute(
             "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
             &[&slot],
@@ -1117,6 +1132,85 @@ async fn end_to_end(
     Ok(t)
 }
 
+/// Philotes end to end with `spec.buffer.bypass: true`, until the slot's `confirmed_flush_lsn`
+/// passes the workload end (Philotes acknowledges only what the sink holds); then the sink must
+/// match the source.
+async fn bypass(
+    ctx: &Ctx,
+    src: &Client,
+    sink: &Client,
+    w: &Workload,
+) -> anyhow::Result<Throughput> {
+    checkpoint_all(ctx).await?;
+    eprintln!("Philotes end to end, bypassing the buffer ...");
+    let (pg0, busy0) = (ctx.pg_cpu(), procstat::machine_busy());
+    let mut p = ctx.spawn(
+        "bypass",
+        &[Spec {
+            name: "bypass",
+            uid: "bench-bypass",
+            paused: false,
+            table: "public.items",
+            publication: "bench_pub",
+            slot: "bench_bypass",
+            sink_schema: "replica_bypass",
+            iceberg: None,
+            extra: "  buffer: {bypass: true}",
+        }],
+    )?;
+    wait_for(
+        "confirmed_flush_lsn past the workload end",
+        &mut p,
+        LONG,
+        || async {
+            lsn_of(
+                src,
+                "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::int8 FROM pg_replication_slots WHERE slot_name = 'bench_bypass'",
+            )
+            .await
+            .is_some_and(|c| c > w.end_lsn)
+        },
+    )
+    .await?;
+    let seconds = p.started.elapsed().as_secs_f64();
+    let (cpu, rss, switches) = (p.cpu(), p.peak_rss(), procstat::context_switches(p.pid));
+    let pg = ctx.pg_cpu() - pg0;
+    let other = (procstat::machine_busy() - busy0 - pg - cpu).max(0.0);
+    let mut sessions = sessions_cpu(src, "philotes-").await;
+    sessions.extend(sessions_cpu(sink, "philotes-").await);
+    sessions.sort_by(|a, b| b.1.total_cmp(&a.1));
+    p.stop().await?;
+    let want = workload::checksum(src, "items").await?;
+    let have = workload::checksum(sink, "replica_bypass.items").await?;
+    anyhow::ensure!(
+        want == have,
+        "bypass: the sink does not match the source: source {want:?}, sink {have:?}"
+    );
+    let t = Throughput {
+        name: "Philotes end to end, bypassing the buffer → PostgreSQL sink".into(),
+        changes: w.changes,
+        seconds,
+        changes_per_s: w.changes as f64 / seconds,
+        ratio_to_reference: None,
+        ratio_to_native: None,
+        client_cpu_s: cpu,
+        client_cpu_s_per_million: cpu / (w.changes as f64 / 1e6),
+        client_peak_rss_mb: rss as f64 / MB,
+        client_context_switches: switches,
+        postgres_cpu_s: pg,
+        other_cpu_s: other,
+        postgres_cpu_by_session: sessions,
+        note: format!(
+            "spec.buffer.bypass: true; until confirmed_flush_lsn > {}; sink = source: {} rows, checksum {}",
+            lsn_text(w.end_lsn),
+            have.0,
+            have.1
+        ),
+    };
+    eprintln!("  {:.2}s, {:.0} changes/s", t.seconds, t.changes_per_s);
+    Ok(t)
+}
+
 /// `total-records` of the current snapshot of Iceberg table `ns.table`, from the SQL catalog in the
 /// buffer database and the table's metadata file (`file://` warehouses only).
 async fn iceberg_records(buffer: &Client, ns: &str, table: &str) -> anyhow::Result<u64> {
@@ -1439,6 +1533,14 @@ fn targets(t: &[Throughput], l: Option<&Latency>, memory: &[memory::MemoryPhase]
             target: "≤ 150 MB".into(),
             measured: format!("{:.0} MiB", e.client_peak_rss_mb),
             met: e.client_peak_rss_mb * MB <= 150e6,
+        });
+    }
+    if let Some(ratio) = find("Philotes end to end, bypassing").and_then(|b| b.ratio_to_native) {
+        out.push(Target {
+            what: "end-to-end throughput, spec.buffer.bypass".into(),
+            target: "≥ 1.0 × native subscription".into(),
+            measured: format!("{ratio:.2} ×"),
+            met: ratio >= 1.0,
         });
     }
     if let Some(l) = l {
