@@ -234,3 +234,70 @@ async fn a_refused_change_of_a_large_transaction_goes_through_the_buffer_then_by
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert_eq!(letters[0]["values"]["id"], "2500");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_outage_inside_a_large_transaction_loses_nothing_when_bypassing_the_buffer() {
+    let pg = Pg::start();
+    let sink = Pg::start();
+    pg.create_db("shop").await;
+    sink.create_db("warehouse").await;
+    let src = pg.client("shop").await;
+    src.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let h = PipelineHandle::start(
+        config(
+            "bypass-outage",
+            &pg.uri("shop"),
+            &sink.uri("warehouse"),
+            &["t"],
+            BYPASS,
+        ),
+        Arc::new(Metrics::new()),
+    );
+    wait_phase(&h, Phase::Running).await;
+    src.batch_execute("INSERT INTO t SELECT i, 'before' FROM generate_series(1, 100) i")
+        .await
+        .unwrap();
+    let dst = sink.client("warehouse").await;
+    wait_same(&src, "t", &dst, "replica.t", "id", WAIT).await;
+
+    // A transaction of 20,000 rows (40 batches in one sink transaction) while the sink goes away:
+    // the open sink transaction is lost with the connection, and only the source has its rows.
+    let load = {
+        let c = pg.client("shop").await;
+        tokio::spawn(async move {
+            c.batch_execute("INSERT INTO t SELECT i, 'large' FROM generate_series(101, 20100) i")
+                .await
+                .unwrap();
+            for k in 0..20 {
+                c.batch_execute(&format!(
+                    "INSERT INTO t SELECT i, 'during' FROM generate_series({}, {}) i; UPDATE t SET v = 'u' WHERE id = {}",
+                    20101 + k * 100,
+                    20200 + k * 100,
+                    k + 1
+                ))
+                .await
+                .unwrap();
+            }
+        })
+    };
+    eventually(
+        "part of the large transaction to be applied",
+        WAIT,
+        || async { h.current().events_read > 2_000 },
+    )
+    .await;
+    sink.stop_server();
+    load.await.unwrap();
+    eventually("the sink to be reported unhealthy", WAIT, || async {
+        h.current().last_error.is_some() || !h.current().sink_healthy
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    sink.start_server();
+    let dst = sink.client("warehouse").await;
+    wait_same(&src, "t", &dst, "replica.t", "id", Duration::from_secs(120)).await;
+    assert_eq!(buffered_rows(&src).await, 0);
+    h.stop().await;
+}
