@@ -553,6 +553,49 @@ async fn an_s3_warehouse_gets_the_same_changelog_and_an_outage_backpressures_the
     h.stop().await;
 }
 
+/// Changes the sink has staged but not committed still count in the buffer's depth, so past
+/// `highWatermark` the reader holds until the sink commits. The sink then commits at once instead of
+/// waiting for `commitInterval` (an hour here): everything arrives, and the reader resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_buffer_makes_the_sink_commit_before_the_commit_interval() {
+    let pg = Pg::start();
+    pg.create_db("shop").await;
+    let src = pg.client("shop").await;
+    src.batch_execute("CREATE TABLE t (id bigint PRIMARY KEY, v text, n int)")
+        .await
+        .unwrap();
+    let lake = file_lake(pg.dir());
+    let extra = "  buffer: {batchSize: 100, flushInterval: 100ms}\n  backpressure: {highWatermark: 300, lowWatermark: 100, checkInterval: 100ms}";
+    let m = manifest(&pg, &lake, "t", extra).replace("commitInterval: 1s", "commitInterval: 1h");
+    let h = start(&m);
+    wait_phase(&h, Phase::Running).await;
+    // 2000 changes in 20 transactions: more than six times the high watermark.
+    for k in 0..20i64 {
+        src.batch_execute(&format!(
+            "INSERT INTO t SELECT i, md5(i::text), 0 FROM generate_series({}, {}) i",
+            k * 100 + 1,
+            k * 100 + 100
+        ))
+        .await
+        .unwrap();
+    }
+    eventually(
+        "every change to be committed to Iceberg (commitInterval is 1h)",
+        WAIT,
+        || async { h.current().events_delivered == 2000 },
+    )
+    .await;
+    let r = check(&pg, &lake, "cdc.t", "SELECT id, v, n FROM t", false);
+    assert_eq!(r["equal"], true, "{r}");
+    assert_eq!(r["duplicates"], 0, "{r}");
+    assert_eq!(r["changelog_rows"], 2000, "{r}");
+    eventually("backpressure to release", WAIT, || async {
+        !h.current().backpressured
+    })
+    .await;
+    h.stop().await;
+}
+
 #[test]
 fn the_example_pipeline_is_valid() {
     let text = std::fs::read_to_string("examples/iceberg-pipeline.yaml").unwrap();

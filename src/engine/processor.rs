@@ -455,7 +455,10 @@ impl<S: Sink> Processor<S> {
             }
             if batch.is_empty() {
                 let flush_at = self.sink.flush_at().filter(|_| self.sink.pending());
-                if open.is_none() && flush_at.is_some_and(|t| t <= Instant::now()) {
+                if open.is_none()
+                    && (flush_at.is_some_and(|t| t <= Instant::now())
+                        || (self.sink.pending() && self.reader_held()))
+                {
                     if self
                         .flush_sink(
                             &mut q,
@@ -760,6 +763,14 @@ impl<S: Sink> Processor<S> {
                 .shared
                 .buffered_until()
                 .is_some_and(|lsn| upto.lsn >= lsn)
+    }
+
+    /// Whether backpressure holds the reader, or will at its next transaction boundary. Changes the
+    /// sink staged count in the buffer's depth until it makes them durable, so then only a flush
+    /// lets the reader go on.
+    fn reader_held(&self) -> bool {
+        self.shared.backpressured()
+            || self.shared.stats.buffer_depth.get() > self.cfg.high_watermark as i64
     }
 
     /// Reads durable events after the queue's end from the buffer into the queue.

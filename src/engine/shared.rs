@@ -234,6 +234,11 @@ impl Shared {
         }
     }
 
+    /// Whether backpressure holds the reader.
+    pub fn backpressured(&self) -> bool {
+        self.backpressured.load(Ordering::Relaxed)
+    }
+
     pub fn set_backpressured(&self, on: bool) {
         self.backpressured.store(on, Ordering::Relaxed);
         self.stats.backpressured.set(on as i64);

@@ -107,8 +107,10 @@ pub trait Sink: Send {
 
     // A sink may stage committed sink transactions and make them durable later, in one go (the
     // Iceberg sink commits a snapshot every `commitInterval`). The processor then marks the buffer
-    // processed only up to what is durable. The defaults are those of a sink whose commits are
-    // durable at once (PostgreSQL).
+    // processed only up to what is durable, and staged changes count in the buffer's depth: when
+    // they hold the reader (backpressure) and nothing else is left to deliver, it flushes at once
+    // rather than at `flush_at`. The defaults are those of a sink whose commits are durable at once
+    // (PostgreSQL).
 
     /// Whether committed sink transactions are staged, not yet durable.
     fn pending(&self) -> bool {
