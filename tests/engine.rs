@@ -624,3 +624,44 @@ async fn quoted_table_names_are_read_as_postgres_writes_them() {
     assert_eq!(count(&dst, sink_orders).await, 289);
     h.stop().await;
 }
+
+/// Rows whose values are larger than a write batch are stored, read back and applied one at a
+/// time (the reader waits for the writer to store each): they all arrive, byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_with_values_wider_than_a_batch_arrive_whole() {
+    let pg = Pg::start();
+    let (src, dst) = setup(&pg).await;
+    src.batch_execute("CREATE TABLE w (id int PRIMARY KEY, b bytea, t text)")
+        .await
+        .unwrap();
+    let h = PipelineHandle::start(
+        config("wide", &pg.uri("shop"), &pg.uri("warehouse"), &["w"], FAST),
+        Arc::new(Metrics::new()),
+    );
+    wait_phase(&h, Phase::Running).await;
+    // 6 MiB values (a bytea is 12 MiB as text): each row is past twice a write batch (2 MiB).
+    for (first, last) in [(1, 1), (2, 4), (5, 6)] {
+        src.batch_execute(&format!(
+            "INSERT INTO w SELECT i, CASE WHEN i % 2 = 1 THEN convert_to(repeat(md5(i::text), 6 * 1024 * 1024 / 32), 'UTF8') END,
+                                   CASE WHEN i % 2 = 0 THEN repeat(md5(i::text), 6 * 1024 * 1024 / 32) END
+             FROM generate_series({first}, {last}) i"
+        ))
+        .await
+        .unwrap();
+    }
+    let sums = "SELECT string_agg(id || ':' || coalesce(md5(b), '') || coalesce(md5(t), ''), ',' ORDER BY id) FROM ";
+    let want: String = src
+        .query_one(&format!("{sums} w"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    eventually("the wide rows to arrive", WAIT, || async {
+        dst.query_one(&format!("{sums} replica.w"), &[])
+            .await
+            .ok()
+            .and_then(|r| r.get::<_, Option<String>>(0))
+            .is_some_and(|have| have == want)
+    })
+    .await;
+    h.stop().await;
+}

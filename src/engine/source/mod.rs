@@ -90,6 +90,13 @@ impl Batch {
     fn full(&self) -> bool {
         self.rows.bytes() >= MAX_BATCH_BYTES
     }
+
+    /// Past twice [`MAX_BATCH_BYTES`]: rows with wide values. Such a batch goes to the writer only
+    /// when it is idle, and nothing more is read while the writer has one, so that one is in memory
+    /// at a time instead of one per stage.
+    fn oversized(&self) -> bool {
+        self.rows.bytes() > 2 * MAX_BATCH_BYTES
+    }
 }
 
 /// A relation as the reader needs it.
@@ -112,6 +119,8 @@ struct State {
     durable: u64,
     /// End LSN of the last transaction handed to the writer.
     handed_end: u64,
+    /// The number (as `sent` counts) of the last oversized batch handed to the writer.
+    oversized_sent: u64,
     /// `spec.buffer.bypass`: durable means in the sink.
     bypass: bool,
     backpressured: bool,
@@ -124,10 +133,19 @@ struct State {
 type Ack = (u64, u64);
 
 impl State {
-    /// The batch, for the writer.
+    /// Whether the batch goes to the writer now: it is ready and, when oversized, the writer has
+    /// written every batch before it.
+    fn sendable(&self, batch_size: usize) -> bool {
+        self.batch.ready(batch_size) && (!self.batch.oversized() || self.acked == self.sent)
+    }
+
+    /// The batch, for the writer (the caller counts it in `sent`).
     fn take_batch(&mut self) -> Batch {
         if let Some(lsn) = self.batch.durable_lsn {
             self.handed_end = lsn;
+        }
+        if self.batch.oversized() {
+            self.oversized_sent = self.sent + 1;
         }
         std::mem::take(&mut self.batch)
     }
@@ -430,6 +448,7 @@ impl Decoder {
             acked: 0,
             durable: start,
             handed_end: start,
+            oversized_sent: 0,
             bypass: sink_ack.is_some(),
             backpressured: false,
             old: Vec::new(),
@@ -447,7 +466,7 @@ impl Decoder {
         let ended = || EngineError::Protocol("the replication stream ended".into());
         loop {
             self.take_ack(client, ack_rx, &mut sink_ack, &mut st);
-            if st.batch.ready(batch_size) {
+            if st.sendable(batch_size) {
                 match tx.try_reserve() {
                     Ok(permit) => {
                         permit.send(st.take_batch());
@@ -460,7 +479,7 @@ impl Decoder {
             if st.txn.is_none() {
                 self.backpressure(&mut watermarks, &mut st);
             }
-            let reading = !st.batch.full() && !st.backpressured;
+            let reading = !st.batch.full() && !st.backpressured && st.acked >= st.oversized_sent;
             if reading {
                 // Handle what has arrived already without waiting.
                 let mut handled = 0;
@@ -486,7 +505,7 @@ impl Decoder {
                     continue;
                 }
             }
-            let ready = st.batch.ready(batch_size);
+            let ready = st.sendable(batch_size);
             tokio::select! {
                 biased;
                 _ = self.cancel.cancelled() => {
@@ -523,14 +542,11 @@ impl Decoder {
         sink_ack: &mut Option<watch::Receiver<u64>>,
         st: &mut State,
     ) {
-        let mut durable = None;
-        if ack_rx.has_changed().unwrap_or(false) {
-            let (seq, d) = *ack_rx.borrow_and_update();
-            st.acked = seq;
-            durable = Some(d);
-        }
+        // Not `has_changed`: waiting for a change (in `stream`) marks it seen.
+        let (seq, d) = *ack_rx.borrow_and_update();
+        st.acked = seq;
+        let mut durable = Some(d);
         if let Some(rx) = sink_ack {
-            // Not `has_changed`: waiting for a change (in `stream`) marks it seen.
             durable = Some(*rx.borrow_and_update());
         }
         if let Some(d) = durable.filter(|&d| d > st.durable) {
