@@ -552,8 +552,14 @@ impl<S: Sink> Processor<S> {
                 None => S::prepare(&planner, &batch, rels)?,
             };
             let started = Instant::now();
-            // The next batch: from the queue, topped up from the buffer while this one is delivered.
-            let next = q.pop_durable(avail, limit, BATCH_BYTES);
+            // The next batch: from the queue, topped up from the buffer while this one is delivered;
+            // none while this one is over BATCH_BYTES (wide rows), so that one is in memory at a time.
+            let wide = batch.iter().map(Event::size).sum::<usize>() > BATCH_BYTES;
+            let next = if wide {
+                Vec::new()
+            } else {
+                q.pop_durable(avail, limit, BATCH_BYTES)
+            };
             // With a full batch waiting behind this one, the sink transaction goes on into it
             // (whole source transactions still: this batch ends one), up to DEEP_TXN_BATCHES
             // batches: fewer sink commits while there is a backlog.
@@ -567,8 +573,8 @@ impl<S: Sink> Processor<S> {
                 commit: ends && !deep,
             };
             let room = BATCH_BYTES.saturating_sub(next.iter().map(Event::size).sum());
-            let read_after =
-                (next.len() < limit && room > 0 && q.behind(durable)).then_some((q.last, room));
+            let read_after = (!wide && next.len() < limit && room > 0 && q.behind(durable))
+                .then_some((q.last, room));
             let (outcome, next) = {
                 let Processor {
                     cfg,

@@ -707,6 +707,9 @@ async fn run_stmt(
     }
 }
 
+/// Bytes of COPY data sent in one message.
+const COPY_CHUNK: usize = 256 * 1024;
+
 /// Runs a `COPY ... FROM STDIN` with `data`.
 async fn copy(
     client: &Client,
@@ -719,9 +722,16 @@ async fn copy(
         .await
         .map_err(EngineError::pg(what))?;
     futures::pin_mut!(sink);
-    sink.send(data.clone())
-        .await
-        .map_err(EngineError::pg(what))?;
+    // In slices (no copies), so that the connection's write buffer stays small for wide rows.
+    let mut at = 0;
+    while at < data.len() {
+        let end = (at + COPY_CHUNK).min(data.len());
+        sink.as_mut()
+            .feed(data.slice(at..end))
+            .await
+            .map_err(EngineError::pg(what))?;
+        at = end;
+    }
     sink.as_mut()
         .finish()
         .await
