@@ -142,6 +142,21 @@ impl Queue {
         self.events.len() < self.cap && self.bytes < QUEUE_BYTES && !self.behind(buffer_durable)
     }
 
+    /// Up to which commit LSN events may be taken: those of durable transactions and, bypassing
+    /// the buffer, of one whose commit has not come yet when more than a batch is queued, so that
+    /// a full batch of it goes into a sink transaction left open. The last event taken then always
+    /// has another after it in the queue (which tells whether its transaction ends there): the
+    /// last event of a transaction is never applied before its commit is known.
+    fn avail(&self, durable: u64, limit: usize) -> u64 {
+        let more_than_a_batch =
+            self.events.len() > limit || (self.events.len() >= 2 && self.bytes > BATCH_BYTES);
+        if self.lossless && more_than_a_batch {
+            u64::MAX
+        } else {
+            durable
+        }
+    }
+
     fn durable_at(&mut self, d: Option<u64>) {
         if let Some(d) = d {
             self.covered = self.covered.max(d);
@@ -335,6 +350,7 @@ impl<S: Sink> Processor<S> {
                 self.shared.set_sink_ok();
                 *durable = *processed;
                 self.committed(std::mem::take(staged), *processed);
+                self.acknowledge(*durable, *processed, None);
                 Ok(Flush::Done)
             }
             Err(e) if e.class() == ErrorClass::Config => Err(e),
@@ -342,6 +358,11 @@ impl<S: Sink> Processor<S> {
                 self.shared.set_sink_error(&e);
                 self.shared.stats.retries.inc();
                 let lost = self.sink.take_lost();
+                if lost && q.lossless {
+                    // Its rows were only in memory: the session starts again from what the
+                    // sink holds.
+                    return Err(e);
+                }
                 if lost {
                     *staged = 0;
                     *processed = *durable;
@@ -434,9 +455,6 @@ impl<S: Sink> Processor<S> {
                 }
             }
             let durable = buffer_durable.max(q.durable);
-            // Bypassing the buffer, rows of a transaction whose commit has not come yet are
-            // delivered too (in a sink transaction left open).
-            let avail = if q.lossless { u64::MAX } else { durable };
             let (mut batch, mut prepared) = ahead.take().unwrap_or_default();
             if batch.len() < limit {
                 if q.behind(durable) {
@@ -444,7 +462,7 @@ impl<S: Sink> Processor<S> {
                 }
                 let room = BATCH_BYTES.saturating_sub(batch.iter().map(Event::size).sum());
                 let more = if room > 0 {
-                    q.pop_durable(avail, limit - batch.len(), room)
+                    q.pop_durable(q.avail(durable, limit), limit - batch.len(), room)
                 } else {
                     Vec::new()
                 };
@@ -471,6 +489,13 @@ impl<S: Sink> Processor<S> {
                         == Flush::Done
                     {
                         flush_outage = retry::backoff(&self.cfg.retry, None);
+                        let all_applied =
+                            q.events.is_empty() && handoffs.as_ref().is_none_or(|rx| rx.is_empty());
+                        self.acknowledge(
+                            *durable_pos,
+                            *processed,
+                            all_applied.then_some(q.durable),
+                        );
                     }
                     continue;
                 }
@@ -558,7 +583,7 @@ impl<S: Sink> Processor<S> {
             let next = if wide {
                 Vec::new()
             } else {
-                q.pop_durable(avail, limit, BATCH_BYTES)
+                q.pop_durable(q.avail(durable, limit), limit, BATCH_BYTES)
             };
             // With a full batch waiting behind this one, the sink transaction goes on into it
             // (whole source transactions still: this batch ends one), up to DEEP_TXN_BATCHES
@@ -618,7 +643,7 @@ impl<S: Sink> Processor<S> {
             match outcome? {
                 Outcome::Cancelled => return Ok(()),
                 Outcome::Done => {}
-                Outcome::Rewind if q.lossless => {
+                Outcome::Rewind | Outcome::Lost if q.lossless => {
                     // The rows of the rolled-back transaction were only in memory: the session
                     // starts again from what the sink holds, and the source sends them again.
                     return self.restart(
@@ -712,22 +737,31 @@ impl<S: Sink> Processor<S> {
                 *durable_pos = last;
                 self.committed(std::mem::take(&mut staged), last);
             }
-            if let Some(ack) = &self.bypass {
-                // Everything handed over is in the sink: up to the end of its last commit.
-                let caught_up = next.is_empty()
-                    && q.events.is_empty()
-                    && handoffs.as_ref().is_none_or(|rx| rx.is_empty());
-                let upto = if caught_up {
-                    q.durable.max(last.lsn)
-                } else {
-                    last.lsn
-                };
-                ack.send_if_modified(|a| {
-                    let moved = upto > *a;
-                    *a = (*a).max(upto);
-                    moved
-                });
+            let all_applied = next.is_empty()
+                && q.events.is_empty()
+                && handoffs.as_ref().is_none_or(|rx| rx.is_empty());
+            // A sink that commits without waiting for its disk (bypassing the buffer) is made
+            // durable every so often even while busy, and before the changes it holds would
+            // stop the reader.
+            let due = self.sink.flush_at().is_some_and(|t| t <= Instant::now())
+                || staged >= (self.cfg.high_watermark / 2).max(1) as i64;
+            if self.sink.pending() && due {
+                match self
+                    .flush_sink(
+                        &mut q,
+                        processed,
+                        durable_pos,
+                        &mut staged,
+                        &mut flush_outage,
+                    )
+                    .await?
+                {
+                    Flush::Done => flush_outage = retry::backoff(&self.cfg.retry, None),
+                    Flush::Failed => {}
+                    Flush::Rewound => continue,
+                }
             }
+            self.acknowledge(*durable_pos, *processed, all_applied.then_some(q.durable));
             if self.bypass_resumes(last) {
                 return self.restart(
                     "the refused transaction is delivered; changes skip the buffer again",
@@ -747,6 +781,24 @@ impl<S: Sink> Processor<S> {
             }
             ahead = (!caught_up).then_some((next, p));
         }
+    }
+
+    /// Bypassing the buffer: tells the reader how far the sink holds everything, to acknowledge it
+    /// to the source: the commit LSN of the last durable transaction or, when the sink has durably
+    /// everything handed over, `end` (the end of the last commit handed over).
+    fn acknowledge(&self, durable: Position, processed: Position, end: Option<u64>) {
+        let Some(ack) = &self.bypass else {
+            return;
+        };
+        let upto = match end {
+            Some(end) if durable == processed => end.max(durable.lsn),
+            _ => durable.lsn,
+        };
+        ack.send_if_modified(|a| {
+            let moved = upto > *a;
+            *a = (*a).max(upto);
+            moved
+        });
     }
 
     /// Ends the session so that the worker starts the next one at once (see
@@ -1125,6 +1177,43 @@ mod tests {
             later: VecDeque::new(),
             lossless: false,
         }
+    }
+
+    #[test]
+    fn bypassing_the_buffer_the_last_event_of_a_transaction_waits_for_its_commit() {
+        let start = Position { lsn: 10, ord: 1 };
+        let mut q = queue(start);
+        q.lossless = true;
+        // Five rows of a transaction whose commit (LSN 20) has not come; batches of two.
+        let rows: Vec<Event> = (0..5).map(|i| ev(20, i)).collect();
+        q.offer(handoff(start, &rows, None)).unwrap();
+        let mut taken = Vec::new();
+        loop {
+            let b = q.pop_durable(q.avail(q.durable, 2), 2, BATCH_BYTES);
+            if b.is_empty() {
+                break;
+            }
+            // What is taken before the commit always has a row of it after it in the queue.
+            assert_eq!(q.ends_txn(b[b.len() - 1].pos, q.durable), Some(false));
+            taken.extend(b);
+        }
+        assert_eq!(taken.len(), 4, "full batches only, and never the last row");
+        // Its commit comes (without rows): the rest is taken, and the transaction ends there.
+        q.offer(Handoff {
+            after: rows[4].pos,
+            rows: CopyRows::default().into_bytes(),
+            last: None,
+            durable: Some(25),
+        })
+        .unwrap();
+        let b = q.pop_durable(q.avail(q.durable, 2), 2, BATCH_BYTES);
+        assert_eq!(b.iter().map(|e| e.pos.ord).collect::<Vec<_>>(), vec![4]);
+        assert_eq!(q.ends_txn(b[0].pos, q.durable), Some(true));
+        // Handed-over rows that do not continue the queue are an error, never skipped.
+        assert!(
+            q.offer(handoff(ev(30, 5).pos, &[ev(30, 6)], Some(35)))
+                .is_err()
+        );
     }
 
     #[test]

@@ -167,10 +167,19 @@ pub(super) async fn run_session(
     .await?;
     shared.texts().ownership = own;
 
+    // `spec.buffer.bypass`: changes skip the buffer unless a refused transaction is still to be
+    // applied change by change from it.
+    let bypass = cfg.bypass_buffer
+        && matches!(cfg.sink, SinkConfig::Postgres { .. })
+        && shared.buffered_until().is_none();
     let sink = match &cfg.sink {
         SinkConfig::Postgres { conn, schema } => {
             let mut sink = PostgresSink::new(conn.clone(), schema.clone(), t)
                 .fenced(&cfg.id, &cfg.owner, epoch);
+            if bypass {
+                // The source is acknowledged only once the sink's commits are on its disk.
+                sink = sink.committing_asynchronously();
+            }
             sink.prepare(&layouts).await?;
             AnySink::Postgres(Box::new(sink))
         }
@@ -191,13 +200,9 @@ pub(super) async fn run_session(
     .await?;
     let depth = pg::deadline(t, "counting buffered events", control.depth(&cp)).await?;
     shared.stats.buffer_depth.set(depth);
-    // `spec.buffer.bypass`: changes skip the buffer unless a refused transaction is still to be
-    // applied change by change from it. With nothing left in the buffer, delivery goes on after
-    // what the sink recorded it holds (the buffer's processed position may lag behind it). Rows a
-    // resync copied into the buffer are delivered first.
-    let bypass = cfg.bypass_buffer
-        && matches!(sink, AnySink::Postgres(_))
-        && shared.buffered_until().is_none();
+    // With nothing left in the buffer, delivery goes on after what the sink recorded it holds
+    // (the buffer's processed position may lag behind it). Rows a resync copied into the buffer
+    // are delivered first.
     let delivered = match sink.recorded() {
         Some(p) if cfg.bypass_buffer && depth == 0 => p.max(cp.processed),
         _ => cp.processed,

@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::SinkExt;
@@ -43,7 +43,17 @@ pub struct PostgresSink {
     recorded: Option<Position>,
     /// The last change of the open sink transaction, recorded (under a fence) when it commits.
     open_upto: Option<Position>,
+    /// Commits do not wait for the sink's disk (`synchronous_commit = off`, as a native
+    /// subscription's apply worker commits); [`Sink::flush`] makes them durable.
+    async_commit: bool,
+    /// Since when commits not yet known to be on disk have been made.
+    staged_since: Option<Instant>,
+    /// Commits not known to be on disk were lost with the connection.
+    lost: bool,
 }
+
+/// How often commits made without waiting for the disk are made durable.
+const ASYNC_FLUSH_EVERY: Duration = Duration::from_millis(200);
 
 /// After a COPY met a row already in the sink: batches applied with upserts only before COPY is
 /// tried again; doubles each time (at most [`CopyPause::MAX`]).
@@ -105,6 +115,24 @@ impl PostgresSink {
             pause: CopyPause::new(),
             recorded: None,
             open_upto: None,
+            async_commit: false,
+            staged_since: None,
+            lost: false,
+        }
+    }
+
+    /// Commits without waiting for the sink's disk, made durable by [`Sink::flush`] (which the
+    /// processor calls every [`ASYNC_FLUSH_EVERY`] and before acknowledging the source). Only
+    /// under a fence: the flush writes the pipeline's progress row.
+    pub fn committing_asynchronously(mut self) -> Self {
+        self.async_commit = self.fence.is_some();
+        self
+    }
+
+    /// After an attempt: a commit made without waiting for the disk is staged.
+    fn note_commit<T>(&mut self, result: &Result<T, EngineError>, part: Part) {
+        if self.async_commit && part.commit && result.is_ok() {
+            self.staged_since.get_or_insert_with(Instant::now);
         }
     }
 
@@ -146,7 +174,18 @@ impl PostgresSink {
     async fn connect(&mut self) -> Result<(), EngineError> {
         if self.client.as_ref().is_none_or(|c| c.is_closed()) {
             self.statements.clear();
-            self.client = Some(pg::connect(&self.uri, "sink").await?);
+            if self.staged_since.take().is_some() {
+                // Whether the server kept them is unknown (it may have crashed).
+                self.lost = true;
+            }
+            let client = pg::connect(&self.uri, "sink").await?;
+            if self.async_commit {
+                client
+                    .batch_execute("SET synchronous_commit = off")
+                    .await
+                    .map_err(EngineError::pg("setting synchronous_commit in the sink"))?;
+            }
+            self.client = Some(client);
         }
         Ok(())
     }
@@ -155,6 +194,9 @@ impl PostgresSink {
     fn on_error(&mut self, e: EngineError) -> EngineError {
         if e.class() == ErrorClass::Connection {
             self.client = None;
+            if self.staged_since.take().is_some() {
+                self.lost = true;
+            }
         }
         e
     }
@@ -849,6 +891,74 @@ impl Sink for PostgresSink {
         rels: &HashMap<i64, RelationInfo>,
         part: Part,
     ) -> Result<(), EngineError> {
+        let r = self.apply_batch(batch, p, rels, part).await;
+        self.note_commit(&r, part);
+        r
+    }
+
+    async fn apply_isolated(
+        &mut self,
+        batch: &[Event],
+        rels: &HashMap<i64, RelationInfo>,
+        part: Part,
+        breaker: bool,
+    ) -> Result<Vec<Rejected>, EngineError> {
+        let r = self.apply_one_by_one(batch, rels, part, breaker).await;
+        self.note_commit(&r, part);
+        r
+    }
+
+    fn pending(&self) -> bool {
+        self.staged_since.is_some()
+    }
+
+    fn flush_at(&self) -> Option<Instant> {
+        self.staged_since.map(|t| t + ASYNC_FLUSH_EVERY)
+    }
+
+    /// A transaction that commits waiting for the disk, which then holds every commit before it.
+    async fn flush(&mut self) -> Result<(), EngineError> {
+        if self.staged_since.is_none() {
+            return Ok(());
+        }
+        let (Some(f), Some(client)) = (&self.fence, self.client.as_ref()) else {
+            self.staged_since = None;
+            self.lost = true;
+            return Err(EngineError::Protocol(
+                "the sink connection closed with commits not yet on disk".into(),
+            ));
+        };
+        let sql = format!(
+            "BEGIN; SET LOCAL synchronous_commit = on; UPDATE {}.philotes_progress SET updated_at = now() WHERE pipeline_id = {}; COMMIT",
+            pg::ident(&self.schema),
+            pg::literal(&f.pipeline_id)
+        );
+        let r = pg::deadline(self.timeout, "making sink commits durable", async {
+            client
+                .batch_execute(&sql)
+                .await
+                .map_err(EngineError::pg("making sink commits durable"))
+        })
+        .await;
+        if r.is_ok() {
+            self.staged_since = None;
+        }
+        self.after(r).await
+    }
+
+    fn take_lost(&mut self) -> bool {
+        std::mem::take(&mut self.lost)
+    }
+}
+
+impl PostgresSink {
+    async fn apply_batch(
+        &mut self,
+        batch: &[Event],
+        p: &Prepared,
+        rels: &HashMap<i64, RelationInfo>,
+        part: Part,
+    ) -> Result<(), EngineError> {
         self.ready_for(p.rel_vers.iter().copied(), rels, part)
             .await?;
         let fence = self.fence_stmt();
@@ -916,7 +1026,7 @@ impl Sink for PostgresSink {
         }
     }
 
-    async fn apply_isolated(
+    async fn apply_one_by_one(
         &mut self,
         batch: &[Event],
         rels: &HashMap<i64, RelationInfo>,
