@@ -301,3 +301,53 @@ async fn a_sink_outage_inside_a_large_transaction_loses_nothing_when_bypassing_t
     assert_eq!(buffered_rows(&src).await, 0);
     h.stop().await;
 }
+
+/// The sink commits without waiting for its disk; a crash of the sink server (immediate stop: what
+/// its WAL writer had not flushed is gone) must not lose a change the source was acknowledged for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_crash_loses_no_acknowledged_change_when_bypassing_the_buffer() {
+    let pg = Pg::start();
+    let sink = Pg::start();
+    pg.create_db("shop").await;
+    sink.create_db("warehouse").await;
+    let src = pg.client("shop").await;
+    src.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        .await
+        .unwrap();
+    let h = PipelineHandle::start(
+        config(
+            "bypass-crash",
+            &pg.uri("shop"),
+            &sink.uri("warehouse"),
+            &["t"],
+            BYPASS,
+        ),
+        Arc::new(Metrics::new()),
+    );
+    wait_phase(&h, Phase::Running).await;
+    let load = {
+        let c = pg.client("shop").await;
+        tokio::spawn(async move {
+            for k in 0..300 {
+                c.batch_execute(&format!(
+                    "INSERT INTO t SELECT i, 'x' FROM generate_series({}, {}) i",
+                    k * 50 + 1,
+                    k * 50 + 50
+                ))
+                .await
+                .unwrap();
+            }
+        })
+    };
+    eventually("part of the stream to reach the sink", WAIT, || async {
+        h.current().events_read > 3_000
+    })
+    .await;
+    sink.stop_server_immediate();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sink.start_server();
+    load.await.unwrap();
+    let dst = sink.client("warehouse").await;
+    wait_same(&src, "t", &dst, "replica.t", "id", Duration::from_secs(120)).await;
+    h.stop().await;
+}
