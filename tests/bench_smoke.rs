@@ -34,6 +34,7 @@ fn bench_runs_every_phase_with_a_tiny_workload() {
         "| native subscription (CREATE SUBSCRIPTION) |",
         "| Philotes reader + buffer (Paused) |",
         "| Philotes end to end → PostgreSQL sink |",
+        "| Philotes end to end, bypassing the buffer → PostgreSQL sink |",
         "| latency at 1000 rows/s",
         "idle pipelines in one process",
         "| target | goal | measured | met |",
@@ -47,7 +48,7 @@ fn bench_runs_every_phase_with_a_tiny_workload() {
     assert_eq!(w["inserts"], 5000);
     assert!(w["changes"].as_u64().unwrap() > 5000);
     let phases = r["throughput"].as_array().unwrap();
-    assert_eq!(phases.len(), 4, "{phases:?}");
+    assert_eq!(phases.len(), 5, "{phases:?}");
     for t in phases {
         let name = t["name"].as_str().unwrap();
         assert_eq!(t["changes"], w["changes"], "{name}");
@@ -72,6 +73,12 @@ fn bench_runs_every_phase_with_a_tiny_workload() {
             .as_str()
             .unwrap()
             .contains("native subscription")),
+        "{targets:?}"
+    );
+    assert!(
+        targets
+            .iter()
+            .any(|t| t["what"].as_str().unwrap().contains("spec.buffer.bypass")),
         "{targets:?}"
     );
     let l = &r["latency"];
