@@ -178,20 +178,36 @@ fn key<'a>(
         .map(move |&i| cols.get(i).filter(|c| c.is_value()).map(|c| c.bytes(msg)))
 }
 
+/// The buffer writer's side of a session.
+struct Writer {
+    buffer: Buffer,
+    shared: Arc<Shared>,
+    /// The durable position, for the processor.
+    durable_tx: watch::Sender<u64>,
+    /// Batches written and the durable position, for the reader.
+    ack_tx: watch::Sender<Ack>,
+    handoff: Option<mpsc::Sender<Handoff>>,
+    timeout: Duration,
+    /// `spec.buffer.bypass`: batches are only handed over ([`hand_over`]).
+    bypass: bool,
+    /// Where the processor starts (see [`Reader::delivered`]).
+    delivered: Position,
+}
+
 /// Stores the reader's batches in the buffer, each in one transaction, in order. After each commit it
 /// moves the durable position (for the processor and, through the reader, for the source), and hands
 /// the rows to the processor of this session, which then need not read them back from the buffer.
-#[allow(clippy::too_many_arguments)]
-async fn write_batches(
-    mut buffer: Buffer,
-    mut rx: mpsc::Receiver<Batch>,
-    shared: Arc<Shared>,
-    durable_tx: watch::Sender<u64>,
-    ack_tx: watch::Sender<Ack>,
-    mut handoff: Option<mpsc::Sender<Handoff>>,
-    shared_timeout: Duration,
-    (bypass, delivered): (bool, Position),
-) -> Result<(), EngineError> {
+async fn write_batches(w: Writer, mut rx: mpsc::Receiver<Batch>) -> Result<(), EngineError> {
+    let Writer {
+        mut buffer,
+        shared,
+        durable_tx,
+        ack_tx,
+        mut handoff,
+        timeout: shared_timeout,
+        bypass,
+        delivered,
+    } = w;
     let (mut seq, mut durable) = *ack_tx.borrow();
     // The newest event already in the buffer: what the first batch follows.
     let t = shared_timeout;
@@ -360,14 +376,17 @@ impl Reader {
         let (tx, rx) = mpsc::channel(1);
         let (ack_tx, mut ack_rx) = watch::channel((0, start));
         let mut writer = tokio::spawn(write_batches(
-            buffer,
+            Writer {
+                buffer,
+                shared: shared.clone(),
+                durable_tx,
+                ack_tx,
+                handoff,
+                timeout: cfg.response_timeout,
+                bypass: sink_ack.is_some(),
+                delivered,
+            },
             rx,
-            shared.clone(),
-            durable_tx,
-            ack_tx,
-            handoff,
-            cfg.response_timeout,
-            (sink_ack.is_some(), delivered),
         ));
         let mut decoder = Decoder {
             known_keys,
