@@ -107,10 +107,11 @@ pub trait Sink: Send {
 
     // A sink may stage committed sink transactions and make them durable later, in one go (the
     // Iceberg sink commits a snapshot every `commitInterval`). The processor then marks the buffer
-    // processed only up to what is durable, and staged changes count in the buffer's depth: when
-    // they hold the reader (backpressure) and nothing else is left to deliver, it flushes at once
-    // rather than at `flush_at`. The defaults are those of a sink whose commits are durable at once
-    // (PostgreSQL).
+    // processed only up to what is durable, and staged changes count in the buffer's depth: between
+    // sink transactions it flushes when `flush_at` is due or the staged changes reach half of the
+    // high watermark, and at once when they hold the reader (backpressure) with nothing else left
+    // to deliver. The defaults are those of a sink whose commits are durable at once (PostgreSQL
+    // without `spec.buffer.bypass`).
 
     /// Whether committed sink transactions are staged, not yet durable.
     fn pending(&self) -> bool {

@@ -5,8 +5,9 @@
 //!   per table, rolled at `targetFileSize`) and staged. Every `commitInterval`, or when the staged
 //!   changes reach `targetFileSize`, each table with staged files gets one Iceberg snapshot (a fast
 //!   append); never one per buffer batch. A snapshot therefore holds whole source transactions.
-//!   Staged changes count in the buffer's depth, so the processor also flushes once they hold the
-//!   reader (past `highWatermark`): a full buffer commits about `highWatermark` changes at a time.
+//!   Staged changes count in the buffer's depth, so the processor also flushes once they reach half
+//!   of `highWatermark`, and when they hold the reader: a backlog commits about half of
+//!   `highWatermark` changes at a time.
 //! - **Exactly once.** Each snapshot's summary carries the buffer position of the last change it
 //!   holds (`philotes.position`) and the writer's owner epoch (`philotes.epoch`). On start, and
 //!   after every failed commit, the sink reads each table's position from its current snapshot
