@@ -475,13 +475,18 @@ async fn bench(cli: &Cli) -> anyhow::Result<()> {
             t.ratio_to_native = native_rate.map(|r| t.changes_per_s / r);
         };
         if !skip("e2e") {
-            let mut t = end_to_end(&ctx, &src, &sink, &w, cli.sink == "iceberg").await?;
+            let kind = if cli.sink == "iceberg" {
+                EndToEnd::Iceberg
+            } else {
+                EndToEnd::Postgres
+            };
+            let mut t = end_to_end(&ctx, &src, &sink, &w, kind).await?;
             ratios(&mut t);
             throughput.push(t);
         }
         drop_slot(&src, "bench_e2e").await?;
         if !skip("bypass") && cli.sink != "iceberg" {
-            let mut t = bypass(&ctx, &src, &sink, &w).await?;
+            let mut t = end_to_end(&ctx, &src, &sink, &w, EndToEnd::Bypass).await?;
             ratios(&mut t);
             throughput.push(t);
         }
@@ -1009,63 +1014,101 @@ async fn reader_only(ctx: &Ctx, src: &Client, w: &Workload) -> anyhow::Result<Th
     Ok(t)
 }
 
-/// End to end with the default pipeline settings, until the sink committed the last change; then the
-/// sink must match the source (count and checksum).
+/// Which end-to-end phase: the default spec into PostgreSQL or Iceberg, or PostgreSQL with
+/// `spec.buffer.bypass: true`.
+#[derive(Clone, Copy, PartialEq)]
+enum EndToEnd {
+    Postgres,
+    Iceberg,
+    Bypass,
+}
+
+/// End to end, until the sink committed the last change (bypassing the buffer: until the slot's
+/// `confirmed_flush_lsn` passes the workload end, since Philotes then acknowledges only what the
+/// sink holds); then the sink must match the source (count and checksum).
 async fn end_to_end(
     ctx: &Ctx,
     src: &Client,
     sink: &Client,
     w: &Workload,
-    iceberg: bool,
+    kind: EndToEnd,
 ) -> anyhow::Result<Throughput> {
     checkpoint_all(ctx).await?;
-    eprintln!("Philotes end to end ...");
+    let bypass = kind == EndToEnd::Bypass;
+    let iceberg = kind == EndToEnd::Iceberg;
+    eprintln!(
+        "Philotes end to end{} ...",
+        if bypass { ", bypassing the buffer" } else { "" }
+    );
     let warehouse = format!("file://{}/warehouse", ctx.cl.dir().display());
-    let id = "bench-e2e";
+    let (name, id, slot, schema) = if bypass {
+        ("bypass", "bench-bypass", "bench_bypass", "replica_bypass")
+    } else {
+        ("e2e", "bench-e2e", "bench_e2e", "replica")
+    };
     // Extra spec lines for experiments (e.g. "  buffer: {batchSize: 5000}"); none by default.
-    let e2e_extra = std::env::var("PHILOTES_BENCH_E2E_SPEC").unwrap_or_default();
+    let e2e_extra = if bypass {
+        "  buffer: {bypass: true}".to_string()
+    } else {
+        std::env::var("PHILOTES_BENCH_E2E_SPEC").unwrap_or_default()
+    };
     let (pg0, busy0) = (ctx.pg_cpu(), procstat::machine_busy());
     let mut p = ctx.spawn(
-        "e2e",
+        name,
         &[Spec {
-            name: "e2e",
+            name,
             uid: id,
             paused: false,
             table: "public.items",
             publication: "bench_pub",
-            slot: "bench_e2e",
-            sink_schema: "replica",
+            slot,
+            sink_schema: schema,
             iceberg: iceberg.then_some(warehouse.as_str()),
             extra: &e2e_extra,
         }],
     )?;
-    wait_for(
-        "durable_lsn past the workload end",
-        &mut p,
-        LONG,
-        || async { positions(src, id).await.is_some_and(|(d, _)| d > w.end_lsn) },
-    )
-    .await?;
-    let read_seconds = p.started.elapsed().as_secs_f64();
-    // The commit LSN of the last transaction (events carry their transaction's commit LSN).
-    let last: i64 = src
-        .query_one(
-            "SELECT max(lsn) FROM philotes.events WHERE pipeline_id = $1",
-            &[&id],
+    let read_seconds = if bypass {
+        let confirmed = format!(
+            "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::int8 FROM pg_replication_slots WHERE slot_name = '{slot}'"
+        );
+        wait_for(
+            "confirmed_flush_lsn past the workload end",
+            &mut p,
+            LONG,
+            || async { lsn_of(src, &confirmed).await.is_some_and(|c| c > w.end_lsn) },
         )
-        .await?
-        .get(0);
-    wait_for(
-        "the sink to commit the last change",
-        &mut p,
-        LONG,
-        || async {
-            positions(src, id)
-                .await
-                .is_some_and(|(_, done)| done >= last as u64)
-        },
-    )
-    .await?;
+        .await?;
+        None
+    } else {
+        wait_for(
+            "durable_lsn past the workload end",
+            &mut p,
+            LONG,
+            || async { positions(src, id).await.is_some_and(|(d, _)| d > w.end_lsn) },
+        )
+        .await?;
+        let read_seconds = p.started.elapsed().as_secs_f64();
+        // The commit LSN of the last transaction (events carry their transaction's commit LSN).
+        let last: i64 = src
+            .query_one(
+                "SELECT max(lsn) FROM philotes.events WHERE pipeline_id = $1",
+                &[&id],
+            )
+            .await?
+            .get(0);
+        wait_for(
+            "the sink to commit the last change",
+            &mut p,
+            LONG,
+            || async {
+                positions(src, id)
+                    .await
+                    .is_some_and(|(_, done)| done >= last as u64)
+            },
+        )
+        .await?;
+        Some(read_seconds)
+    };
     let seconds = p.started.elapsed().as_secs_f64();
     let (cpu, rss, switches) = (p.cpu(), p.peak_rss(), procstat::context_switches(p.pid));
     let pg = ctx.pg_cpu() - pg0;
@@ -1090,16 +1133,38 @@ async fn end_to_end(
         )
     } else {
         let want = workload::checksum(src, "items").await?;
-        let have = workload::checksum(sink, "replica.items").await?;
+        let have = workload::checksum(sink, &format!("{schema}.items")).await?;
         anyhow::ensure!(
             want == have,
-            "the sink does not match the source: source {want:?}, sink {have:?}"
+            "{name}: the sink does not match the source: source {want:?}, sink {have:?}"
         );
         (
-            "Philotes end to end → PostgreSQL sink",
+            if bypass {
+                "Philotes end to end, bypassing the buffer → PostgreSQL sink"
+            } else {
+                "Philotes end to end → PostgreSQL sink"
+            },
             format!("sink = source: {} rows, checksum {}", have.0, have.1),
         )
     };
+    let settings = if bypass {
+        format!(
+            "spec.buffer.bypass: true; until confirmed_flush_lsn > {}",
+            lsn_text(w.end_lsn)
+        )
+    } else {
+        "default settings".to_string()
+    };
+    let place = if iceberg {
+        "a file:// warehouse"
+    } else if ctx.sink_cl.is_some() {
+        "a cluster of its own"
+    } else {
+        "the source's cluster"
+    };
+    let buffered = read_seconds.map_or(String::new(), |r| {
+        format!(" all in the buffer after {r:.2}s;")
+    });
     let t = Throughput {
         name: name.into(),
         changes: w.changes,
@@ -1114,100 +1179,15 @@ async fn end_to_end(
         postgres_cpu_s: pg,
         other_cpu_s: other,
         postgres_cpu_by_session: sessions,
-        note: format!(
-            "default settings, sink in {}; all in the buffer after {read_seconds:.2}s; {check}",
-            if iceberg {
-                "a file:// warehouse"
-            } else if ctx.sink_cl.is_some() {
-                "a cluster of its own"
-            } else {
-                "the source's cluster"
-            },
-        ),
+        note: format!("{settings}, sink in {place};{buffered} {check}"),
     };
-    eprintln!(
-        "  {:.2}s, {:.0} changes/s (buffer complete after {read_seconds:.2}s)",
-        t.seconds, t.changes_per_s
-    );
-    Ok(t)
-}
-
-/// Philotes end to end with `spec.buffer.bypass: true`, until the slot's `confirmed_flush_lsn`
-/// passes the workload end (Philotes acknowledges only what the sink holds); then the sink must
-/// match the source.
-async fn bypass(
-    ctx: &Ctx,
-    src: &Client,
-    sink: &Client,
-    w: &Workload,
-) -> anyhow::Result<Throughput> {
-    checkpoint_all(ctx).await?;
-    eprintln!("Philotes end to end, bypassing the buffer ...");
-    let (pg0, busy0) = (ctx.pg_cpu(), procstat::machine_busy());
-    let mut p = ctx.spawn(
-        "bypass",
-        &[Spec {
-            name: "bypass",
-            uid: "bench-bypass",
-            paused: false,
-            table: "public.items",
-            publication: "bench_pub",
-            slot: "bench_bypass",
-            sink_schema: "replica_bypass",
-            iceberg: None,
-            extra: "  buffer: {bypass: true}",
-        }],
-    )?;
-    wait_for(
-        "confirmed_flush_lsn past the workload end",
-        &mut p,
-        LONG,
-        || async {
-            lsn_of(
-                src,
-                "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::int8 FROM pg_replication_slots WHERE slot_name = 'bench_bypass'",
-            )
-            .await
-            .is_some_and(|c| c > w.end_lsn)
-        },
-    )
-    .await?;
-    let seconds = p.started.elapsed().as_secs_f64();
-    let (cpu, rss, switches) = (p.cpu(), p.peak_rss(), procstat::context_switches(p.pid));
-    let pg = ctx.pg_cpu() - pg0;
-    let other = (procstat::machine_busy() - busy0 - pg - cpu).max(0.0);
-    let mut sessions = sessions_cpu(src, "philotes-").await;
-    sessions.extend(sessions_cpu(sink, "philotes-").await);
-    sessions.sort_by(|a, b| b.1.total_cmp(&a.1));
-    p.stop().await?;
-    let want = workload::checksum(src, "items").await?;
-    let have = workload::checksum(sink, "replica_bypass.items").await?;
-    anyhow::ensure!(
-        want == have,
-        "bypass: the sink does not match the source: source {want:?}, sink {have:?}"
-    );
-    let t = Throughput {
-        name: "Philotes end to end, bypassing the buffer → PostgreSQL sink".into(),
-        changes: w.changes,
-        seconds,
-        changes_per_s: w.changes as f64 / seconds,
-        ratio_to_reference: None,
-        ratio_to_native: None,
-        client_cpu_s: cpu,
-        client_cpu_s_per_million: cpu / (w.changes as f64 / 1e6),
-        client_peak_rss_mb: rss as f64 / MB,
-        client_context_switches: switches,
-        postgres_cpu_s: pg,
-        other_cpu_s: other,
-        postgres_cpu_by_session: sessions,
-        note: format!(
-            "spec.buffer.bypass: true; until confirmed_flush_lsn > {}; sink = source: {} rows, checksum {}",
-            lsn_text(w.end_lsn),
-            have.0,
-            have.1
+    match read_seconds {
+        Some(r) => eprintln!(
+            "  {:.2}s, {:.0} changes/s (buffer complete after {r:.2}s)",
+            t.seconds, t.changes_per_s
         ),
-    };
-    eprintln!("  {:.2}s, {:.0} changes/s", t.seconds, t.changes_per_s);
+        None => eprintln!("  {:.2}s, {:.0} changes/s", t.seconds, t.changes_per_s),
+    }
     Ok(t)
 }
 
