@@ -235,8 +235,9 @@ async fn a_refused_change_of_a_large_transaction_goes_through_the_buffer_then_by
     assert_eq!(letters[0]["values"]["id"], "2500");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sink_outage_inside_a_large_transaction_loses_nothing_when_bypassing_the_buffer() {
+/// A source cluster with table `t` (database shop) and a sink cluster of its own (database
+/// warehouse), and a Running pipeline `name` between them that bypasses the buffer.
+async fn source_and_sink_clusters(name: &str) -> (Pg, Pg, tokio_postgres::Client, PipelineHandle) {
     let pg = Pg::start();
     let sink = Pg::start();
     pg.create_db("shop").await;
@@ -247,7 +248,7 @@ async fn a_sink_outage_inside_a_large_transaction_loses_nothing_when_bypassing_t
         .unwrap();
     let h = PipelineHandle::start(
         config(
-            "bypass-outage",
+            name,
             &pg.uri("shop"),
             &sink.uri("warehouse"),
             &["t"],
@@ -256,6 +257,12 @@ async fn a_sink_outage_inside_a_large_transaction_loses_nothing_when_bypassing_t
         Arc::new(Metrics::new()),
     );
     wait_phase(&h, Phase::Running).await;
+    (pg, sink, src, h)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sink_outage_inside_a_large_transaction_loses_nothing_when_bypassing_the_buffer() {
+    let (pg, sink, src, h) = source_and_sink_clusters("bypass-outage").await;
     src.batch_execute("INSERT INTO t SELECT i, 'before' FROM generate_series(1, 100) i")
         .await
         .unwrap();
@@ -306,25 +313,7 @@ async fn a_sink_outage_inside_a_large_transaction_loses_nothing_when_bypassing_t
 /// its WAL writer had not flushed is gone) must not lose a change the source was acknowledged for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sink_crash_loses_no_acknowledged_change_when_bypassing_the_buffer() {
-    let pg = Pg::start();
-    let sink = Pg::start();
-    pg.create_db("shop").await;
-    sink.create_db("warehouse").await;
-    let src = pg.client("shop").await;
-    src.batch_execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
-        .await
-        .unwrap();
-    let h = PipelineHandle::start(
-        config(
-            "bypass-crash",
-            &pg.uri("shop"),
-            &sink.uri("warehouse"),
-            &["t"],
-            BYPASS,
-        ),
-        Arc::new(Metrics::new()),
-    );
-    wait_phase(&h, Phase::Running).await;
+    let (pg, sink, src, h) = source_and_sink_clusters("bypass-crash").await;
     let load = {
         let c = pg.client("shop").await;
         tokio::spawn(async move {
