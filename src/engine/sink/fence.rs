@@ -46,6 +46,16 @@ impl Fence {
         )
     }
 
+    /// One transaction that commits waiting for the disk (it writes the pipeline's row, so it has
+    /// a commit to wait for): once it returns, every earlier commit of the sink is durable.
+    pub fn durable_sql(&self, schema: &str) -> String {
+        format!(
+            "BEGIN; SET LOCAL synchronous_commit = on; UPDATE {}.philotes_progress SET updated_at = now() WHERE pipeline_id = {}; COMMIT",
+            ident(schema),
+            literal(&self.pipeline_id)
+        )
+    }
+
     /// Creates the progress table when missing and claims the pipeline for this epoch; returns the
     /// position the sink recorded last (None before the first sink transaction). Fails with
     /// [`EngineError::Superseded`] when a newer owner already has claimed it.

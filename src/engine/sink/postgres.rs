@@ -928,11 +928,7 @@ impl Sink for PostgresSink {
                 "the sink connection closed with commits not yet on disk".into(),
             ));
         };
-        let sql = format!(
-            "BEGIN; SET LOCAL synchronous_commit = on; UPDATE {}.philotes_progress SET updated_at = now() WHERE pipeline_id = {}; COMMIT",
-            pg::ident(&self.schema),
-            pg::literal(&f.pipeline_id)
-        );
+        let sql = f.durable_sql(&self.schema);
         let r = pg::deadline(self.timeout, "making sink commits durable", async {
             client
                 .batch_execute(&sql)
