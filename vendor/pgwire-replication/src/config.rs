@@ -101,6 +101,18 @@ pub struct TlsConfig {
     pub rustls_config: Option<RustlsClientConfig>,
 }
 
+/// A byte budget shared with the consumer; equal when it is the same one.
+#[derive(Debug, Clone)]
+pub struct SharedBudget(pub std::sync::Arc<crate::ByteBudget>);
+
+impl PartialEq for SharedBudget {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for SharedBudget {}
+
 /// A shared rustls client configuration; equal when it is the same one.
 #[cfg(feature = "tls-rustls")]
 #[derive(Debug, Clone)]
@@ -442,6 +454,10 @@ pub struct ReplicationConfig {
     /// vendored copy for Philotes.)
     pub buffer_bytes: Option<usize>,
 
+    /// A byte budget shared with the consumer, instead of one of `buffer_bytes` of its own.
+    /// (Added to the vendored copy for Philotes.)
+    pub byte_budget: Option<SharedBudget>,
+
     /// Request column values in PostgreSQL binary wire format.
     ///
     /// When `true`, the `binary 'true'` option is added to `START_REPLICATION`
@@ -542,6 +558,7 @@ impl Default for ReplicationConfig {
             server_timeout: None,
             buffer_events: 8192,
             buffer_bytes: None,
+            byte_budget: None,
             binary: false,
             options: None,
             max_message_size: crate::protocol::framing::MAX_MESSAGE_SIZE,
@@ -715,6 +732,13 @@ impl ReplicationConfig {
     /// Bound the event buffer in bytes of row data too (see [`buffer_bytes`](Self::buffer_bytes)).
     pub fn with_buffer_bytes(mut self, bytes: usize) -> Self {
         self.buffer_bytes = Some(bytes);
+        self
+    }
+
+    /// Bound the event buffer by `budget`, which the consumer may charge too (see
+    /// [`ByteBudget::charge`](crate::ByteBudget::charge)).
+    pub fn with_byte_budget(mut self, budget: std::sync::Arc<crate::ByteBudget>) -> Self {
+        self.byte_budget = Some(SharedBudget(budget));
         self
     }
 

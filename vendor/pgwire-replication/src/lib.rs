@@ -82,7 +82,7 @@ pub mod protocol;
 pub mod tls;
 
 pub use client::{
-    FeedbackObserver, FeedbackSent, IdentifySystem, QueryRow, ReplicationClient, ReplicationEvent,
+    BudgetCharge, ByteBudget, FeedbackObserver, FeedbackSent, IdentifySystem, QueryRow, ReplicationClient, ReplicationEvent,
     ReplicationEventReceiver, ReplicationMetrics, TimelineHistory,
 };
 pub use config::{Publication, ReplicationConfig, SslMode, TlsConfig};

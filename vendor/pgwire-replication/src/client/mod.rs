@@ -70,13 +70,14 @@
 //! }
 //! ```
 
-mod budget;
+pub(crate) mod budget;
 mod feedback;
 mod metrics;
 mod progress;
 mod tokio_client;
 mod worker;
 
+pub use budget::{BudgetCharge, ByteBudget};
 pub use feedback::{FeedbackObserver, FeedbackSent};
 pub use metrics::ReplicationMetrics;
 pub use tokio_client::{IdentifySystem, ReplicationClient, TimelineHistory};

@@ -98,8 +98,6 @@ pub struct ReplicationClient {
     /// Commands to a gated session before START_REPLICATION. `None`: not
     /// gated, or already started.
     gate: Option<mpsc::Sender<GateCommand>>,
-    /// Bytes of row data in the event channel, when bounded.
-    budget: Option<Arc<super::budget::ByteBudget>>,
 }
 
 impl ReplicationClient {
@@ -154,10 +152,10 @@ impl ReplicationClient {
         let progress_for_worker = Arc::clone(&progress);
         let metrics_for_worker = Arc::clone(&metrics);
         let cfg_for_worker = cfg.clone();
-        let budget = cfg
-            .buffer_bytes
-            .map(|b| Arc::new(super::budget::ByteBudget::new(b)));
-        let budget_for_worker = budget.clone();
+        let budget_for_worker = cfg.byte_budget.as_ref().map(|b| b.0.clone()).or_else(|| {
+            cfg.buffer_bytes
+                .map(|b| Arc::new(super::budget::ByteBudget::new(b)))
+        });
 
         let join = tokio::spawn(async move {
             let mut worker = WorkerState::new(
@@ -187,7 +185,6 @@ impl ReplicationClient {
             join: Some(join),
             started: started_rx,
             gate: None,
-            budget,
         })
     }
 
@@ -300,13 +297,8 @@ impl ReplicationClient {
     /// - `Err(e)`          => replication ended abnormally
     pub async fn recv(&mut self) -> Result<Option<ReplicationEvent>> {
         match self.rx.recv().await {
-            Some(Ok(ev)) => {
-                if let (Some(budget), ReplicationEvent::XLogData { data, .. }) = (&self.budget, &ev)
-                {
-                    budget.give_back(data.len());
-                }
-                Ok(Some(ev))
-            }
+            // Its bytes go back to the budget when the data is dropped (`budget::hold`).
+            Some(Ok(ev)) => Ok(Some(ev)),
             Some(Err(e)) => Err(e),
             None => self.handle_worker_shutdown().await,
         }

@@ -9,6 +9,16 @@ use super::progress::ProgressCell;
 use crate::config::ReplicationConfig;
 use crate::error::{PgWireError, Result};
 use crate::lsn::Lsn;
+
+/// Polls `f` once: its output if it is ready.
+fn now_or_never<F: std::future::Future>(f: F) -> Option<F::Output> {
+    let mut f = std::pin::pin!(f);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match f.as_mut().poll(&mut cx) {
+        std::task::Poll::Ready(v) => Some(v),
+        std::task::Poll::Pending => None,
+    }
+}
 use crate::protocol::framing::{
     read_backend_message, write_copy_data, write_copy_done, write_password_message, write_query,
     write_startup_message, MessageReader,
@@ -375,7 +385,9 @@ impl WorkerState {
         // Wakes the wait phase when the consumer raises the applied LSN.
         let mut applied_rx = self.progress.subscribe();
         // Cancellation-safe message reader, partial reads survive dropped futures.
-        let mut reader = MessageReader::new().with_max_message_size(self.cfg.max_message_size);
+        let mut reader = MessageReader::new()
+            .with_max_message_size(self.cfg.max_message_size)
+            .with_budget(self.budget.clone());
         // How many messages to process in the tight loop before checking
         // stop signal and sending periodic status feedback.
         const DRAIN_BATCH: usize = 256;
@@ -399,7 +411,12 @@ impl WorkerState {
             // Read them in a tight loop to avoid select!/timeout overhead per message.
             let mut drained = 0usize;
             while stream.buffer().len() >= 5 && drained < DRAIN_BATCH {
-                let msg = reader.read(stream).await?;
+                // Not awaited: a message that waits for the socket or the byte budget is left to
+                // the wait phase, which keeps sending feedback.
+                let Some(msg) = now_or_never(reader.read(stream)) else {
+                    break;
+                };
+                let msg = msg?;
                 drained += 1;
                 if msg.tag == b'E' {
                     return Err(PgWireError::Server(parse_error_response(&msg.payload)));
@@ -474,6 +491,15 @@ impl WorkerState {
                 ) => {
                     match msg_result {
                         Ok(res) => res?,
+                        Err(_) if reader.waiting_for_budget() => {
+                            // Not reading (the consumer holds the budget): not silence.
+                            silent_wakeups = 0;
+                            let applied = self.progress.load_applied();
+                            last_applied = applied;
+                            self.send_feedback(stream, applied, false).await?;
+                            last_status_sent = Instant::now();
+                            continue;
+                        }
                         Err(_) => {
                             // Silent: a server that has said nothing for `server_timeout` is taken
                             // for dead; until then, ask it for a reply, which a live one sends at once.
@@ -680,7 +706,7 @@ impl WorkerState {
     async fn send_event_backpressured<S: AsyncWrite + Unpin>(
         &mut self,
         stream: &mut S,
-        event: std::result::Result<ReplicationEvent, PgWireError>,
+        mut event: std::result::Result<ReplicationEvent, PgWireError>,
         last_status_sent: &mut Instant,
     ) -> Result<bool> {
         // The byte budget first: wait, feeding back as below, until the event's bytes fit.
@@ -716,6 +742,7 @@ impl WorkerState {
                 self.metrics
                     .record_stall_end(stall_start.elapsed().as_micros() as u64);
             }
+            event = super::budget::hold_event(event, &budget);
         }
         // Fast path: capacity available.
         match self.out.try_reserve() {

@@ -83,6 +83,10 @@ pub struct MessageReader {
     /// The refused payload is still on the wire and is never consumed, so
     /// the reader cannot resynchronize: every later read fails the same way.
     refused: Option<(usize, usize)>,
+    /// Bytes of row data in flight (see `client::budget`): a payload is read only once it fits.
+    budget: Option<std::sync::Arc<crate::client::budget::ByteBudget>>,
+    /// The header is parsed and the payload waits for the budget.
+    waiting: bool,
 }
 
 impl MessageReader {
@@ -100,7 +104,24 @@ impl MessageReader {
             tag: 0,
             max_payload: MAX_MESSAGE_SIZE,
             refused: None,
+            budget: None,
+            waiting: false,
         }
+    }
+
+    /// Reads a message's payload only when the budget lets its bytes through.
+    pub(crate) fn with_budget(
+        mut self,
+        budget: Option<std::sync::Arc<crate::client::budget::ByteBudget>>,
+    ) -> Self {
+        self.budget = budget;
+        self
+    }
+
+    /// Whether the reader is holding a message back until the budget has room for it (then it is
+    /// not reading the socket: the server's silence means nothing).
+    pub(crate) fn waiting_for_budget(&self) -> bool {
+        self.waiting
     }
 
     /// Refuse any message whose payload is larger than `max` bytes.
@@ -174,12 +195,21 @@ impl MessageReader {
 
             self.tag = self.hdr[0];
             self.payload.clear();
-            self.payload.resize(payload_len, 0);
             self.payload_filled = 0;
             self.payload_len = Some(payload_len);
+            self.waiting = true;
         }
 
         let payload_len = self.payload_len.unwrap();
+
+        // Phase 2b: room for the payload (row data only, 'd'), then its buffer (once per message).
+        if self.waiting {
+            if let (Some(b), b'd') = (&self.budget, self.tag) {
+                b.until_fits(payload_len).await;
+            }
+            self.payload.resize(payload_len, 0);
+            self.waiting = false;
+        }
 
         // Phase 3: fill the payload
         while self.payload_filled < payload_len {
