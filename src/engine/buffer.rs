@@ -13,6 +13,10 @@ use super::config::ConnString;
 use super::error::EngineError;
 use super::event::{Event, Op, Position, RelationInfo, Row};
 use super::pg;
+use super::wide::{WIDE_BYTES, WideGate, WidePass};
+
+/// Bytes per message of a wide row read back from the buffer.
+const WIDE_CHUNK: usize = 1 << 20;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -95,7 +99,13 @@ pub struct Buffer {
     epoch: Option<i64>,
     /// `read_batch`'s statement, prepared on first use.
     read_stmt: OnceCell<Statement>,
+    /// The processor's: a wide row is read only with a pass (see `engine::wide`), held here until
+    /// [`release_wide`](Self::release_wide) is told the row is delivered.
+    wide: Option<(WideGate, HeldPass)>,
 }
+
+/// The pass of the wide row the processor read last, and that row's position.
+type HeldPass = std::sync::Mutex<Option<(Position, WidePass)>>;
 
 /// Rows of `COPY philotes.events (...) FROM STDIN BINARY`, encoded straight from the values' bytes as
 /// they arrived from the source (no per-value allocation). Column order: pipeline_id, lsn, ord,
@@ -114,6 +124,8 @@ pub struct CopyRows {
 /// The binary COPY signature, flags and header extension length.
 const COPY_HEADER: &[u8] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
 const TEXT_OID: i32 = 25;
+/// What a row holds besides its values, and more: reserved with a wide value.
+const ROW_SLACK: usize = 64 << 10;
 const INT2_OID: i32 = 21;
 
 impl CopyRows {
@@ -208,6 +220,10 @@ impl CopyRows {
         for item in items {
             match item {
                 Some(v) => {
+                    // Room for the rest of the row too: growing past a wide value doubles it.
+                    if v.len() > ROW_SLACK {
+                        d.reserve(4 + v.len() + ROW_SLACK);
+                    }
                     d.put_i32(v.len() as i32);
                     d.put_slice(v);
                 }
@@ -397,7 +413,31 @@ impl Buffer {
             pipeline_id: pipeline_id.to_string(),
             epoch: None,
             read_stmt: OnceCell::new(),
+            wide: None,
         })
+    }
+
+    /// Reads a wide row only with a pass of `gate` (the processor's buffer).
+    pub fn with_wide_gate(mut self, gate: WideGate) -> Self {
+        self.wide = Some((gate, std::sync::Mutex::new(None)));
+        self
+    }
+
+    /// The rows up to `upto` are delivered: a wide row's pass among them is given back.
+    pub fn release_wide(&self, upto: Position) {
+        if let Some((_, held)) = &self.wide
+            && let Ok(mut held) = held.lock()
+            && held.as_ref().is_some_and(|(pos, _)| *pos <= upto)
+        {
+            *held = None;
+        }
+    }
+
+    /// Whether the processor holds a wide row's pass already.
+    fn holds_pass(&self) -> bool {
+        self.wide
+            .as_ref()
+            .is_some_and(|(_, held)| held.lock().is_ok_and(|h| h.is_some()))
     }
 
     pub fn pipeline_id(&self) -> &str {
@@ -679,7 +719,10 @@ impl Buffer {
                     .await?;
                 self.client
                     .prepare(
-                        "SELECT lsn, ord, commit_time, rel_ver, op, old_key, vals, unchanged, size FROM (
+                        "SELECT lsn, ord, commit_time, rel_ver, op,
+                           CASE WHEN size > $7 THEN NULL ELSE old_key END,
+                           CASE WHEN size > $7 THEN NULL ELSE vals END, unchanged, size, size > $7,
+                           old_key IS NULL, vals IS NULL FROM (
                            SELECT lsn, ord, commit_time, rel_ver, op, old_key, vals, unchanged, size,
                              sum(size) OVER (ORDER BY lsn, ord ROWS UNBOUNDED PRECEDING) AS upto
                            FROM philotes.events
@@ -691,7 +734,7 @@ impl Buffer {
             })
             .await
             .map_err(EngineError::pg("preparing to read events from the buffer"))?;
-        let rows = self
+        let mut rows = self
             .client
             .query(
                 stmt,
@@ -702,13 +745,41 @@ impl Buffer {
                     &(durable_lsn as i64),
                     &(limit as i64),
                     &(max_bytes as i64),
+                    &(WIDE_BYTES as i32),
                 ],
             )
             .await
             .map_err(EngineError::pg("reading events from the buffer"))?;
+        // A wide row's values are withheld: the rows before it now; the row alone next, with a
+        // pass (the processor's), its values read in chunks.
+        let first_wide = rows.iter().position(|r| r.get::<_, bool>(9));
+        let mut wide = None;
+        if let Some(i) = first_wide.filter(|&i| i > 0) {
+            rows.truncate(i);
+        } else if first_wide == Some(0) {
+            rows.truncate(1);
+            let r = &rows[0];
+            let pos = Position {
+                lsn: r.get::<_, i64>(0) as u64,
+                ord: r.get(1),
+            };
+            if let Some((gate, held)) = &self.wide
+                && !self.holds_pass()
+            {
+                let pass = gate.enter_charged(r.get::<_, i32>(8).max(0) as usize).await;
+                if let Ok(mut h) = held.lock() {
+                    *h = Some((pos, pass));
+                }
+            }
+            let (old_key, vals) = self
+                .read_wide(pos, r.get::<_, bool>(10), r.get::<_, bool>(11))
+                .await?;
+            wide = Some((old_key, vals));
+        }
         let bytes: i64 = rows.iter().map(|r| r.get::<_, i32>(8) as i64).sum();
+        // Each row is dropped once decoded: a wide one is not held twice.
         let events = rows
-            .iter()
+            .into_iter()
             .map(|r| {
                 let code: i8 = r.get(4);
                 Ok(Event {
@@ -726,10 +797,94 @@ impl Buffer {
                     unchanged: r.get::<_, Option<Vec<i16>>>(7),
                 })
             })
+            .map(|e: Result<Event, EngineError>| {
+                let mut e = e?;
+                if let Some((old_key, vals)) = wide.take() {
+                    (e.old_key, e.vals) = (old_key, vals);
+                }
+                Ok(e)
+            })
             .collect::<Result<Vec<Event>, EngineError>>()?;
         // Had there been another event within the limit, it would have started below the cap.
-        let complete = events.len() < limit && bytes < max_bytes as i64;
+        // The read stopped at a wide row (withheld, or read alone): rows may follow it.
+        let complete = first_wide.is_none() && events.len() < limit && bytes < max_bytes as i64;
         Ok(Read { events, complete })
+    }
+
+    /// The key and values of the wide row at `pos`, read in chunks of [`WIDE_CHUNK`] bytes so
+    /// that no message of the connection is larger (its buffer would grow to the row's size and
+    /// stay so). Each value is then held once, in the `String` it is built in.
+    async fn read_wide(
+        &self,
+        pos: Position,
+        no_old_key: bool,
+        no_vals: bool,
+    ) -> Result<(Option<Row>, Option<Row>), EngineError> {
+        let pg_err = || EngineError::pg("reading a wide event from the buffer");
+        // Materialized once: each chunk is a slice of the value's bytes, not a new scan of it.
+        let chunks = self
+            .client
+            .query_raw(
+                "WITH v AS MATERIALIZED (
+                   SELECT 0 AS which, n, convert_to(x, 'UTF8') AS b
+                     FROM philotes.events, unnest(old_key) WITH ORDINALITY u(x, n)
+                    WHERE pipeline_id = $1 AND lsn = $2 AND ord = $3
+                   UNION ALL
+                   SELECT 1, n, convert_to(x, 'UTF8')
+                     FROM philotes.events, unnest(vals) WITH ORDINALITY u(x, n)
+                    WHERE pipeline_id = $1 AND lsn = $2 AND ord = $3)
+                 SELECT which, n, k, length(b), substring(b FROM k * $4 + 1 FOR $4)
+                   FROM v, generate_series(0, greatest((coalesce(length(b), 0) + $4 - 1) / $4 - 1, 0)) k
+                  ORDER BY which, n, k",
+                [
+                    &self.pipeline_id as &(dyn tokio_postgres::types::ToSql + Sync),
+                    &(pos.lsn as i64),
+                    &pos.ord,
+                    &(WIDE_CHUNK as i32),
+                ],
+            )
+            .await
+            .map_err(pg_err())?;
+        futures::pin_mut!(chunks);
+        let mut rows: [Vec<Option<Vec<u8>>>; 2] = [Vec::new(), Vec::new()];
+        while let Some(r) = futures::TryStreamExt::try_next(&mut chunks)
+            .await
+            .map_err(pg_err())?
+        {
+            let (which, k): (i32, i32) = (r.get(0), r.get(2));
+            let row = &mut rows[usize::from(which == 1)];
+            let chunk: Option<&[u8]> = r.get(4);
+            match (k, chunk) {
+                (0, None) => row.push(None),
+                (0, Some(c)) => {
+                    let len = r.get::<_, Option<i32>>(3).unwrap_or(0).max(0) as usize;
+                    let mut v = Vec::with_capacity(len);
+                    v.extend_from_slice(c);
+                    row.push(Some(v));
+                }
+                (_, c) => {
+                    if let (Some(Some(v)), Some(c)) = (row.last_mut(), c) {
+                        v.extend_from_slice(c);
+                    }
+                }
+            }
+        }
+        let text = |row: Vec<Option<Vec<u8>>>| -> Result<Row, EngineError> {
+            row.into_iter()
+                .map(|v| {
+                    v.map(String::from_utf8).transpose().map_err(|e| {
+                        EngineError::Protocol(format!(
+                            "a wide value in the buffer is not UTF-8: {e}"
+                        ))
+                    })
+                })
+                .collect()
+        };
+        let [old_key, vals] = rows;
+        Ok((
+            (!no_old_key).then(|| text(old_key)).transpose()?,
+            (!no_vals).then(|| text(vals)).transpose()?,
+        ))
     }
 
     /// Records that everything up to `upto` is in the sink. The commit does not wait for its WAL to

@@ -23,6 +23,7 @@ pub mod source;
 pub mod state;
 pub mod table_name;
 pub mod tls;
+pub mod wide;
 mod worker;
 
 pub use self::handle::PipelineHandle;

@@ -719,12 +719,16 @@ impl<S: Sink> Processor<S> {
                 }
             }
             self.record(&batch, started);
+            let delivered = batch.len() as i64;
+            // A wide row's memory is given back before the reader may take in the next one.
+            drop((batch, prepared));
+            self.buffer.release_wide(last);
             let (next, read, p) = next?;
             if let Some((read_last, complete)) = read {
                 q.read(read_last, complete, durable);
                 q.settle()?;
             }
-            let applied = open.unwrap_or(0) + batch.len() as i64;
+            let applied = open.unwrap_or(0) + delivered;
             if !part.commit {
                 open = Some(applied);
                 ahead = Some((next, p));
@@ -914,6 +918,7 @@ impl<S: Sink> Processor<S> {
                 begin = false;
                 applied += chunk.len() as i64;
                 after = last;
+                self.buffer.release_wide(last);
                 if part.commit {
                     break;
                 }

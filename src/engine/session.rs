@@ -22,6 +22,7 @@ use super::sink::postgres::PostgresSink;
 use super::snapshot;
 use super::source::{Reader, catalog};
 use super::state::Phase;
+use super::wide::WideGate;
 
 /// Connects, takes the initial snapshot or uses the slot, registers the pipeline, and runs the reader,
 /// processor and housekeeping tasks until the first of them fails or the session is cancelled.
@@ -215,6 +216,7 @@ pub(super) async fn run_session(
     let session = cancel.child_token();
     // The writer hands the rows it just committed to the processor, which then need not read them back.
     let (handoff_tx, handoff_rx) = tokio::sync::mpsc::channel(4);
+    let wide = WideGate::new(super::source::REPLICATION_BUFFER_BYTES);
     let reader = Reader {
         cfg: cfg.clone(),
         sql: source,
@@ -227,10 +229,12 @@ pub(super) async fn run_session(
         handoff: Some(handoff_tx),
         sink_ack: bypass.then_some(sink_ack_rx),
         delivered,
+        wide: wide.clone(),
     };
     let processor_buffer = Buffer::connect(&cfg.buffer, &cfg.id, "buffer-reader")
         .await?
-        .with_epoch(epoch);
+        .with_epoch(epoch)
+        .with_wide_gate(wide);
     let mut tasks = JoinSet::new();
     tasks.spawn(reader.run(cp.durable_lsn));
     macro_rules! processor {

@@ -28,14 +28,16 @@ use super::error::EngineError;
 use super::event::{Op, Position, RelationInfo};
 use super::pg;
 use super::processor::Handoff;
+use super::wide::{WIDE_BYTES, WideGate, WidePass};
 
 /// While the writer is busy the next batch grows up to this many bytes of encoded rows (some 6,000
 /// changes of a few hundred bytes); then reading waits for the writer. Larger batches gain little
 /// and cost memory twice: here and in the processor's queue, which takes them in memory.
 const MAX_BATCH_BYTES: usize = 2 << 20;
-/// Most bytes of row data received but not yet taken by the reader (besides 16,384 events): past it
-/// the replication worker stops reading the socket.
-const REPLICATION_BUFFER_BYTES: usize = 16 << 20;
+/// Most bytes of row data received and not yet dropped by the reader (besides 16,384 events), with
+/// the wide row the processor holds (`engine::wide`): past it the replication worker stops reading
+/// the socket.
+pub const REPLICATION_BUFFER_BYTES: usize = 16 << 20;
 /// Received events handled in one go before the reader looks at the writer and at shutdown again.
 const DRAIN: usize = 1024;
 
@@ -62,6 +64,8 @@ pub struct Reader {
     /// Where the processor starts: the first rows handed over follow the later of this and the
     /// buffer's newest event.
     pub delivered: Position,
+    /// Shared with the processor: one wide row in memory at a time.
+    pub wide: WideGate,
 }
 
 /// One buffer transaction's worth of changes, from the reader to the writer.
@@ -73,6 +77,8 @@ struct Batch {
     durable_lsn: Option<u64>,
     /// Events of the transactions whose commit is in this batch.
     completed_events: i64,
+    /// Held from the first wide change in the batch until the buffer has it.
+    pass: Option<WidePass>,
 }
 
 impl Batch {
@@ -277,7 +283,9 @@ async fn hand_over(
     let (mut seq, durable) = *ack_tx.borrow();
     let handoff = handoff
         .ok_or_else(|| EngineError::Protocol("bypassing the buffer needs a processor".into()))?;
-    while let Some(b) = rx.recv().await {
+    while let Some(mut b) = rx.recv().await {
+        // The processor takes the rows: a wide one is in memory there, not in the buffer.
+        b.pass = None;
         if !b.relations.is_empty() {
             pg::deadline(
                 t,
@@ -322,7 +330,7 @@ impl Reader {
             .with_wakeup_interval((self.cfg.response_timeout / 4).max(Duration::from_millis(250)))
             .with_server_timeout(self.cfg.response_timeout)
             .with_buffer_size(16384)
-            .with_buffer_bytes(REPLICATION_BUFFER_BYTES))
+            .with_byte_budget(self.wide.budget()))
     }
 
     pub async fn run(self, start: u64) -> Result<(), EngineError> {
@@ -355,6 +363,7 @@ impl Reader {
             handoff,
             sink_ack,
             delivered,
+            wide,
         } = self;
         // The keys of the layouts the buffer knows, for a FULL-identity table dropped since.
         let known = pg::deadline(
@@ -396,6 +405,7 @@ impl Reader {
             shared: shared.clone(),
             cancel,
             skip_upto: sink_ack.is_some().then_some(delivered),
+            wide,
         };
         let result = decoder
             .stream(&mut client, &tx, &mut ack_rx, start, sink_ack.clone())
@@ -441,6 +451,7 @@ struct Decoder {
     /// source sends again what came after its acknowledged position): skipped, so that they count
     /// nowhere.
     skip_upto: Option<Position>,
+    wide: WideGate,
 }
 
 impl Decoder {
@@ -654,6 +665,13 @@ impl Decoder {
         if self.delivered(pos) {
             txn.next_ord += 1;
             return Ok(());
+        }
+        if data.len() > WIDE_BYTES && st.batch.pass.is_none() {
+            // Stopping: the change is left out of a transaction that then never commits here.
+            st.batch.pass = tokio::select! {
+                p = self.wide.enter() => Some(p),
+                _ = self.cancel.cancelled() => return Ok(()),
+            };
         }
         let rows = &mut st.batch.rows;
         let (msg, old, new) = (&data[..], &st.old[..], &st.new[..]);
