@@ -208,6 +208,7 @@ async fn main() -> ExitCode {
     // Fail points (tests only: none is set unless the FAILPOINTS variable names it).
     let _failpoints = fail::FailScenario::setup();
     philotes::install_crypto_provider();
+    philotes::map_large_allocations();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -252,6 +252,7 @@ const MB: f64 = 1024.0 * 1024.0;
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Sub::Pipelines { file, health_addr }) = &cli.command {
+        philotes::map_large_allocations();
         return run_pipelines(file, *health_addr).await;
     }
     if let Some(Sub::Replicas {
