@@ -132,7 +132,13 @@ def main():
     if a.duckdb:
         import duckdb
         con = duckdb.connect()
-        load_extensions(con)
+        load_extensions(con, s3=bool(a.s3))
+        if a.s3:
+            host = endpoint.removeprefix("http://")
+            con.execute(
+                f"CREATE SECRET lake (TYPE s3, KEY_ID {sql_str(key_id)}, SECRET {sql_str(secret)}, "
+                f"REGION 'us-east-1', ENDPOINT {sql_str(host)}, URL_STYLE 'path', USE_SSL false)"
+            )
         metadata = table.metadata_location.removeprefix("file://")
         q = STATE_SQL.format(metadata=metadata, key=", ".join(key))
         cur = con.execute(q)
@@ -143,13 +149,19 @@ def main():
     print(json.dumps(out, default=str))
 
 
-def load_extensions(con):
-    """Loads the avro and iceberg extensions the duckdb-ext-* packages ship (no download)."""
+def sql_str(s):
+    """A SQL string literal (DDL such as CREATE SECRET takes no parameters)."""
+    return "'" + s.replace("'", "''") + "'"
+
+
+def load_extensions(con, s3=False):
+    """Loads the avro and iceberg extensions (and httpfs for s3://) the duckdb-ext-* packages ship
+    (no download)."""
     import pathlib
     import duckdb
     import duckdb_ext
     base = pathlib.Path(list(duckdb_ext.__path__)[0]) / "extensions" / f"v{duckdb.__version__}"
-    for name in ("avro", "iceberg"):
+    for name in (("httpfs",) if s3 else ()) + ("avro", "iceberg"):
         found = sorted(base.rglob(f"{name}.duckdb_extension"))
         if not found:
             raise SystemExit(f"the {name} extension is not in {base}")
