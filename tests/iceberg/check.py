@@ -16,25 +16,77 @@ import uuid
 import psycopg2
 from pyiceberg.catalog.sql import SqlCatalog
 
+# The README's DuckDB query, for any table: `{key}` is its key columns, `{filled}` one line per
+# other column (see `filled`).
 STATE_SQL = """
-WITH log AS (SELECT * FROM iceberg_scan('{metadata}')),
+WITH RECURSIVE log AS (SELECT * FROM iceberg_scan('{metadata}')),
 last_truncate AS (
   SELECT _lsn, _seq FROM log WHERE _op = 'truncate' ORDER BY _lsn DESC, _seq DESC LIMIT 1
 ),
 live AS (
-  SELECT * FROM log
-  WHERE NOT EXISTS (SELECT 1 FROM last_truncate t
+  SELECT *, row({key}) AS _k FROM log
+  WHERE _op <> 'truncate'
+    AND NOT EXISTS (SELECT 1 FROM last_truncate t
                     WHERE log._lsn < t._lsn OR (log._lsn = t._lsn AND log._seq <= t._seq))
 ),
+-- A key-changing update: the delete of the old key (even _seq), then the row at _seq + 1.
+moves AS (
+  SELECT n.*, coalesce(o._k <> n._k, false) AS _moved
+  FROM live n LEFT JOIN live o
+    ON n._op = 'update' AND o._op = 'delete' AND o._seq % 2 = 0
+   AND o._lsn = n._lsn AND o._seq = n._seq - 1
+),
+-- A segment: a key's rows from an insert, or from the update that moved the row there, on.
+segs AS (
+  SELECT *, count(*) FILTER (WHERE _op = 'insert' OR _moved)
+              OVER (PARTITION BY _k ORDER BY _lsn, _seq) AS _segno
+  FROM moves
+),
+links AS (
+  SELECT n._k, n._segno, o._k AS _from_k, o._segno AS _from_segno
+  FROM segs n JOIN segs o ON o._lsn = n._lsn AND o._seq = n._seq - 1
+  WHERE n._moved
+),
+-- Each segment's first one: a moved row's segment continues the one its old key's delete ended.
+lineage (_k, _segno, _root_k, _root_segno) AS (
+  SELECT DISTINCT _k, _segno, _k, _segno FROM segs s
+  WHERE NOT EXISTS (SELECT 1 FROM links l WHERE l._k = s._k AND l._segno = s._segno)
+  UNION ALL
+  SELECT l._k, l._segno, r._root_k, r._root_segno
+  FROM lineage r JOIN links l ON l._from_k = r._k AND l._from_segno = r._segno
+),
+rooted AS (SELECT * FROM segs JOIN lineage USING (_k, _segno)),
+-- A value left out (named in _unchanged) is the row's last one written before.
+filled AS (
+  SELECT * REPLACE (
+    {filled}
+  ) FROM rooted
+  WINDOW w AS (PARTITION BY _root_k, _root_segno ORDER BY _lsn, _seq
+               ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
+),
 latest AS (
-  SELECT *, row_number() OVER (PARTITION BY {key} ORDER BY _lsn DESC, _seq DESC) AS rn
-  FROM live WHERE _op <> 'truncate'
+  SELECT *, row_number() OVER (PARTITION BY _k ORDER BY _lsn DESC, _seq DESC) AS rn FROM filled
 )
-SELECT * EXCLUDE (rn, _op, _lsn, _seq, _commit_time) FROM latest
-WHERE rn = 1 AND _op IN ('insert', 'update')
+SELECT * EXCLUDE (rn, _k, _moved, _segno, _root_k, _root_segno,
+                  _op, _lsn, _seq, _commit_time, _unchanged)
+FROM latest WHERE rn = 1 AND _op IN ('insert', 'update')
 """
 
-META = ("_op", "_lsn", "_seq", "_commit_time")
+FILLED = ("(last_value(CASE WHEN _op = 'delete' OR list_contains(_unchanged, '{name}') THEN NULL"
+          " ELSE {{'v': {col}}} END IGNORE NULLS) OVER w).v AS {col}")
+
+META = ("_op", "_lsn", "_seq", "_commit_time", "_unchanged")
+
+
+def ident(name):
+    return '"' + name.replace('"', '""') + '"'
+
+
+def filled(columns):
+    """The `filled` lines of STATE_SQL for these (non-key) columns (a no-op line for none)."""
+    if not columns:
+        return "_op AS _op"
+    return ",\n    ".join(FILLED.format(name=c.replace("'", "''"), col=ident(c)) for c in columns)
 
 
 def norm(v):
@@ -61,14 +113,22 @@ def norm(v):
 
 def state_from_changelog(rows, key):
     """The pyiceberg way, as the README shows it."""
-    state = {}
+    state, moved = {}, {}
     for r in sorted(rows, key=lambda r: (r["_lsn"], r["_seq"])):
+        k = tuple(r[c] for c in key)
         if r["_op"] == "truncate":
             state.clear()
         elif r["_op"] == "delete":
-            state.pop(tuple(r[k] for k in key), None)
+            old = state.pop(k, None)
+            if r["_seq"] % 2 == 0 and old is not None:
+                # A key change: the row goes on at _seq + 1 under its new key.
+                moved[(r["_lsn"], r["_seq"] + 1)] = old
         else:
-            state[tuple(r[k] for k in key)] = {c: v for c, v in r.items() if c not in META}
+            prev = moved.pop((r["_lsn"], r["_seq"]), None) or state.get(k, {})
+            row = {c: v for c, v in r.items() if c not in META}
+            for c in r.get("_unchanged") or []:
+                row[c] = prev.get(c)
+            state[k] = row
     return list(state.values())
 
 
@@ -121,6 +181,7 @@ def main():
         "columns": [f.name for f in schema.fields],
         "identifier": key,
         "ops": sorted({r["_op"] for r in log}),
+        "unchanged_rows": sum(1 for r in log if r.get("_unchanged")),
         "source_rows": len(want),
         "state_rows": len(have),
         "equal": want == have,
@@ -132,24 +193,42 @@ def main():
     if a.duckdb:
         import duckdb
         con = duckdb.connect()
-        load_extensions(con)
+        load_extensions(con, s3=bool(a.s3))
+        if a.s3:
+            host = endpoint.removeprefix("http://")
+            con.execute(
+                f"CREATE SECRET lake (TYPE s3, KEY_ID {sql_str(key_id)}, SECRET {sql_str(secret)}, "
+                f"REGION 'us-east-1', ENDPOINT {sql_str(host)}, URL_STYLE 'path', USE_SSL false)"
+            )
         metadata = table.metadata_location.removeprefix("file://")
-        q = STATE_SQL.format(metadata=metadata, key=", ".join(key))
-        cur = con.execute(q)
-        cols = [d[0] for d in cur.description]
-        rows = [dict(zip(cols, r)) for r in cur.fetchall()]
-        out["duckdb_equal"] = canon(rows, columns) == want
-        out["duckdb_rows"] = len(rows)
+        others = [f.name for f in schema.fields if f.name not in META and f.name not in key]
+        q = STATE_SQL.format(metadata=metadata, key=", ".join(ident(k) for k in key),
+                             filled=filled(others))
+        try:
+            cur = con.execute(q)
+        except duckdb.Error as e:
+            out["duckdb_error"] = str(e)
+        else:
+            cols = [d[0] for d in cur.description]
+            rows = [dict(zip(cols, r)) for r in cur.fetchall()]
+            out["duckdb_equal"] = canon(rows, columns) == want
+            out["duckdb_rows"] = len(rows)
     print(json.dumps(out, default=str))
 
 
-def load_extensions(con):
-    """Loads the avro and iceberg extensions the duckdb-ext-* packages ship (no download)."""
+def sql_str(s):
+    """A SQL string literal (DDL such as CREATE SECRET takes no parameters)."""
+    return "'" + s.replace("'", "''") + "'"
+
+
+def load_extensions(con, s3=False):
+    """Loads the avro and iceberg extensions (and httpfs for s3://) the duckdb-ext-* packages ship
+    (no download)."""
     import pathlib
     import duckdb
     import duckdb_ext
     base = pathlib.Path(list(duckdb_ext.__path__)[0]) / "extensions" / f"v{duckdb.__version__}"
-    for name in ("avro", "iceberg"):
+    for name in (("httpfs",) if s3 else ()) + ("avro", "iceberg"):
         found = sorted(base.rglob(f"{name}.duckdb_extension"))
         if not found:
             raise SystemExit(f"the {name} extension is not in {base}")

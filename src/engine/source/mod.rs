@@ -175,6 +175,19 @@ fn values<'a>(msg: &'a [u8], cols: &'a [Col]) -> impl Iterator<Item = Option<&'a
     cols.iter().map(move |c| c.is_value().then(|| c.bytes(msg)))
 }
 
+/// An update's new values; an unchanged TOASTed value (not sent) is taken from the old row when it
+/// carries it (REPLICA IDENTITY FULL sends the old row with its values inline).
+fn new_values<'a>(
+    msg: &'a [u8],
+    new: &'a [Col],
+    old: &'a [Col],
+) -> impl Iterator<Item = Option<&'a [u8]>> + 'a {
+    new.iter().enumerate().map(move |(i, c)| match old.get(i) {
+        Some(o) if c.kind == b'u' && o.is_value() => Some(o.bytes(msg)),
+        _ => c.is_value().then(|| c.bytes(msg)),
+    })
+}
+
 fn key<'a>(
     msg: &'a [u8],
     cols: &'a [Col],
@@ -696,17 +709,19 @@ impl Decoder {
                     r.info.rel_ver,
                     Op::Update,
                 );
-                if has_old {
+                let old = if has_old {
                     rows.text_array(key(msg, old, &r.key));
+                    old
                 } else {
                     rows.null();
-                }
-                rows.text_array(values(msg, new));
+                    &[][..]
+                };
+                rows.text_array(new_values(msg, new, old));
                 st.unchanged.clear();
                 st.unchanged.extend(
                     new.iter()
                         .enumerate()
-                        .filter(|(_, c)| c.kind == b'u')
+                        .filter(|(i, c)| c.kind == b'u' && !old.get(*i).is_some_and(Col::is_value))
                         .map(|(i, _)| i as i16),
                 );
                 if st.unchanged.is_empty() {

@@ -13,7 +13,7 @@ use arrow_array::{ArrayRef, ListArray, RecordBatch};
 use arrow_buffer::{NullBuffer, OffsetBuffer, ScalarBuffer};
 use arrow_schema::{DataType, Field, SchemaRef, TimeUnit};
 
-use super::types::{COMMIT_TIME, LSN, OP, SEQ, seq};
+use super::types::{COMMIT_TIME, LSN, OP, SEQ, UNCHANGED, seq};
 use crate::engine::event::{Event, Op, RelationInfo};
 
 /// Microseconds between the Unix epoch and 2000-01-01, PostgreSQL's epoch.
@@ -26,6 +26,8 @@ struct Row<'a> {
     lsn: i64,
     seq: i64,
     commit_time: i64,
+    /// Columns left out: unchanged TOASTed values the source did not send.
+    unchanged: Vec<&'a str>,
 }
 
 /// Why a value does not fit: the column and the problem.
@@ -60,10 +62,18 @@ pub fn record_batch<'a>(
                             lsn,
                             seq,
                             commit_time,
+                            unchanged: Vec::new(),
                         },
                         rel,
                     ));
                 }
+                let unchanged = e
+                    .unchanged
+                    .iter()
+                    .flatten()
+                    .filter_map(|&i| rel.columns.get(usize::try_from(i).ok()?))
+                    .map(String::as_str)
+                    .collect();
                 let mut vals: Vec<Option<&str>> = vec![None; width];
                 for (v, s) in vals.iter_mut().zip(e.vals.iter().flatten()) {
                     *v = s.as_deref();
@@ -76,6 +86,7 @@ pub fn record_batch<'a>(
                         lsn,
                         seq,
                         commit_time,
+                        unchanged,
                     },
                     rel,
                 ));
@@ -89,6 +100,7 @@ pub fn record_batch<'a>(
                         lsn,
                         seq,
                         commit_time,
+                        unchanged: Vec::new(),
                     },
                     rel,
                 ));
@@ -102,6 +114,7 @@ pub fn record_batch<'a>(
                         lsn,
                         seq,
                         commit_time,
+                        unchanged: Vec::new(),
                     },
                     rel,
                 ));
@@ -138,6 +151,15 @@ pub fn record_batch<'a>(
                 }
                 Arc::new(b.finish())
             }
+            UNCHANGED => {
+                let DataType::List(elem) = field.data_type() else {
+                    return Err(BadValue {
+                        column: name.to_string(),
+                        problem: format!("the field is {}, not a list", field.data_type()),
+                    });
+                };
+                names(elem, rows.iter().map(|(r, _)| &r.unchanged[..]))?
+            }
             _ => {
                 let vals: Vec<Option<&str>> = rows
                     .iter()
@@ -171,6 +193,34 @@ pub fn record_batch<'a>(
         column: String::new(),
         problem: e.to_string(),
     })
+}
+
+/// The `_unchanged` column: each row's list of names, null when empty.
+fn names<'r, 'a: 'r>(
+    elem: &Arc<Field>,
+    lists: impl Iterator<Item = &'r [&'a str]>,
+) -> Result<ArrayRef, BadValue> {
+    let bad = |problem: String| BadValue {
+        column: UNCHANGED.to_string(),
+        problem,
+    };
+    let mut offsets: Vec<i32> = vec![0];
+    let mut valid = Vec::new();
+    let mut items: Vec<Option<&str>> = Vec::new();
+    for l in lists {
+        items.extend(l.iter().map(|n| Some(*n)));
+        offsets.push(i32::try_from(items.len()).map_err(|_| bad("too many names".into()))?);
+        valid.push(!l.is_empty());
+    }
+    let child = array(elem.data_type(), &items).map_err(bad)?;
+    ListArray::try_new(
+        elem.clone(),
+        OffsetBuffer::new(ScalarBuffer::from(offsets)),
+        child,
+        Some(NullBuffer::from(valid)),
+    )
+    .map(|a| Arc::new(a) as ArrayRef)
+    .map_err(|e| bad(e.to_string()))
 }
 
 /// A row of `width` columns holding only the key values (in key order, as deletes carry them).
@@ -582,5 +632,40 @@ mod tests {
         assert_eq!(parse_array("{}"), Ok(vec![]));
         assert!(parse_array("{{1,2},{3,4}}").is_err());
         assert!(parse_array("[0:1]={1,2}").is_err());
+    }
+
+    #[test]
+    fn an_update_names_the_values_it_left_out_in_unchanged() {
+        use arrow_array::Array;
+        use arrow_array::cast::AsArray;
+
+        use crate::engine::event::Position;
+        let rel = RelationInfo::new(
+            "public".into(),
+            "t".into(),
+            vec!["id".into(), "n".into(), "body".into()],
+            vec!["integer".into(), "integer".into(), "text".into()],
+            vec![true, false, false],
+        );
+        let schema = super::super::types::initial_schema(&rel).unwrap();
+        let arrow = Arc::new(iceberg::arrow::schema_to_arrow_schema(&schema).unwrap());
+        let event = |op, vals: &[Option<&str>], unchanged: Option<Vec<i16>>| Event {
+            pos: Position { lsn: 1, ord: 0 },
+            commit_time: 0,
+            rel_ver: rel.rel_ver,
+            op,
+            old_key: None,
+            vals: Some(vals.iter().map(|v| v.map(String::from)).collect()),
+            unchanged,
+        };
+        let insert = event(Op::Insert, &[Some("1"), Some("0"), Some("big")], None);
+        let update = event(Op::Update, &[Some("1"), Some("1"), None], Some(vec![2]));
+        let rb = record_batch(&arrow, &[(&insert, &rel), (&update, &rel)]).unwrap();
+        let col = rb.column_by_name(UNCHANGED).unwrap().as_list::<i32>();
+        assert!(col.is_null(0));
+        let names = col.value(1);
+        let names = names.as_string::<i32>();
+        assert_eq!(names.iter().collect::<Vec<_>>(), vec![Some("body")]);
+        assert!(rb.column_by_name("body").unwrap().is_null(1));
     }
 }

@@ -1,5 +1,6 @@
 //! PostgreSQL column types (as `format_type` names them) → Iceberg types, and the changelog
-//! table's schema: the source's columns, then `_op`, `_lsn`, `_seq` and `_commit_time`.
+//! table's schema: the source's columns, then `_op`, `_lsn`, `_seq`, `_commit_time` and
+//! `_unchanged`.
 //!
 //! | PostgreSQL | Iceberg |
 //! |---|---|
@@ -33,7 +34,22 @@ pub const SEQ: &str = "_seq";
 /// The source transaction's commit time.
 pub const COMMIT_TIME: &str = "_commit_time";
 
+/// The columns an update left out because their TOASTed values did not change and the source did
+/// not send them (null when every value is there): the row's values before hold them.
+pub const UNCHANGED: &str = "_unchanged";
+
+/// The required metadata columns.
 pub const META: [&str; 4] = [OP, LSN, SEQ, COMMIT_TIME];
+
+/// [`UNCHANGED`]'s type: a list of column names.
+fn unchanged_type() -> ColType {
+    ColType::List(Box::new(ColType::String))
+}
+
+/// Whether `name` is one of the changelog's own columns (a source column may not be).
+fn is_meta(name: &str) -> bool {
+    META.contains(&name) || name == UNCHANGED
+}
 
 /// `_seq` of a change: twice its index in the transaction plus one; the delete of the old key that
 /// a key-changing update writes comes just before it, at twice the index. (`_lsn`, `_seq`) is
@@ -173,6 +189,10 @@ pub fn initial_schema(rel: &RelationInfo) -> Result<Schema, IcebergError> {
     // Ids: one per column first (stable whatever the element ids), element ids after.
     let col_ids: Vec<i32> = rel.columns.iter().map(|_| id()).collect();
     let meta_ids: Vec<i32> = META.iter().map(|_| id()).collect();
+    let unchanged_id = id();
+    if let Some(name) = rel.columns.iter().find(|c| is_meta(c)) {
+        return Err(meta_name(rel, name));
+    }
     for ((name, ty), (is_key, fid)) in rel
         .columns
         .iter()
@@ -190,6 +210,9 @@ pub fn initial_schema(rel: &RelationInfo) -> Result<Schema, IcebergError> {
     for (name, fid) in META.iter().zip(&meta_ids) {
         fields.push(NestedField::required(*fid, *name, meta_type(name)).into());
     }
+    fields.push(
+        NestedField::optional(unchanged_id, UNCHANGED, unchanged_type().iceberg(&mut id)).into(),
+    );
     Schema::builder()
         .with_schema_id(0)
         .with_fields(fields)
@@ -201,6 +224,14 @@ pub fn initial_schema(rel: &RelationInfo) -> Result<Schema, IcebergError> {
         )))
 }
 
+fn meta_name(rel: &RelationInfo, name: &str) -> IcebergError {
+    IcebergError::Schema {
+        table: rel.qualified(),
+        column: name.to_string(),
+        problem: "the name is one of the changelog's own columns (_op, _lsn, _seq, _commit_time, _unchanged)".into(),
+    }
+}
+
 fn meta_type(name: &str) -> Type {
     Type::Primitive(match name {
         OP => PrimitiveType::String,
@@ -209,25 +240,24 @@ fn meta_type(name: &str) -> Type {
     })
 }
 
-/// Source columns of `rel` the table's schema lacks, with their Iceberg types, in order. A column
-/// whose type no longer fits its field is refused.
+/// Columns the table's schema lacks, with their Iceberg types, in order: `_unchanged` (tables
+/// created before it), then source columns of `rel`. A column whose type no longer fits its field,
+/// or named like a changelog column, is refused.
 pub fn added_columns(
     schema: &Schema,
     rel: &RelationInfo,
 ) -> Result<Vec<(String, ColType)>, IcebergError> {
     let mut added = Vec::new();
+    if schema.field_by_name(UNCHANGED).is_none() {
+        added.push((UNCHANGED.to_string(), unchanged_type()));
+    }
     for (name, ty) in rel.columns.iter().zip(&rel.types) {
         let ct = ColType::of(ty);
+        if is_meta(name) {
+            return Err(meta_name(rel, name));
+        }
         match schema.field_by_name(name) {
             None => added.push((name.clone(), ct)),
-            Some(f) if META.contains(&name.as_str()) => {
-                let _ = f;
-                return Err(IcebergError::Schema {
-                    table: rel.qualified(),
-                    column: name.clone(),
-                    problem: "the name is one of the changelog's own columns (_op, _lsn, _seq, _commit_time)".into(),
-                });
-            }
             Some(f) if !ct.fits(&f.field_type) => {
                 return Err(IcebergError::Schema {
                     table: rel.qualified(),
@@ -321,7 +351,34 @@ mod tests {
         for m in META {
             assert!(s.field_by_name(m).unwrap().required, "{m}");
         }
+        let unchanged = s.field_by_name(UNCHANGED).unwrap();
+        assert!(!unchanged.required);
+        assert!(unchanged_type().fits(&unchanged.field_type));
         assert!(added_columns(&s, &r).unwrap().is_empty());
+        // A table from before `_unchanged` gets it.
+        let older = Schema::builder()
+            .with_fields(
+                s.as_struct()
+                    .fields()
+                    .iter()
+                    .filter(|f| f.name != UNCHANGED)
+                    .cloned(),
+            )
+            .build()
+            .unwrap();
+        assert_eq!(
+            added_columns(&older, &r).unwrap(),
+            vec![(UNCHANGED.to_string(), unchanged_type())]
+        );
+        let clash = rel(&[("id", "bigint", true), ("_unchanged", "text", false)]);
+        assert!(matches!(
+            initial_schema(&clash),
+            Err(IcebergError::Schema { .. })
+        ));
+        assert!(matches!(
+            added_columns(&s, &clash),
+            Err(IcebergError::Schema { .. })
+        ));
         let r2 = rel(&[
             ("id", "bigint", true),
             ("name", "text", false),
