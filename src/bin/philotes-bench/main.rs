@@ -562,7 +562,7 @@ async fn main_workload(
     rows: u64,
     native: bool,
 ) -> anyhow::Result<Workload> {
-    workload::prepare(src).await?;
+    workload::prepare(src, "items").await?;
     src.batch_execute("CREATE PUBLICATION bench_pub FOR TABLE items")
         .await?;
     if native {
@@ -584,7 +584,7 @@ async fn main_workload(
         .await?;
     }
     eprintln!("generating the workload ...");
-    let w = workload::generate(src, rows, false).await?;
+    let w = workload::generate(src, "items", rows, false).await?;
     eprintln!(
         "  {} changes ({} inserts, {} updates, {} deletes) in ~{} transactions, {:.0} MiB of WAL, {:.1}s; end {}",
         w.changes,
