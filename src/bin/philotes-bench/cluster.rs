@@ -29,7 +29,10 @@ impl Cluster {
     ) -> anyhow::Result<Cluster> {
         let connections = (pipelines * 8).max(500);
         let slots = (pipelines + 20).max(100);
-        let mut conf = format!("max_connections = {connections}\n");
+        // Room for an apply worker per native subscription of the scaling phase (16 at once).
+        let mut conf = format!(
+            "max_connections = {connections}\nmax_worker_processes = 40\nmax_logical_replication_workers = 32\n"
+        );
         if logical {
             conf.push_str(&format!(
                 "max_replication_slots = {slots}\nmax_wal_senders = {slots}\n"

@@ -280,3 +280,87 @@ pub async fn checksum_of(
         .with_context(|| format!("checksum of {table}"))?;
     Ok((row.get(0), row.get(1)))
 }
+
+/// Columns of the tables of the row-width workload ([`generate_wide`]).
+pub const WIDE_COLUMNS: &str = "id, v";
+
+pub fn create_wide_table(name: &str) -> String {
+    format!(
+        "CREATE TABLE {name} (id bigint PRIMARY KEY, v text NOT NULL);
+         ALTER TABLE {name} SET (autovacuum_enabled = off)"
+    )
+}
+
+/// Inserts `rows` rows of about `width` bytes each (the key and a text of `width` − 8 bytes of md5
+/// hex of the key, which pglz does not shrink) into `public.{table}` made by [`create_wide_table`], in
+/// transactions of about 2 MiB (1–10,000 rows), committed as [`generate`] commits.
+pub async fn generate_wide(
+    src: &Client,
+    table: &str,
+    rows: u64,
+    width: u64,
+) -> anyhow::Result<Workload> {
+    let started = Instant::now();
+    let start_lsn = insert_lsn(src).await?;
+    let text = width.saturating_sub(8).max(1);
+    let per_txn = (2 * 1024 * 1024 / width.max(1)).clamp(1, 10_000);
+    src.batch_execute("SET synchronous_commit = off").await?;
+    let (mut lo, mut txns, mut end_lsn) = (1u64, 0u64, 0u64);
+    while lo <= rows {
+        let hi = (lo + per_txn - 1).min(rows);
+        let last = hi == rows;
+        if last {
+            src.batch_execute("SET synchronous_commit = on").await?;
+        }
+        src.batch_execute("BEGIN").await?;
+        src.batch_execute(&format!(
+            "INSERT INTO {table} SELECT g, (SELECT left(string_agg(md5(g || ':' || k), ''), {text})
+               FROM generate_series(1, {}) k) FROM generate_series({lo}::bigint, {hi}) g",
+            text.div_ceil(32)
+        ))
+        .await?;
+        if last {
+            end_lsn = insert_lsn(src).await?;
+        }
+        src.batch_execute("COMMIT").await?;
+        txns += 1;
+        lo = hi + 1;
+    }
+    let commit_end_lsn = insert_lsn(src).await?;
+    let flushed: String = src
+        .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+        .await?
+        .get(0);
+    anyhow::ensure!(lsn(&flushed) > end_lsn, "WAL not flushed past the workload");
+    Ok(Workload {
+        inserts: rows,
+        updates: 0,
+        deletes: 0,
+        changes: rows,
+        transactions: txns,
+        end_lsn,
+        commit_end_lsn,
+        wal_bytes: end_lsn - start_lsn,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+async fn insert_lsn(c: &Client) -> anyhow::Result<u64> {
+    let s: String = c
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await?
+        .get(0);
+    Ok(lsn(&s))
+}
+
+/// Octets of the values of a row-width table (`sum(octet_length(v))`).
+pub async fn wide_value_bytes(c: &Client, table: &str) -> anyhow::Result<u64> {
+    let n: i64 = c
+        .query_one(
+            &format!("SELECT coalesce(sum(octet_length(v)), 0)::int8 FROM {table}"),
+            &[],
+        )
+        .await?
+        .get(0);
+    Ok(n as u64)
+}
