@@ -533,7 +533,10 @@ async fn bench(cli: &Cli) -> anyhow::Result<()> {
         drop_slot(&src, "bench_reader").await?;
         drop_slot(&src, "bench_ref").await?;
     }
-    let scaling = if cli.scaling {
+    // A failed scaling point ends the run, after the points measured so far are printed and written.
+    let mut scaling = Vec::new();
+    let mut failed = None;
+    if cli.scaling {
         let q = cli.quick;
         let plan = scaling::Plan {
             rows: cli.scaling_rows.clone().unwrap_or_else(|| {
@@ -561,32 +564,31 @@ async fn bench(cli: &Cli) -> anyhow::Result<()> {
             width_rows_max: 1_000_000,
             native: !skip("scaling-native"),
         };
-        scaling::run(&ctx, &plan, &skip).await?
-    } else {
-        Vec::new()
-    };
+        failed = scaling::run(&ctx, &plan, &skip, &mut scaling).await.err();
+    }
+    let later = |p: &str| failed.is_some() || skip(p);
     drop(src);
     drop(sink);
     drop(admin);
 
-    let latency = if skip("latency") {
+    let latency = if later("latency") {
         None
     } else {
         Some(latency_phase(&ctx, latency_rate, latency_secs).await?)
     };
-    let idle = if skip("idle") {
+    let idle = if later("idle") {
         None
     } else {
         Some(idle_phase(&ctx, idle_pipelines, idle_secs).await?)
     };
     let mut memory = Vec::new();
-    if !skip("big-txn") {
+    if !later("big-txn") {
         let rows = cli
             .big_txn_rows
             .unwrap_or_else(|| memory::big_txn_rows(cli.rows, cli.quick));
         memory.push(memory::big_txn(&ctx, rows).await?);
     }
-    if !skip("wide-rows") {
+    if !later("wide-rows") {
         let count = cli.wide_count.unwrap_or(if cli.quick { 4 } else { 40 });
         let mib = cli.wide_mib.unwrap_or(if cli.quick { 4 } else { 20 });
         memory.push(memory::wide_rows(&ctx, count, mib).await?);
@@ -618,7 +620,10 @@ async fn bench(cli: &Cli) -> anyhow::Result<()> {
     std::fs::write(&cli.json, serde_json::to_string_pretty(&results)?)
         .with_context(|| format!("writing {}", cli.json.display()))?;
     eprintln!("results written to {}", cli.json.display());
-    Ok(())
+    match failed {
+        Some(e) => Err(e.context("scaling phase (the points before it are printed and written)")),
+        None => Ok(()),
+    }
 }
 
 /// The shape of a feed's table.

@@ -66,28 +66,15 @@ pub struct Point {
     pub philotes: Throughput,
 }
 
-/// Every point of the plan; dimensions named in `skip` ("scaling-rows", "scaling-pipelines",
-/// "scaling-widths") are left out.
+/// Every point of the plan, into `out` as each is measured; dimensions named in `skip`
+/// ("scaling-rows", "scaling-pipelines", "scaling-widths") are left out. The rows dimension goes last:
+/// its largest point takes longest.
 pub async fn run(
     ctx: &Ctx,
     plan: &Plan,
     skip: &dyn Fn(&str) -> bool,
-) -> anyhow::Result<Vec<Point>> {
-    let mut out = Vec::new();
-    if !skip("scaling-rows") {
-        for &rows in &plan.rows {
-            let p = point(
-                ctx,
-                plan,
-                ("rows", format!("{rows} rows"), format!("_r{rows}")),
-                1,
-                Load::Mixed(rows),
-                None,
-            )
-            .await?;
-            out.push(p);
-        }
-    }
+    out: &mut Vec<Point>,
+) -> anyhow::Result<()> {
     if !skip("scaling-pipelines") {
         for &n in &plan.pipelines {
             let rows = (plan.pipeline_rows / n.max(1) as u64).max(1);
@@ -122,7 +109,21 @@ pub async fn run(
             out.push(p);
         }
     }
-    Ok(out)
+    if !skip("scaling-rows") {
+        for &rows in &plan.rows {
+            let p = point(
+                ctx,
+                plan,
+                ("rows", format!("{rows} rows"), format!("_r{rows}")),
+                1,
+                Load::Mixed(rows),
+                None,
+            )
+            .await?;
+            out.push(p);
+        }
+    }
+    Ok(())
 }
 
 async fn point(
