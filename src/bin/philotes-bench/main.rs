@@ -606,7 +606,7 @@ async fn bench(cli: &Cli) -> anyhow::Result<()> {
             },
             e2e_spec: std::env::var("PHILOTES_BENCH_E2E_SPEC").unwrap_or_default(),
             wal_warmup: !cli.no_wal_warmup,
-            postgres_settings: "defaults, plus listen_addresses, port, max_connections = 500, max_worker_processes = 40, max_logical_replication_workers = 32; source: wal_level = logical, max_replication_slots = max_wal_senders = 100; latency phase: track_commit_timestamp = on".into(),
+            postgres_settings: "defaults, plus listen_addresses, port, max_connections = 500, max_worker_processes = 40, max_logical_replication_workers = 32, max_replication_slots = 100; source: wal_level = logical, max_wal_senders = 100; latency phase: track_commit_timestamp = on".into(),
         },
         workload,
         throughput,
