@@ -131,3 +131,80 @@ fn bench_runs_end_to_end_into_iceberg() {
     );
     assert!(e2e["changes_per_s"].as_f64().unwrap() > 0.0, "{e2e}");
 }
+
+#[test]
+fn bench_runs_the_scaling_phase_at_a_tiny_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let started = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_philotes-bench"))
+        .args(["--quick", "--scaling", "--json"])
+        .arg(&json)
+        .args(["--scaling-rows", "2000", "--scaling-pipelines", "2"])
+        .args([
+            "--scaling-pipeline-rows",
+            "2000",
+            "--scaling-widths",
+            "100,20480",
+        ])
+        .args(["--scaling-width-mib", "1"])
+        .args([
+            "--skip",
+            "reference,native,e2e,bypass,reader,latency,idle,big-txn,wide-rows",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(90),
+        "took {:?}",
+        started.elapsed()
+    );
+    for needle in [
+        "| scaling: rows (end to end, default spec) |",
+        "| scaling: pipelines (end to end, default spec) |",
+        "| scaling: row width (end to end, default spec) |",
+        "| 2 pipelines |",
+        "| 20480 B rows |",
+    ] {
+        assert!(stdout.contains(needle), "no {needle:?} in:\n{stdout}");
+    }
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let points = r["scaling"].as_array().unwrap();
+    assert_eq!(points.len(), 4, "{points:?}");
+    for p in points {
+        let name = p["point"].as_str().unwrap();
+        for field in [
+            "changes_per_s",
+            "ratio_to_reference",
+            "ratio_to_native",
+            "philotes_cpu_s_per_million",
+            "wal_mb_per_s",
+        ] {
+            let v = p[field].as_f64().unwrap_or(-1.0);
+            assert!(v > 0.0, "{name}: {field} = {v}");
+        }
+        let changes = &p["workload"]["changes"];
+        for m in ["reference", "native", "philotes"] {
+            assert_eq!(&p[m]["changes"], changes, "{name}: {m}");
+        }
+        assert!(
+            p["philotes"]["note"]
+                .as_str()
+                .unwrap()
+                .contains("sink = source"),
+            "{name}: {p}"
+        );
+    }
+    let two = points.iter().find(|p| p["pipelines"] == 2).unwrap();
+    assert_eq!(two["workload"]["inserts"], 2000, "{two}");
+    let wide = points.iter().find(|p| p["width_bytes"] == 20480).unwrap();
+    assert!(wide["value_mb_per_s"].as_f64().unwrap() > 0.0, "{wide}");
+}

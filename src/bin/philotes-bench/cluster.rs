@@ -29,11 +29,13 @@ impl Cluster {
     ) -> anyhow::Result<Cluster> {
         let connections = (pipelines * 8).max(500);
         let slots = (pipelines + 20).max(100);
-        let mut conf = format!("max_connections = {connections}\n");
+        // Room for an apply worker per native subscription of the scaling phase (16 at once), and in
+        // the sink a replication origin for each (max_replication_slots bounds those too).
+        let mut conf = format!(
+            "max_connections = {connections}\nmax_worker_processes = 40\nmax_logical_replication_workers = 32\nmax_replication_slots = {slots}\n"
+        );
         if logical {
-            conf.push_str(&format!(
-                "max_replication_slots = {slots}\nmax_wal_senders = {slots}\n"
-            ));
+            conf.push_str(&format!("max_wal_senders = {slots}\n"));
         }
         let cluster = testkit::Cluster::start(&testkit::Options {
             name: format!("bench-{name}"),

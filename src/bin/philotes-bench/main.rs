@@ -33,6 +33,7 @@ mod cluster;
 mod memory;
 mod procstat;
 mod replicas;
+mod scaling;
 mod workload;
 
 use std::collections::HashMap;
@@ -81,8 +82,9 @@ struct Cli {
     /// Seconds over which idle CPU is measured.
     #[arg(long)]
     idle_secs: Option<u64>,
-    /// Phases to skip: reference, native, e2e, reader, latency, idle, big-txn, wide-rows
-    /// (comma-separated).
+    /// Phases to skip: reference, native, e2e, bypass, reader, latency, idle, big-txn, wide-rows, and
+    /// the scaling phase's dimensions scaling-rows, scaling-pipelines, scaling-widths and its native
+    /// subscriptions, scaling-native (comma-separated).
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,
     /// Rows of the one transaction of the big-txn phase (default: 2 × --rows, at most 2,000,000;
@@ -95,6 +97,32 @@ struct Cli {
     /// MiB of the wide value of each row of the wide-rows phase (default 20; 4 under --quick).
     #[arg(long)]
     wide_mib: Option<u64>,
+    /// Run the scaling phase (issue #11): pg_recvlogical, the native subscription and Philotes end to
+    /// end at each of --scaling-rows, --scaling-pipelines and --scaling-widths (see scaling.rs). Off by
+    /// default: at the default sizes it writes about 8M rows more than the rest and takes 20–30 min on
+    /// 2 cores. `--skip scaling-rows,scaling-pipelines,scaling-widths` leaves a dimension out.
+    #[arg(long)]
+    scaling: bool,
+    /// Rows of each point of the scaling phase's rows dimension (the mixed workload of --rows);
+    /// default 100000,1000000,5000000 (2000,5000 under --quick).
+    #[arg(long, value_delimiter = ',')]
+    scaling_rows: Option<Vec<u64>>,
+    /// Pipelines (on one source, one process, a table each) of each point of the pipelines dimension;
+    /// default 1,4,16 (1,3 under --quick).
+    #[arg(long, value_delimiter = ',')]
+    scaling_pipelines: Option<Vec<usize>>,
+    /// Rows of each point of the pipelines dimension, shared among its pipelines; default 1,000,000
+    /// (6,000 under --quick).
+    #[arg(long)]
+    scaling_pipeline_rows: Option<u64>,
+    /// Row widths in bytes of the width dimension; default 100,2048,102400 (100,2048,20480 under
+    /// --quick).
+    #[arg(long, value_delimiter = ',')]
+    scaling_widths: Option<Vec<u64>>,
+    /// MiB of values per point of the width dimension (rows = this / width, at most 1,000,000);
+    /// default 200 (2 under --quick).
+    #[arg(long)]
+    scaling_width_mib: Option<u64>,
     /// Keep the clusters' directories (logs, Philotes logs) after the run.
     #[arg(long)]
     keep: bool,
@@ -242,6 +270,8 @@ struct Results {
     idle: Option<Idle>,
     /// The big-txn and wide-rows phases.
     memory: Vec<memory::MemoryPhase>,
+    /// The scaling phase's points (empty without --scaling).
+    scaling: Vec<scaling::Point>,
     targets: Vec<Target>,
 }
 
@@ -382,7 +412,7 @@ impl Ctx {
 }
 
 /// Every phase, as `--skip` names them.
-const PHASES: [&str; 9] = [
+const PHASES: [&str; 13] = [
     "reference",
     "native",
     "e2e",
@@ -392,6 +422,10 @@ const PHASES: [&str; 9] = [
     "idle",
     "big-txn",
     "wide-rows",
+    "scaling-rows",
+    "scaling-pipelines",
+    "scaling-widths",
+    "scaling-native",
 ];
 
 async fn bench(cli: &Cli) -> anyhow::Result<()> {
@@ -454,22 +488,22 @@ async fn bench(cli: &Cli) -> anyhow::Result<()> {
     let mut throughput = Vec::new();
     let mut workload = None;
     if !(skip("reference") && skip("native") && skip("e2e") && skip("bypass") && skip("reader")) {
-        let w = main_workload(&ctx, &src, cli.rows, !skip("native")).await?;
-        workload = Some(w);
+        let l = main_workload(&ctx, &src, cli.rows, !skip("native")).await?;
+        workload = Some(l.total);
         let mut reference_rate = None;
         if !skip("reference") {
-            let t = reference(&ctx, &src, &w).await?;
+            let t = reference(&ctx, &src, &l).await?;
             reference_rate = Some(t.changes_per_s);
             throughput.push(t);
         }
         let mut native_rate = None;
         if !skip("native") {
-            let mut t = native(&ctx, &src, &w).await?;
+            let mut t = native(&ctx, &src, &l).await?;
             t.ratio_to_reference = reference_rate.map(|r| t.changes_per_s / r);
             t.ratio_to_native = Some(1.0);
             native_rate = Some(t.changes_per_s);
             throughput.push(t);
-            native_drop(&ctx).await?;
+            native_drop(&ctx, &l).await?;
         }
         let ratios = |t: &mut Throughput| {
             t.ratio_to_reference = reference_rate.map(|r| t.changes_per_s / r);
@@ -481,47 +515,81 @@ async fn bench(cli: &Cli) -> anyhow::Result<()> {
             } else {
                 EndToEnd::Postgres
             };
-            let mut t = end_to_end(&ctx, &src, &sink, &w, kind).await?;
+            let mut t = end_to_end(&ctx, &src, &sink, &l, kind).await?;
             ratios(&mut t);
             throughput.push(t);
         }
         drop_slot(&src, "bench_e2e").await?;
         if !skip("bypass") && cli.sink != "iceberg" {
-            let mut t = end_to_end(&ctx, &src, &sink, &w, EndToEnd::Bypass).await?;
+            let mut t = end_to_end(&ctx, &src, &sink, &l, EndToEnd::Bypass).await?;
             ratios(&mut t);
             throughput.push(t);
         }
         drop_slot(&src, "bench_bypass").await?;
         if !skip("reader") {
-            let mut t = reader_only(&ctx, &src, &w).await?;
+            let mut t = reader_only(&ctx, &src, &l.total).await?;
             ratios(&mut t);
             throughput.push(t);
         }
         drop_slot(&src, "bench_reader").await?;
         drop_slot(&src, "bench_ref").await?;
     }
+    // A failed scaling point ends the run, after the points measured so far are printed and written.
+    let mut scaling = Vec::new();
+    let mut failed = None;
+    if cli.scaling {
+        let q = cli.quick;
+        let plan = scaling::Plan {
+            rows: cli.scaling_rows.clone().unwrap_or_else(|| {
+                if q {
+                    vec![2000, 5000]
+                } else {
+                    vec![100_000, 1_000_000, 5_000_000]
+                }
+            }),
+            pipelines: cli
+                .scaling_pipelines
+                .clone()
+                .unwrap_or_else(|| if q { vec![1, 3] } else { vec![1, 4, 16] }),
+            pipeline_rows: cli
+                .scaling_pipeline_rows
+                .unwrap_or(if q { 6000 } else { 1_000_000 }),
+            widths: cli.scaling_widths.clone().unwrap_or_else(|| {
+                if q {
+                    vec![100, 2048, 20480]
+                } else {
+                    vec![100, 2048, 102_400]
+                }
+            }),
+            width_bytes: cli.scaling_width_mib.unwrap_or(if q { 2 } else { 200 }) * 1024 * 1024,
+            width_rows_max: 1_000_000,
+            native: !skip("scaling-native"),
+        };
+        failed = scaling::run(&ctx, &plan, &skip, &mut scaling).await.err();
+    }
+    let later = |p: &str| failed.is_some() || skip(p);
     drop(src);
     drop(sink);
     drop(admin);
 
-    let latency = if skip("latency") {
+    let latency = if later("latency") {
         None
     } else {
         Some(latency_phase(&ctx, latency_rate, latency_secs).await?)
     };
-    let idle = if skip("idle") {
+    let idle = if later("idle") {
         None
     } else {
         Some(idle_phase(&ctx, idle_pipelines, idle_secs).await?)
     };
     let mut memory = Vec::new();
-    if !skip("big-txn") {
+    if !later("big-txn") {
         let rows = cli
             .big_txn_rows
             .unwrap_or_else(|| memory::big_txn_rows(cli.rows, cli.quick));
         memory.push(memory::big_txn(&ctx, rows).await?);
     }
-    if !skip("wide-rows") {
+    if !later("wide-rows") {
         let count = cli.wide_count.unwrap_or(if cli.quick { 4 } else { 40 });
         let mib = cli.wide_mib.unwrap_or(if cli.quick { 4 } else { 20 });
         memory.push(memory::wide_rows(&ctx, count, mib).await?);
@@ -539,53 +607,208 @@ async fn bench(cli: &Cli) -> anyhow::Result<()> {
             },
             e2e_spec: std::env::var("PHILOTES_BENCH_E2E_SPEC").unwrap_or_default(),
             wal_warmup: !cli.no_wal_warmup,
-            postgres_settings: "defaults, plus listen_addresses, port, max_connections = 500; source: wal_level = logical, max_replication_slots = max_wal_senders = 100; latency phase: track_commit_timestamp = on".into(),
+            postgres_settings: "defaults, plus listen_addresses, port, max_connections = 500, max_worker_processes = 40, max_logical_replication_workers = 32, max_replication_slots = 100; source: wal_level = logical, max_wal_senders = 100; latency phase: track_commit_timestamp = on".into(),
         },
         workload,
         throughput,
         latency,
         idle,
         memory,
+        scaling,
         targets,
     };
     print_table(&results);
     std::fs::write(&cli.json, serde_json::to_string_pretty(&results)?)
         .with_context(|| format!("writing {}", cli.json.display()))?;
     eprintln!("results written to {}", cli.json.display());
-    Ok(())
+    match failed {
+        Some(e) => Err(e.context("scaling phase (the points before it are printed and written)")),
+        None => Ok(()),
+    }
+}
+
+/// The shape of a feed's table.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+enum Shape {
+    /// The benchmark row ([`workload::ROW`]), filled by the mixed workload ([`workload::generate`]).
+    Items,
+    /// A key and one text value of a given width ([`workload::generate_wide`]).
+    Wide,
+}
+
+impl Shape {
+    fn create(self, name: &str) -> String {
+        match self {
+            Shape::Items => workload::create_table(name),
+            Shape::Wide => workload::create_wide_table(name),
+        }
+    }
+
+    fn columns(self) -> &'static str {
+        match self {
+            Shape::Items => workload::COLUMNS,
+            Shape::Wide => workload::WIDE_COLUMNS,
+        }
+    }
+}
+
+/// What one consumer of a throughput phase reads: a table in `public`, its publication, and the tag
+/// that names what is made for it. The main phases have one feed with the tag "" (table `items`,
+/// publication `bench_pub`, slot `bench_e2e`, pipeline `e2e`, sink schema `replica`); a scaling point's
+/// feed may be tagged `_p4_2` (`items_p4_2`, `bench_pub_p4_2`, `bench_e2e_p4_2`, `e2e-p4-2`,
+/// `replica_p4_2`).
+#[derive(Debug, Clone)]
+struct Feed {
+    table: String,
+    publication: String,
+    tag: String,
+    shape: Shape,
+}
+
+impl Feed {
+    fn new(tag: &str, shape: Shape) -> Feed {
+        let base = match shape {
+            Shape::Items => "items",
+            Shape::Wide => "wide",
+        };
+        Feed {
+            table: format!("{base}{tag}"),
+            publication: format!("bench_pub{tag}"),
+            tag: tag.to_string(),
+            shape,
+        }
+    }
+
+    /// A slot, subscription or schema name: `prefix` and the tag.
+    fn named(&self, prefix: &str) -> String {
+        format!("{prefix}{}", self.tag)
+    }
+
+    /// A pipeline name or uid (a DNS label: dashes for underscores).
+    fn pipeline(&self, prefix: &str) -> String {
+        format!("{prefix}{}", self.tag.replace('_', "-"))
+    }
+}
+
+/// How the feeds' tables are filled, each by a session of its own, all at once.
+#[derive(Debug, Clone, Copy)]
+enum Load {
+    /// The mixed workload of [`workload::generate`], this many rows per table.
+    Mixed(u64),
+    /// `rows` inserts of rows of about `width` bytes per table ([`workload::generate_wide`]).
+    Wide { rows: u64, width: u64 },
+}
+
+impl Load {
+    fn shape(self) -> Shape {
+        match self {
+            Load::Mixed(_) => Shape::Items,
+            Load::Wide { .. } => Shape::Wide,
+        }
+    }
+}
+
+/// Feeds whose workload is in the WAL: each with what was written to its table, and all of it.
+struct Loaded {
+    /// Names the Philotes process's files (`e2e{label}.yaml`, `.log`).
+    label: String,
+    feeds: Vec<(Feed, Workload)>,
+    total: Workload,
+}
+
+/// The feeds' tables and publications, the slots `{prefix}{tag}` of each feed (and, with `native`, the
+/// native subscriptions on slots `bench_native{tag}`), then the workload of every feed at once, each
+/// in a session of its own: every consumer reads the same WAL, and several feeds' changes interleave
+/// in it as several applications' would.
+async fn load_feeds(
+    ctx: &Ctx,
+    src: &Client,
+    label: &str,
+    tags: &[String],
+    slots: &[&str],
+    native: bool,
+    load: Load,
+) -> anyhow::Result<Loaded> {
+    let feeds: Vec<Feed> = tags.iter().map(|t| Feed::new(t, load.shape())).collect();
+    for f in &feeds {
+        match load {
+            Load::Mixed(_) => workload::prepare(src, &f.table).await?,
+            Load::Wide { .. } => {
+                src.batch_execute(&workload::create_wide_table(&format!("public.{}", f.table)))
+                    .await?
+            }
+        }
+        src.batch_execute(&format!(
+            "CREATE PUBLICATION {} FOR TABLE public.{}",
+            f.publication, f.table
+        ))
+        .await?;
+    }
+    if native {
+        // After the publications: a subscription learns its tables when it is created.
+        native_prepare(ctx, &feeds).await?;
+    }
+    for f in &feeds {
+        for prefix in slots.iter().chain(native.then_some(&NATIVE_SLOT)) {
+            src.execute(
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[&f.named(prefix)],
+            )
+            .await?;
+        }
+    }
+    let start: i64 = src
+        .query_one(
+            "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::int8",
+            &[],
+        )
+        .await?
+        .get(0);
+    let started = Instant::now();
+    let quiet = feeds.len() > 1;
+    let ws = futures::future::try_join_all(feeds.iter().map(|f| async move {
+        let c = ctx.cl.client("source").await?;
+        match load {
+            Load::Mixed(rows) => workload::generate(&c, &f.table, rows, quiet).await,
+            Load::Wide { rows, width } => workload::generate_wide(&c, &f.table, rows, width).await,
+        }
+    }))
+    .await?;
+    let sum = |f: fn(&Workload) -> u64| ws.iter().map(f).sum::<u64>();
+    let end_lsn = ws.iter().map(|w| w.end_lsn).max().unwrap_or(0);
+    let total = Workload {
+        inserts: sum(|w| w.inserts),
+        updates: sum(|w| w.updates),
+        deletes: sum(|w| w.deletes),
+        changes: sum(|w| w.changes),
+        transactions: sum(|w| w.transactions),
+        end_lsn,
+        commit_end_lsn: ws.iter().map(|w| w.commit_end_lsn).max().unwrap_or(0),
+        wal_bytes: end_lsn.saturating_sub(start as u64),
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    Ok(Loaded {
+        label: label.to_string(),
+        feeds: feeds.into_iter().zip(ws).collect(),
+        total,
+    })
 }
 
 /// The slots of phases 2–4 (`bench_native` too when `native`), then the workload: every consumer
 /// reads the same WAL.
-async fn main_workload(
-    ctx: &Ctx,
-    src: &Client,
-    rows: u64,
-    native: bool,
-) -> anyhow::Result<Workload> {
-    workload::prepare(src).await?;
-    src.batch_execute("CREATE PUBLICATION bench_pub FOR TABLE items")
-        .await?;
-    if native {
-        // After the publication: the subscription learns its tables when it is created.
-        native_prepare(ctx).await?;
-    }
-    let slots = [
-        "bench_ref",
-        "bench_e2e",
-        "bench_bypass",
-        "bench_reader",
-        NATIVE_SLOT,
-    ];
-    for slot in &slots[..if native { 5 } else { 4 }] {
-        src.execute(
-            "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
-            &[&slot],
-        )
-        .await?;
-    }
+async fn main_workload(ctx: &Ctx, src: &Client, rows: u64, native: bool) -> anyhow::Result<Loaded> {
     eprintln!("generating the workload ...");
-    let w = workload::generate(src, rows, false).await?;
+    let l = load_feeds(
+        ctx,
+        src,
+        "",
+        &[String::new()],
+        &["bench_ref", "bench_e2e", "bench_bypass", "bench_reader"],
+        native,
+        Load::Mixed(rows),
+    )
+    .await?;
+    let w = &l.total;
     eprintln!(
         "  {} changes ({} inserts, {} updates, {} deletes) in ~{} transactions, {:.0} MiB of WAL, {:.1}s; end {}",
         w.changes,
@@ -597,7 +820,7 @@ async fn main_workload(
         w.seconds,
         lsn_text(w.end_lsn)
     );
-    Ok(w)
+    Ok(l)
 }
 
 /// CPU seconds of the live PostgreSQL sessions whose application_name starts with `prefix`, by name.
@@ -661,43 +884,66 @@ async fn checkpoint_all(ctx: &Ctx) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// pg_recvlogical draining the workload to /dev/null.
-async fn reference(ctx: &Ctx, src: &Client, w: &Workload) -> anyhow::Result<Throughput> {
+/// pg_recvlogical draining the workload to /dev/null: one per feed, all at once, each on the feed's
+/// slot `bench_ref{tag}` until the end of its feed's last commit.
+async fn reference(ctx: &Ctx, src: &Client, l: &Loaded) -> anyhow::Result<Throughput> {
     checkpoint(src).await?;
-    eprintln!("reference: pg_recvlogical ...");
+    let n = l.feeds.len();
+    eprintln!(
+        "reference: pg_recvlogical{} ...",
+        if n > 1 {
+            format!(" × {n}")
+        } else {
+            String::new()
+        }
+    );
     let pg0 = ctx.pg_cpu();
     let busy0 = procstat::machine_busy();
     let started = Instant::now();
-    let mut child = tokio::process::Command::new(ctx.cl.bin("pg_recvlogical"))
-        .args([
-            "-d",
-            &ctx.cl.conninfo("source"),
-            "-S",
-            "bench_ref",
-            "--start",
-        ])
-        .args(["-o", "proto_version=1", "-o", "publication_names=bench_pub"])
-        // The end of the last commit, not a position inside the last transaction: a keepalive
-        // carrying a position past --endpos stops pg_recvlogical, and one may come while the
-        // walsender still replays the last transaction (when that one is large).
-        .args([
-            "-E",
-            &lsn_text(w.commit_end_lsn),
-            "-f",
-            "/dev/null",
-            "--no-loop",
-        ])
-        .env("PGPASSWORD", cluster::PASSWORD)
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting pg_recvlogical")?;
-    let pid = child.id().unwrap_or(0);
-    let (mut cpu, mut rss, mut switches) = (0.0, 0, 0);
+    let mut children = Vec::new();
+    for (f, w) in &l.feeds {
+        let child = tokio::process::Command::new(ctx.cl.bin("pg_recvlogical"))
+            .args([
+                "-d",
+                &ctx.cl.conninfo("source"),
+                "-S",
+                &f.named("bench_ref"),
+            ])
+            .arg("--start")
+            .args(["-o", "proto_version=1", "-o"])
+            .arg(format!("publication_names={}", f.publication))
+            // The end of the last commit, not a position inside the last transaction: a keepalive
+            // carrying a position past --endpos stops pg_recvlogical, and one may come while the
+            // walsender still replays the last transaction (when that one is large).
+            .args([
+                "-E",
+                &lsn_text(w.commit_end_lsn),
+                "-f",
+                "/dev/null",
+                "--no-loop",
+            ])
+            .env("PGPASSWORD", cluster::PASSWORD)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting pg_recvlogical")?;
+        children.push(child);
+    }
+    let pids: Vec<u32> = children.iter().map(|c| c.id().unwrap_or(0)).collect();
+    // Per process: CPU, peak RSS and context switches as last seen, and its exit status.
+    let (mut cpu, mut rss, mut switches) = (vec![0.0; n], vec![0; n], vec![0; n]);
+    let mut statuses = vec![None; n];
     let mut sessions = Vec::new();
     let mut sampled = Instant::now();
-    let status = loop {
-        if let Some(s) = procstat::stat(pid) {
-            cpu = s.cpu;
+    loop {
+        for (i, pid) in pids.iter().enumerate() {
+            if statuses[i].is_some() {
+                continue;
+            }
+            if let Some(s) = procstat::stat(*pid) {
+                cpu[i] = s.cpu;
+            }
+            rss[i] = procstat::vm_bytes(*pid, "VmHWM").unwrap_or(rss[i]);
+            switches[i] = procstat::context_switches(*pid).max(switches[i]);
         }
         if sampled.elapsed() >= Duration::from_millis(200) {
             sampled = Instant::now();
@@ -706,82 +952,105 @@ async fn reference(ctx: &Ctx, src: &Client, w: &Workload) -> anyhow::Result<Thro
                 sessions = now;
             }
         }
-        rss = procstat::vm_bytes(pid, "VmHWM").unwrap_or(rss);
-        switches = procstat::context_switches(pid).max(switches);
-        if let Some(status) = child.try_wait()? {
-            break status;
+        for (i, c) in children.iter_mut().enumerate() {
+            if statuses[i].is_none() {
+                statuses[i] = c.try_wait()?;
+            }
+        }
+        if statuses.iter().all(Option::is_some) {
+            break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
-    };
+    }
     let seconds = started.elapsed().as_secs_f64();
+    let cpu: f64 = cpu.iter().sum();
     let pg = ctx.pg_cpu() - pg0;
     let other = procstat::machine_busy() - busy0 - pg - cpu;
-    if !status.success() {
-        bail!("pg_recvlogical failed: {status}");
+    if let Some(s) = statuses.iter().flatten().find(|s| !s.success()) {
+        bail!("pg_recvlogical failed: {s}");
     }
-    let confirmed: Option<String> = src
-        .query_one(
-            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'bench_ref'",
-            &[],
-        )
-        .await?
-        .get(0);
+    let mut confirmed = Vec::new();
+    for (f, w) in &l.feeds {
+        let c: Option<String> = src
+            .query_one(
+                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
+                &[&f.named("bench_ref")],
+            )
+            .await?
+            .get(0);
+        confirmed.push(format!(
+            "--endpos {} (slot confirmed {})",
+            lsn_text(w.commit_end_lsn),
+            c.unwrap_or_default()
+        ));
+    }
+    let changes = l.total.changes;
     let t = Throughput {
         name: "reference: pg_recvlogical → /dev/null".into(),
-        changes: w.changes,
+        changes,
         seconds,
-        changes_per_s: w.changes as f64 / seconds,
+        changes_per_s: changes as f64 / seconds,
         ratio_to_reference: Some(1.0),
         ratio_to_native: None,
         client_cpu_s: cpu,
-        client_cpu_s_per_million: cpu / (w.changes as f64 / 1e6),
-        client_peak_rss_mb: rss as f64 / MB,
-        client_context_switches: switches,
+        client_cpu_s_per_million: cpu / (changes as f64 / 1e6),
+        client_peak_rss_mb: rss.iter().copied().max().unwrap_or(0) as f64 / MB,
+        client_context_switches: switches.iter().sum(),
         postgres_cpu_s: pg,
         other_cpu_s: other.max(0.0),
         postgres_cpu_by_session: sessions,
-        note: format!(
-            "--endpos {} (slot confirmed {})",
-            lsn_text(w.commit_end_lsn),
-            confirmed.unwrap_or_default()
-        ),
+        note: if n > 1 {
+            format!(
+                "{n} at once (client columns: their sum; peak RSS: the largest); {}",
+                confirmed.join(", ")
+            )
+        } else {
+            confirmed.join(", ")
+        },
     };
     eprintln!("  {:.2}s, {:.0} changes/s", t.seconds, t.changes_per_s);
     Ok(t)
 }
 
-/// The native subscription's database (in the sink cluster), subscription and slot.
+/// The native subscriptions' database (in the sink cluster); each feed's subscription and its slot
+/// are `bench_native{tag}`.
 const NATIVE_DB: &str = "bench_native";
 const NATIVE_SLOT: &str = "bench_native";
 
-/// The native subscription, disabled, on a slot of its own (created with the others, before the
-/// workload): a database of its own in the sink cluster with the same table.
-async fn native_prepare(ctx: &Ctx) -> anyhow::Result<()> {
+/// The native subscriptions, disabled, each on a slot of its own (created with the others, before the
+/// workload): a database of its own in the sink cluster with the same tables.
+async fn native_prepare(ctx: &Ctx, feeds: &[Feed]) -> anyhow::Result<()> {
     let sink = ctx.sink_cluster();
     sink.client("postgres")
         .await?
         .batch_execute(&format!("CREATE DATABASE {NATIVE_DB}"))
         .await?;
     let c = sink.client(NATIVE_DB).await?;
-    c.batch_execute(&workload::create_table("public.items"))
+    for f in feeds {
+        c.batch_execute(&f.shape.create(&format!("public.{}", f.table)))
+            .await?;
+        let name = f.named(NATIVE_SLOT);
+        c.batch_execute(&format!(
+            "CREATE SUBSCRIPTION {name} CONNECTION '{} password={}' PUBLICATION {}
+               WITH (create_slot = false, slot_name = '{name}', copy_data = false, enabled = false)",
+            ctx.cl.conninfo("source"),
+            cluster::PASSWORD,
+            f.publication
+        ))
         .await?;
-    c.batch_execute(&format!(
-        "CREATE SUBSCRIPTION {NATIVE_SLOT} CONNECTION '{} password={}' PUBLICATION bench_pub
-           WITH (create_slot = false, slot_name = '{NATIVE_SLOT}', copy_data = false, enabled = false)",
-        ctx.cl.conninfo("source"),
-        cluster::PASSWORD
-    ))
-    .await?;
+    }
     Ok(())
 }
 
-/// Drops the native subscription (and with it its slot) and its database.
-async fn native_drop(ctx: &Ctx) -> anyhow::Result<()> {
+/// Drops the native subscriptions (and with them their slots) and their database.
+async fn native_drop(ctx: &Ctx, l: &Loaded) -> anyhow::Result<()> {
     let sink = ctx.sink_cluster();
-    sink.client(NATIVE_DB)
-        .await?
-        .batch_execute(&format!("DROP SUBSCRIPTION {NATIVE_SLOT}"))
-        .await?;
+    let c = sink.client(NATIVE_DB).await?;
+    for (f, _) in &l.feeds {
+        c.batch_execute(&format!("DROP SUBSCRIPTION {}", f.named(NATIVE_SLOT)))
+            .await?;
+    }
+    drop(c);
     sink.client("postgres")
         .await?
         .batch_execute(&format!("DROP DATABASE {NATIVE_DB}"))
@@ -789,44 +1058,66 @@ async fn native_drop(ctx: &Ctx) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A position as a number, from SQL (`pg_lsn - '0/0'`); None for NULL or no row.
-async fn lsn_of(c: &Client, sql: &str) -> Option<u64> {
-    c.query_opt(sql, &[])
+/// Positions by name from SQL returning (text, int8) rows, `$1` being `names` (text[]); NULLs left out.
+async fn lsns_of(c: &Client, sql: &str, names: &[String]) -> HashMap<String, u64> {
+    c.query(sql, &[&names])
         .await
-        .ok()??
-        .get::<_, Option<i64>>(0)
-        .map(|v| v as u64)
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|r| Some((r.get(0), r.get::<_, Option<i64>>(1)? as u64)))
+        .collect()
 }
 
-/// The native subscription: enabled after the workload, until its slot's `confirmed_flush_lsn` is
-/// past the workload end (the apply worker reports a position flushed only once the sink's WAL
-/// holds its commit). The sink must then match the source.
-async fn native(ctx: &Ctx, src: &Client, w: &Workload) -> anyhow::Result<Throughput> {
+/// Whether every feed's position (by its name `prefix{tag}`) is past the end of its workload.
+fn all_past(l: &Loaded, prefix: &str, at: &HashMap<String, u64>) -> bool {
+    l.feeds
+        .iter()
+        .all(|(f, w)| at.get(&f.named(prefix)).is_some_and(|p| *p > w.end_lsn))
+}
+
+/// The native subscriptions, all enabled at once after the workload, until every slot's
+/// `confirmed_flush_lsn` is past the end of its feed (the apply worker reports a position flushed
+/// only once the sink's WAL holds its commit). Every table must then match the source.
+async fn native(ctx: &Ctx, src: &Client, l: &Loaded) -> anyhow::Result<Throughput> {
     checkpoint_all(ctx).await?;
-    eprintln!("native subscription ...");
+    let n = l.feeds.len();
+    eprintln!(
+        "native subscription{} ...",
+        if n > 1 {
+            format!("s × {n}")
+        } else {
+            String::new()
+        }
+    );
+    let names: Vec<String> = l.feeds.iter().map(|(f, _)| f.named(NATIVE_SLOT)).collect();
     let sub = ctx.sink_cluster().client(NATIVE_DB).await?;
     let (pg0, busy0) = (ctx.pg_cpu(), procstat::machine_busy());
     let started = Instant::now();
-    sub.batch_execute(&format!("ALTER SUBSCRIPTION {NATIVE_SLOT} ENABLE"))
-        .await?;
-    let (mut pid, mut cpu, mut rss, mut switches) = (None::<u32>, 0.0, 0, 0);
+    for name in &names {
+        sub.batch_execute(&format!("ALTER SUBSCRIPTION {name} ENABLE"))
+            .await?;
+    }
+    // Per apply worker (by pid): CPU, peak RSS and context switches as last seen.
+    let mut workers: HashMap<u32, (f64, u64, u64)> = HashMap::new();
     let mut committed_at = None;
     let mut sessions = Vec::new();
     let mut sampled = Instant::now();
     loop {
-        if pid.is_none() {
-            pid = sub
-                .query_opt(
-                    "SELECT pid FROM pg_stat_subscription WHERE subname = $1 AND relid IS NULL AND pid IS NOT NULL",
-                    &[&NATIVE_SLOT],
+        if workers.len() < n {
+            for r in sub
+                .query(
+                    "SELECT pid FROM pg_stat_subscription WHERE subname = ANY($1) AND relid IS NULL AND pid IS NOT NULL",
+                    &[&names],
                 )
                 .await?
-                .map(|r| r.get::<_, i32>(0) as u32);
+            {
+                workers.entry(r.get::<_, i32>(0) as u32).or_default();
+            }
         }
-        if let Some(pid) = pid {
-            cpu = procstat::stat(pid).map_or(cpu, |s| s.cpu);
-            rss = procstat::vm_bytes(pid, "VmHWM").unwrap_or(rss);
-            switches = procstat::context_switches(pid).max(switches);
+        for (pid, (cpu, rss, switches)) in workers.iter_mut() {
+            *cpu = procstat::stat(*pid).map_or(*cpu, |s| s.cpu);
+            *rss = procstat::vm_bytes(*pid, "VmHWM").unwrap_or(*rss);
+            *switches = procstat::context_switches(*pid).max(*switches);
         }
         if sampled.elapsed() >= Duration::from_millis(200) {
             sampled = Instant::now();
@@ -836,22 +1127,25 @@ async fn native(ctx: &Ctx, src: &Client, w: &Workload) -> anyhow::Result<Through
             }
         }
         // The last commit applied (asynchronously committed, as subscriptions do by default).
-        if committed_at.is_none()
-            && lsn_of(
+        if committed_at.is_none() {
+            let applied = lsns_of(
                 &sub,
-                "SELECT (max(remote_lsn) - '0/0'::pg_lsn)::int8 FROM pg_replication_origin_status",
+                "SELECT s.subname::text, (o.remote_lsn - '0/0'::pg_lsn)::int8 FROM pg_subscription s
+                   JOIN pg_replication_origin_status o ON o.external_id = 'pg_' || s.oid WHERE s.subname = ANY($1)",
+                &names,
             )
-            .await
-            .is_some_and(|l| l > w.end_lsn)
-        {
-            committed_at = Some(started.elapsed().as_secs_f64());
+            .await;
+            if all_past(l, NATIVE_SLOT, &applied) {
+                committed_at = Some(started.elapsed().as_secs_f64());
+            }
         }
-        let confirmed = lsn_of(
+        let confirmed = lsns_of(
             src,
-            &format!("SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::int8 FROM pg_replication_slots WHERE slot_name = '{NATIVE_SLOT}'"),
+            "SELECT slot_name::text, (confirmed_flush_lsn - '0/0'::pg_lsn)::int8 FROM pg_replication_slots WHERE slot_name = ANY($1)",
+            &names,
         )
         .await;
-        if confirmed.is_some_and(|c| c > w.end_lsn) {
+        if all_past(l, NATIVE_SLOT, &confirmed) {
             break;
         }
         if started.elapsed() > LONG {
@@ -862,49 +1156,66 @@ async fn native(ctx: &Ctx, src: &Client, w: &Workload) -> anyhow::Result<Through
     let seconds = started.elapsed().as_secs_f64();
     let pg = ctx.pg_cpu() - pg0;
     let other = (procstat::machine_busy() - busy0 - pg).max(0.0);
+    let cpu: f64 = workers.values().map(|w| w.0).sum();
     sessions.push(("apply worker".into(), cpu));
     sessions.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let want = workload::checksum(src, "items").await?;
-    let have = workload::checksum(&sub, "public.items").await?;
-    anyhow::ensure!(
-        want == have,
-        "the native subscription's table does not match the source: source {want:?}, sink {have:?}"
-    );
+    let mut rows = 0;
+    for (f, _) in &l.feeds {
+        let table = format!("public.{}", f.table);
+        let want = workload::checksum_of(src, &table, f.shape.columns()).await?;
+        let have = workload::checksum_of(&sub, &table, f.shape.columns()).await?;
+        anyhow::ensure!(
+            want == have,
+            "the native subscription's {table} does not match the source: source {want:?}, sink {have:?}"
+        );
+        rows += have.0;
+    }
+    let changes = l.total.changes;
     let t = Throughput {
         name: "native subscription (CREATE SUBSCRIPTION)".into(),
-        changes: w.changes,
+        changes,
         seconds,
-        changes_per_s: w.changes as f64 / seconds,
+        changes_per_s: changes as f64 / seconds,
         ratio_to_reference: None,
         ratio_to_native: None,
         client_cpu_s: cpu,
-        client_cpu_s_per_million: cpu / (w.changes as f64 / 1e6),
-        client_peak_rss_mb: rss as f64 / MB,
-        client_context_switches: switches,
+        client_cpu_s_per_million: cpu / (changes as f64 / 1e6),
+        client_peak_rss_mb: workers.values().map(|w| w.1).max().unwrap_or(0) as f64 / MB,
+        client_context_switches: workers.values().map(|w| w.2).sum(),
         postgres_cpu_s: pg,
         other_cpu_s: other,
         postgres_cpu_by_session: sessions,
         note: format!(
-            "client = the apply worker (its CPU is also in PostgreSQL's); subscription defaults (synchronous_commit = off, binary = false, streaming = off); until confirmed_flush_lsn > {}; last commit applied after {}; sink = source: {} rows",
-            lsn_text(w.end_lsn),
+            "client = the apply worker{} (its CPU is also in PostgreSQL's); subscription defaults (synchronous_commit = off, binary = false, streaming = off); until confirmed_flush_lsn > {}; last commit applied after {}; sink = source: {rows} rows",
+            if n > 1 {
+                format!("s of {n} subscriptions (CPU: their sum; peak RSS: the largest)")
+            } else {
+                String::new()
+            },
+            l.feeds
+                .iter()
+                .map(|(_, w)| lsn_text(w.end_lsn))
+                .collect::<Vec<_>>()
+                .join(", "),
             committed_at.map_or("?".into(), |s| format!("{s:.2}s")),
-            have.0
         ),
     };
     eprintln!("  {:.2}s, {:.0} changes/s", t.seconds, t.changes_per_s);
     Ok(t)
 }
 
-/// (durable_lsn, processed_lsn) of a pipeline, from the buffer; None before the buffer exists.
-async fn positions(src: &Client, id: &str) -> Option<(u64, u64)> {
-    let row = src
-        .query_opt(
-            "SELECT durable_lsn, processed_lsn FROM philotes.pipelines WHERE pipeline_id = $1",
-            &[&id],
-        )
-        .await
-        .ok()??;
-    Some((row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64))
+/// (durable_lsn, processed_lsn) of pipelines by id, from the buffer; a pipeline is missing before
+/// the buffer has its row.
+async fn positions(src: &Client, ids: &[String]) -> HashMap<String, (u64, u64)> {
+    src.query(
+        "SELECT pipeline_id, durable_lsn, processed_lsn FROM philotes.pipelines WHERE pipeline_id = ANY($1)",
+        &[&ids],
+    )
+    .await
+    .unwrap_or_default()
+    .iter()
+    .map(|r| (r.get(0), (r.get::<_, i64>(1) as u64, r.get::<_, i64>(2) as u64)))
+    .collect()
 }
 
 async fn wait_for<F, Fut>(
@@ -963,7 +1274,12 @@ async fn reader_only(ctx: &Ctx, src: &Client, w: &Workload) -> anyhow::Result<Th
         "durable_lsn past the workload end",
         &mut p,
         LONG,
-        || async { positions(src, id).await.is_some_and(|(d, _)| d > w.end_lsn) },
+        || async {
+            positions(src, &[id.to_string()])
+                .await
+                .get(id)
+                .is_some_and(|(d, _)| *d > w.end_lsn)
+        },
     )
     .await?;
     let seconds = p.started.elapsed().as_secs_f64();
@@ -1024,59 +1340,89 @@ enum EndToEnd {
     Bypass,
 }
 
-/// End to end, until the sink committed the last change (bypassing the buffer: until the slot's
-/// `confirmed_flush_lsn` passes the workload end, since Philotes then acknowledges only what the
-/// sink holds); then the sink must match the source (count and checksum).
+/// End to end, one pipeline per feed in one Philotes process, until every sink committed its feed's
+/// last change (bypassing the buffer: until every slot's `confirmed_flush_lsn` passes the end of its
+/// feed, since Philotes then acknowledges only what the sink holds); then every sink table must match
+/// its source (count and checksum).
 async fn end_to_end(
     ctx: &Ctx,
     src: &Client,
     sink: &Client,
-    w: &Workload,
+    l: &Loaded,
     kind: EndToEnd,
 ) -> anyhow::Result<Throughput> {
     checkpoint_all(ctx).await?;
     let bypass = kind == EndToEnd::Bypass;
     let iceberg = kind == EndToEnd::Iceberg;
+    let n = l.feeds.len();
     eprintln!(
-        "Philotes end to end{} ...",
-        if bypass { ", bypassing the buffer" } else { "" }
+        "Philotes end to end{}{} ...",
+        if bypass { ", bypassing the buffer" } else { "" },
+        if n > 1 {
+            format!(", {n} pipelines")
+        } else {
+            String::new()
+        }
     );
     let warehouse = format!("file://{}/warehouse", ctx.cl.dir().display());
-    let (name, id, slot, schema) = if bypass {
-        ("bypass", "bench-bypass", "bench_bypass", "replica_bypass")
+    let (name, slot, schema) = if bypass {
+        ("bypass", "bench_bypass", "replica_bypass")
     } else {
-        ("e2e", "bench-e2e", "bench_e2e", "replica")
+        ("e2e", "bench_e2e", "replica")
     };
+    // Per feed: pipeline name, uid, slot, sink schema, source table.
+    let pipelines: Vec<[String; 5]> = l
+        .feeds
+        .iter()
+        .map(|(f, _)| {
+            [
+                f.pipeline(name),
+                f.pipeline(&format!("bench-{name}")),
+                f.named(slot),
+                f.named(schema),
+                format!("public.{}", f.table),
+            ]
+        })
+        .collect();
+    let ids: Vec<String> = pipelines.iter().map(|p| p[1].clone()).collect();
     // Extra spec lines for experiments (e.g. "  buffer: {batchSize: 5000}"); none by default.
     let e2e_extra = if bypass {
         "  buffer: {bypass: true}".to_string()
     } else {
         std::env::var("PHILOTES_BENCH_E2E_SPEC").unwrap_or_default()
     };
-    let (pg0, busy0) = (ctx.pg_cpu(), procstat::machine_busy());
-    let mut p = ctx.spawn(
-        name,
-        &[Spec {
+    let specs: Vec<Spec> = pipelines
+        .iter()
+        .zip(&l.feeds)
+        .map(|([name, uid, slot, schema, table], (f, _))| Spec {
             name,
-            uid: id,
+            uid,
             paused: false,
-            table: "public.items",
-            publication: "bench_pub",
+            table,
+            publication: &f.publication,
             slot,
             sink_schema: schema,
             iceberg: iceberg.then_some(warehouse.as_str()),
             extra: &e2e_extra,
-        }],
-    )?;
+        })
+        .collect();
+    let (pg0, busy0) = (ctx.pg_cpu(), procstat::machine_busy());
+    let mut p = ctx.spawn(&format!("{name}{}", l.label), &specs)?;
     let read_seconds = if bypass {
-        let confirmed = format!(
-            "SELECT (confirmed_flush_lsn - '0/0'::pg_lsn)::int8 FROM pg_replication_slots WHERE slot_name = '{slot}'"
-        );
+        let slots: Vec<String> = pipelines.iter().map(|p| p[2].clone()).collect();
         wait_for(
             "confirmed_flush_lsn past the workload end",
             &mut p,
             LONG,
-            || async { lsn_of(src, &confirmed).await.is_some_and(|c| c > w.end_lsn) },
+            || async {
+                let confirmed = lsns_of(
+                    src,
+                    "SELECT slot_name::text, (confirmed_flush_lsn - '0/0'::pg_lsn)::int8 FROM pg_replication_slots WHERE slot_name = ANY($1)",
+                    &slots,
+                )
+                .await;
+                all_past(l, slot, &confirmed)
+            },
         )
         .await?;
         None
@@ -1085,26 +1431,37 @@ async fn end_to_end(
             "durable_lsn past the workload end",
             &mut p,
             LONG,
-            || async { positions(src, id).await.is_some_and(|(d, _)| d > w.end_lsn) },
+            || async {
+                let durable = positions(src, &ids).await;
+                l.feeds
+                    .iter()
+                    .zip(&ids)
+                    .all(|((_, w), id)| durable.get(id).is_some_and(|(d, _)| *d > w.end_lsn))
+            },
         )
         .await?;
         let read_seconds = p.started.elapsed().as_secs_f64();
-        // The commit LSN of the last transaction (events carry their transaction's commit LSN).
-        let last: i64 = src
-            .query_one(
-                "SELECT max(lsn) FROM philotes.events WHERE pipeline_id = $1",
-                &[&id],
-            )
-            .await?
-            .get(0);
+        // The commit LSN of each pipeline's last transaction (events carry their transaction's
+        // commit LSN).
+        let mut last = HashMap::new();
+        for id in &ids {
+            let lsn: i64 = src
+                .query_one(
+                    "SELECT max(lsn) FROM philotes.events WHERE pipeline_id = $1",
+                    &[id],
+                )
+                .await?
+                .get(0);
+            last.insert(id.clone(), lsn as u64);
+        }
         wait_for(
             "the sink to commit the last change",
             &mut p,
             LONG,
             || async {
-                positions(src, id)
-                    .await
-                    .is_some_and(|(_, done)| done >= last as u64)
+                let at = positions(src, &ids).await;
+                ids.iter()
+                    .all(|id| at.get(id).is_some_and(|(_, done)| *done >= last[id]))
             },
         )
         .await?;
@@ -1120,38 +1477,57 @@ async fn end_to_end(
         sessions.sort_by(|a, b| b.1.total_cmp(&a.1));
     }
     p.stop().await?;
+    let changes = l.total.changes;
     let (name, check) = if iceberg {
         // Every change is one changelog row (the workload changes no key).
-        let rows = iceberg_records(src, "bench", "items").await?;
+        let mut rows = 0;
+        for (f, _) in &l.feeds {
+            rows += iceberg_records(src, "bench", &f.table).await?;
+        }
         anyhow::ensure!(
-            rows == w.changes,
-            "the Iceberg changelog holds {rows} rows, the workload made {} changes",
-            w.changes
+            rows == changes,
+            "the Iceberg changelog holds {rows} rows, the workload made {changes} changes"
         );
         (
             "Philotes end to end → Iceberg sink (file://)",
             format!("Iceberg changelog rows = changes: {rows}"),
         )
     } else {
-        let want = workload::checksum(src, "items").await?;
-        let have = workload::checksum(sink, &format!("{schema}.items")).await?;
-        anyhow::ensure!(
-            want == have,
-            "{name}: the sink does not match the source: source {want:?}, sink {have:?}"
-        );
+        let (mut rows, mut sums) = (0, Vec::new());
+        for ((f, _), [.., schema, table]) in l.feeds.iter().zip(&pipelines) {
+            let want = workload::checksum_of(src, table, f.shape.columns()).await?;
+            let have =
+                workload::checksum_of(sink, &format!("{schema}.{}", f.table), f.shape.columns())
+                    .await?;
+            anyhow::ensure!(
+                want == have,
+                "{name}: {schema}.{} does not match the source: source {want:?}, sink {have:?}",
+                f.table
+            );
+            rows += have.0;
+            sums.push(have.1);
+        }
         (
             if bypass {
                 "Philotes end to end, bypassing the buffer → PostgreSQL sink"
             } else {
                 "Philotes end to end → PostgreSQL sink"
             },
-            format!("sink = source: {} rows, checksum {}", have.0, have.1),
+            format!(
+                "sink = source: {rows} rows{}, checksum {}",
+                if n > 1 {
+                    format!(" in {n} tables")
+                } else {
+                    String::new()
+                },
+                sums.join(", ")
+            ),
         )
     };
     let settings = if bypass {
         format!(
             "spec.buffer.bypass: true; until confirmed_flush_lsn > {}",
-            lsn_text(w.end_lsn)
+            lsn_text(l.total.end_lsn)
         )
     } else {
         "default settings".to_string()
@@ -1168,19 +1544,26 @@ async fn end_to_end(
     });
     let t = Throughput {
         name: name.into(),
-        changes: w.changes,
+        changes,
         seconds,
-        changes_per_s: w.changes as f64 / seconds,
+        changes_per_s: changes as f64 / seconds,
         ratio_to_reference: None,
         ratio_to_native: None,
         client_cpu_s: cpu,
-        client_cpu_s_per_million: cpu / (w.changes as f64 / 1e6),
+        client_cpu_s_per_million: cpu / (changes as f64 / 1e6),
         client_peak_rss_mb: rss as f64 / MB,
         client_context_switches: switches,
         postgres_cpu_s: pg,
         other_cpu_s: other,
         postgres_cpu_by_session: sessions,
-        note: format!("{settings}, sink in {place};{buffered} {check}"),
+        note: format!(
+            "{settings}, {}sink in {place};{buffered} {check}",
+            if n > 1 {
+                format!("{n} pipelines in one process, ")
+            } else {
+                String::new()
+            }
+        ),
     };
     match read_seconds {
         Some(r) => eprintln!(
@@ -1561,11 +1944,13 @@ fn print_table(r: &Results) {
             w.wal_bytes as f64 / MB
         );
     }
-    println!();
-    println!(
-        "| measurement | changes/s | × reference | × native | seconds | client CPU s per M changes | client peak RSS MiB | PostgreSQL CPU s | other processes' CPU s |"
-    );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    if !r.throughput.is_empty() || r.latency.is_some() || r.idle.is_some() {
+        println!();
+        println!(
+            "| measurement | changes/s | × reference | × native | seconds | client CPU s per M changes | client peak RSS MiB | PostgreSQL CPU s | other processes' CPU s |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    }
     let ratio = |x: Option<f64>| x.map(|x| format!("{x:.2}")).unwrap_or_else(|| "–".into());
     for t in &r.throughput {
         println!(
@@ -1635,6 +2020,46 @@ fn print_table(r: &Results) {
                 m.philotes_peak_rss_mb,
                 m.postgres_cpu_s,
                 m.other_cpu_s
+            );
+        }
+    }
+    for dimension in ["rows", "pipelines", "row width"] {
+        let points: Vec<&scaling::Point> = r
+            .scaling
+            .iter()
+            .filter(|p| p.dimension == dimension)
+            .collect();
+        if points.is_empty() {
+            continue;
+        }
+        println!();
+        println!(
+            "| scaling: {dimension} (end to end, default spec) | changes | Philotes changes/s | × pg_recvlogical | × native | Philotes CPU s per M changes | PostgreSQL CPU s per M changes | WAL MiB/s | value MiB/s | seconds | Philotes peak RSS MiB | pg_recvlogical changes/s | native changes/s | pg_recvlogical CPU s per M | apply worker CPU s per M | other processes' CPU s |"
+        );
+        println!(
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        );
+        let opt =
+            |x: Option<f64>, d: usize| x.map(|x| format!("{x:.d$}")).unwrap_or_else(|| "–".into());
+        for p in points {
+            println!(
+                "| {} | {} | {:.0} | {:.2} | {} | {:.2} | {:.2} | {:.1} | {} | {:.2} | {:.0} | {:.0} | {} | {:.2} | {} | {:.1} |",
+                p.point,
+                p.workload.changes,
+                p.changes_per_s,
+                p.ratio_to_reference,
+                opt(p.ratio_to_native, 2),
+                p.philotes_cpu_s_per_million,
+                p.postgres_cpu_s_per_million,
+                p.wal_mb_per_s,
+                opt(p.value_mb_per_s, 1),
+                p.philotes.seconds,
+                p.philotes.client_peak_rss_mb,
+                p.reference.changes_per_s,
+                opt(p.native.as_ref().map(|n| n.changes_per_s), 0),
+                p.reference.client_cpu_s_per_million,
+                opt(p.native.as_ref().map(|n| n.client_cpu_s_per_million), 2),
+                p.philotes.other_cpu_s
             );
         }
     }
