@@ -14,6 +14,7 @@ use support::k8s::{
     ApiServer, create_namespace as namespace, create_pipeline as pipeline, install_crd,
     phase_of as phase, start_operator, wait_pipeline as wait_status,
 };
+use support::lake::{file_lake, wait_equal};
 use support::{Pg, count, dump, eventually, http_get, wait_same};
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -657,10 +658,9 @@ async fn an_iceberg_pipeline_runs_and_a_spec_naming_both_sinks_is_refused() {
     )
     .await;
     let op = start_operator(&client, ns, None);
-    let warehouse = pg.dir().join("warehouse");
-    std::fs::create_dir_all(&warehouse).unwrap();
+    let lake = file_lake(pg.dir());
     let mut s = spec(&["public.orders"], json!({}));
-    s["sink"] = json!({"iceberg": {"warehouse": format!("file://{}", warehouse.display()), "commitInterval": "500ms"}});
+    s["sink"] = json!({"iceberg": {"warehouse": lake.warehouse, "commitInterval": "500ms"}});
     let api = pipeline(&client, ns, "lake", s.clone()).await;
     wait_status(&api, "lake", "phase Running", |p| {
         phase(p) == Some(Phase::Running)
@@ -681,6 +681,20 @@ async fn an_iceberg_pipeline_runs_and_a_spec_naming_both_sinks_is_refused() {
     .await;
     assert!(condition(&p, "Ready").is_some_and(|c| c.status == "True"));
     assert_eq!(iceberg_records(&src, "cdc", "orders").await, Some(286));
+    // Read back, as in the standalone tests: the current state pyiceberg and DuckDB compute from
+    // the changelog (catalog in the buffer database, here the source's) equals the source table.
+    let r = wait_equal(
+        &pg,
+        &lake,
+        "cdc.orders",
+        "SELECT id, status, amount FROM orders",
+        true,
+        WAIT,
+    )
+    .await;
+    assert_eq!(r["duplicates"], 0, "{r}");
+    assert_eq!(r["changelog_rows"], 286, "{r}");
+    assert_eq!(r["source_rows"], 180, "{r}");
 
     // Both sinks: refused, naming the field.
     s["sink"]["postgres"] = json!({"connectionSecretRef": {"name": "sink-db", "key": "uri"}});

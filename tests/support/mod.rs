@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod k8s;
+pub mod lake;
 pub mod pipeline;
 
 use std::path::Path;
