@@ -13,7 +13,7 @@ use super::config::ConnString;
 use super::error::EngineError;
 use super::event::{Event, Op, Position, RelationInfo, Row};
 use super::pg;
-use super::wide::{WIDE_BYTES, WideGate, WidePass};
+use super::wide::{WIDE_BYTES, WideGate};
 
 /// Bytes per message of a wide row read back from the buffer.
 const WIDE_CHUNK: usize = 1 << 20;
@@ -99,13 +99,10 @@ pub struct Buffer {
     epoch: Option<i64>,
     /// `read_batch`'s statement, prepared on first use.
     read_stmt: OnceCell<Statement>,
-    /// The processor's: a wide row is read only with a pass (see `engine::wide`), held here until
+    /// The processor's: a wide row is read only with a pass (see `engine::wide`), held until
     /// [`release_wide`](Self::release_wide) is told the row is delivered.
-    wide: Option<(WideGate, HeldPass)>,
+    wide: Option<WideGate>,
 }
-
-/// The pass of the wide row the processor read last, and that row's position.
-type HeldPass = std::sync::Mutex<Option<(Position, WidePass)>>;
 
 /// Rows of `COPY philotes.events (...) FROM STDIN BINARY`, encoded straight from the values' bytes as
 /// they arrived from the source (no per-value allocation). Column order: pipeline_id, lsn, ord,
@@ -419,25 +416,15 @@ impl Buffer {
 
     /// Reads a wide row only with a pass of `gate` (the processor's buffer).
     pub fn with_wide_gate(mut self, gate: WideGate) -> Self {
-        self.wide = Some((gate, std::sync::Mutex::new(None)));
+        self.wide = Some(gate);
         self
     }
 
     /// The rows up to `upto` are delivered: a wide row's pass among them is given back.
     pub fn release_wide(&self, upto: Position) {
-        if let Some((_, held)) = &self.wide
-            && let Ok(mut held) = held.lock()
-            && held.as_ref().is_some_and(|(pos, _)| *pos <= upto)
-        {
-            *held = None;
+        if let Some(gate) = &self.wide {
+            gate.release(upto);
         }
-    }
-
-    /// Whether the processor holds a wide row's pass already.
-    fn holds_pass(&self) -> bool {
-        self.wide
-            .as_ref()
-            .is_some_and(|(_, held)| held.lock().is_ok_and(|h| h.is_some()))
     }
 
     pub fn pipeline_id(&self) -> &str {
@@ -763,13 +750,11 @@ impl Buffer {
                 lsn: r.get::<_, i64>(0) as u64,
                 ord: r.get(1),
             };
-            if let Some((gate, held)) = &self.wide
-                && !self.holds_pass()
+            if let Some(gate) = &self.wide
+                && !gate.holds()
             {
-                let pass = gate.enter_charged(r.get::<_, i32>(8).max(0) as usize).await;
-                if let Ok(mut h) = held.lock() {
-                    *h = Some((pos, pass));
-                }
+                let pass = gate.enter().await;
+                gate.hold(pos, pass, r.get::<_, i32>(8).max(0) as usize);
             }
             let (old_key, vals) = self
                 .read_wide(pos, r.get::<_, bool>(10), r.get::<_, bool>(11))

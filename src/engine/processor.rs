@@ -457,10 +457,11 @@ impl<S: Sink> Processor<S> {
             let durable = buffer_durable.max(q.durable);
             let (mut batch, mut prepared) = ahead.take().unwrap_or_default();
             if batch.len() < limit {
-                if q.behind(durable) {
+                let room = BATCH_BYTES.saturating_sub(batch.iter().map(Event::size).sum());
+                // Nothing read ahead into the queue beside a full batch (a wide row).
+                if q.behind(durable) && room > 0 {
                     self.read_into(&mut q, durable, limit).await?;
                 }
-                let room = BATCH_BYTES.saturating_sub(batch.iter().map(Event::size).sum());
                 let more = if room > 0 {
                     q.pop_durable(q.avail(durable, limit), limit - batch.len(), room)
                 } else {

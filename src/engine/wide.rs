@@ -4,9 +4,15 @@
 //! Without it the two sides each work on a wide row of their own at once, and the peak is the sum
 //! of both sides' copies (received message, encoded rows, read-back row, decoded values, sink data).
 //! The processor also charges its wide row to the replication stream's byte budget, so that the
-//! replication worker does not read the next wide message off the socket meanwhile.
+//! replication worker does not read the next wide message off the socket meanwhile. A batch that
+//! ends a transaction hands its pass (charged) straight to the processor when the buffer has it:
+//! otherwise the worker would read the next wide message while the processor is about to read this
+//! row. (A batch inside a transaction gives its pass back: the processor cannot read the row before
+//! the transaction's next rows are in, which take the pass.)
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use super::event::Position;
 
 use pgwire_replication::{BudgetCharge, ByteBudget};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -19,6 +25,9 @@ pub const WIDE_BYTES: usize = 2 << 20;
 pub struct WideGate {
     sem: Arc<Semaphore>,
     budget: Arc<ByteBudget>,
+    /// The processor's pass, and the position of the wide row it is for: given back once the
+    /// processor has delivered that row.
+    held: Arc<Mutex<Option<(Position, WidePass)>>>,
 }
 
 /// Held while a wide row is in memory; dropping it lets the other side in.
@@ -34,6 +43,7 @@ impl WideGate {
         Self {
             sem: Arc::new(Semaphore::new(1)),
             budget: Arc::new(ByteBudget::new(budget_bytes)),
+            held: Arc::default(),
         }
     }
 
@@ -54,11 +64,27 @@ impl WideGate {
         }
     }
 
-    /// [`enter`](Self::enter), and `bytes` charged to the byte budget while the pass is held.
-    pub async fn enter_charged(&self, bytes: usize) -> WidePass {
-        let mut pass = self.enter().await;
+    /// Gives `pass` to the processor for the wide row at `pos` (`bytes` of it), charged to the
+    /// byte budget until [`release`](Self::release) passes `pos`.
+    pub fn hold(&self, pos: Position, mut pass: WidePass, bytes: usize) {
         pass._charge = Some(self.budget.charge(bytes));
-        pass
+        if let Ok(mut h) = self.held.lock() {
+            *h = Some((pos, pass));
+        }
+    }
+
+    /// Whether the processor holds a pass.
+    pub fn holds(&self) -> bool {
+        self.held.lock().is_ok_and(|h| h.is_some())
+    }
+
+    /// The processor has delivered everything up to `upto`: a pass for a row among it goes back.
+    pub fn release(&self, upto: Position) {
+        if let Ok(mut h) = self.held.lock()
+            && h.as_ref().is_some_and(|(pos, _)| *pos <= upto)
+        {
+            *h = None;
+        }
     }
 }
 

@@ -211,6 +211,8 @@ struct Writer {
     bypass: bool,
     /// Where the processor starts (see [`Reader::delivered`]).
     delivered: Position,
+    /// A batch ending a transaction hands its wide row's pass to the processor (`engine::wide`).
+    wide: WideGate,
 }
 
 /// Stores the reader's batches in the buffer, each in one transaction, in order. After each commit it
@@ -226,6 +228,7 @@ async fn write_batches(w: Writer, mut rx: mpsc::Receiver<Batch>) -> Result<(), E
         timeout: shared_timeout,
         bypass,
         delivered,
+        wide,
     } = w;
     let (mut seq, mut durable) = *ack_tx.borrow();
     // The newest event already in the buffer: what the first batch follows.
@@ -243,6 +246,7 @@ async fn write_batches(w: Writer, mut rx: mpsc::Receiver<Batch>) -> Result<(), E
     }
     while let Some(mut b) = rx.recv().await {
         let last = b.rows.last();
+        let bytes = b.rows.bytes();
         // A copy only when the processor has room for it; else it reads the rows from the buffer.
         // Batches past MAX_BATCH_BYTES (a few wide rows) are left to the buffer too: the
         // processor's queue could not take them, so the copy would only cost memory.
@@ -257,6 +261,9 @@ async fn write_batches(w: Writer, mut rx: mpsc::Receiver<Batch>) -> Result<(), E
         )
         .await?;
         seq += 1;
+        if let (Some(pass), Some(_), Some(pos)) = (b.pass.take(), b.durable_lsn, last) {
+            wide.hold(pos, pass, bytes);
+        }
         if let (Some(h), Some(rows)) = (&handoff, copy) {
             let sent = h.try_send(Handoff {
                 after: written,
@@ -407,6 +414,7 @@ impl Reader {
                 timeout: cfg.response_timeout,
                 bypass: sink_ack.is_some(),
                 delivered,
+                wide: wide.clone(),
             },
             rx,
         ));
