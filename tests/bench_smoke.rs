@@ -4,28 +4,34 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-#[test]
-fn bench_runs_every_phase_with_a_tiny_workload() {
+/// Runs the benchmark with `args` (and `--json` into a temp dir), which must succeed: its stdout, the
+/// JSON it wrote, and how long it took.
+fn bench(args: &[&str]) -> (String, serde_json::Value, Duration) {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("bench.json");
     let started = Instant::now();
     let out = Command::new(env!("CARGO_BIN_EXE_philotes-bench"))
-        .args(["--rows", "5000", "--quick", "--json"])
+        .args(args)
+        .arg("--json")
         .arg(&json)
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let took = started.elapsed();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
         "exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
         out.status
     );
-    assert!(
-        started.elapsed() < Duration::from_secs(90),
-        "took {:?}",
-        started.elapsed()
-    );
+    let r = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    (stdout, r, took)
+}
+
+#[test]
+fn bench_runs_every_phase_with_a_tiny_workload() {
+    let (stdout, r, took) = bench(&["--rows", "5000", "--quick"]);
+    assert!(took < Duration::from_secs(90), "took {took:?}");
 
     // The table, with a row per measurement.
     for needle in [
@@ -42,8 +48,6 @@ fn bench_runs_every_phase_with_a_tiny_workload() {
         assert!(stdout.contains(needle), "no {needle:?} in:\n{stdout}");
     }
 
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let w = &r["workload"];
     assert_eq!(w["inserts"], 5000);
     assert!(w["changes"].as_u64().unwrap() > 5000);
@@ -94,27 +98,19 @@ fn bench_runs_every_phase_with_a_tiny_workload() {
 
 #[test]
 fn bench_runs_end_to_end_into_iceberg() {
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("bench.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_philotes-bench"))
-        .args(["--rows", "5000", "--quick", "--sink", "iceberg", "--json"])
-        .arg(&json)
-        .args(["--skip", "reader,latency,idle,big-txn,wide-rows"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
-        out.status
-    );
+    let (stdout, r, _) = bench(&[
+        "--rows",
+        "5000",
+        "--quick",
+        "--sink",
+        "iceberg",
+        "--skip",
+        "reader,latency,idle,big-txn,wide-rows",
+    ]);
     assert!(
         stdout.contains("| Philotes end to end → Iceberg sink (file://) |"),
         "{stdout}"
     );
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     // By name: the rows before it (pg_recvlogical, the native subscription) may change.
     let e2e = r["throughput"]
         .as_array()
@@ -134,38 +130,23 @@ fn bench_runs_end_to_end_into_iceberg() {
 
 #[test]
 fn bench_runs_the_scaling_phase_at_a_tiny_size() {
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("bench.json");
-    let started = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_philotes-bench"))
-        .args(["--quick", "--scaling", "--json"])
-        .arg(&json)
-        .args(["--scaling-rows", "2000", "--scaling-pipelines", "2"])
-        .args([
-            "--scaling-pipeline-rows",
-            "2000",
-            "--scaling-widths",
-            "100,20480",
-        ])
-        .args(["--scaling-width-mib", "1"])
-        .args([
-            "--skip",
-            "reference,native,e2e,bypass,reader,latency,idle,big-txn,wide-rows",
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstdout:\n{stdout}\nstderr:\n{stderr}",
-        out.status
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(90),
-        "took {:?}",
-        started.elapsed()
-    );
+    let (stdout, r, took) = bench(&[
+        "--quick",
+        "--scaling",
+        "--scaling-rows",
+        "2000",
+        "--scaling-pipelines",
+        "2",
+        "--scaling-pipeline-rows",
+        "2000",
+        "--scaling-widths",
+        "100,20480",
+        "--scaling-width-mib",
+        "1",
+        "--skip",
+        "reference,native,e2e,bypass,reader,latency,idle,big-txn,wide-rows",
+    ]);
+    assert!(took < Duration::from_secs(90), "took {took:?}");
     for needle in [
         "| scaling: rows (end to end, default spec) |",
         "| scaling: pipelines (end to end, default spec) |",
@@ -175,8 +156,6 @@ fn bench_runs_the_scaling_phase_at_a_tiny_size() {
     ] {
         assert!(stdout.contains(needle), "no {needle:?} in:\n{stdout}");
     }
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let points = r["scaling"].as_array().unwrap();
     assert_eq!(points.len(), 4, "{points:?}");
     for p in points {
