@@ -767,6 +767,10 @@ impl Buffer {
             .into_iter()
             .map(|r| {
                 let code: i8 = r.get(4);
+                // The wide row (alone in the read) has its values read in chunks.
+                let (old_key, vals) = wide
+                    .take()
+                    .unwrap_or_else(|| (r.get::<_, Option<Row>>(5), r.get::<_, Option<Row>>(6)));
                 Ok(Event {
                     pos: Position {
                         lsn: r.get::<_, i64>(0) as u64,
@@ -777,17 +781,10 @@ impl Buffer {
                     op: Op::from_code(code).ok_or_else(|| {
                         EngineError::Protocol(format!("unknown op code {code} in the buffer"))
                     })?,
-                    old_key: r.get::<_, Option<Row>>(5),
-                    vals: r.get::<_, Option<Row>>(6),
+                    old_key,
+                    vals,
                     unchanged: r.get::<_, Option<Vec<i16>>>(7),
                 })
-            })
-            .map(|e: Result<Event, EngineError>| {
-                let mut e = e?;
-                if let Some((old_key, vals)) = wide.take() {
-                    (e.old_key, e.vals) = (old_key, vals);
-                }
-                Ok(e)
             })
             .collect::<Result<Vec<Event>, EngineError>>()?;
         // Had there been another event within the limit, it would have started below the cap.

@@ -34,8 +34,7 @@ impl ByteBudget {
 
     /// Takes `n` bytes if they fit (or nothing is in flight). Only the worker takes.
     pub(crate) fn try_take(&self, n: usize) -> bool {
-        let cur = self.in_flight.load(Ordering::Acquire);
-        if cur == 0 || cur.saturating_add(n) <= self.cap {
+        if self.fits(n) {
             self.in_flight.fetch_add(n, Ordering::AcqRel);
             true
         } else {
