@@ -347,7 +347,9 @@ async fn three_replicas_share_pipelines_through_kills_pauses_and_a_rolling_resta
         });
         (done, task)
     };
+    let mut graceful = Vec::new();
     for i in 0..3 {
+        let term = Instant::now();
         signal(&replicas[i], "-TERM");
         let status = support::wait_exit(&mut replicas[i], Duration::from_secs(60))
             .await
@@ -362,6 +364,7 @@ async fn three_replicas_share_pipelines_through_kills_pauses_and_a_rolling_resta
             by_hash(members(&others)),
         )
         .await;
+        graceful.push(term.elapsed());
         replicas[i] = operator(&k8s, names[i], ports[i], &logs[i]);
         wait_owners(
             &api,
@@ -373,6 +376,8 @@ async fn three_replicas_share_pipelines_through_kills_pauses_and_a_rolling_resta
     }
     watch.0.store(true, std::sync::atomic::Ordering::Relaxed);
     let worst = watch.1.await.unwrap();
+    // Graceful handover: from SIGTERM until the others run every pipeline the leaver had.
+    println!("graceful handover (SIGTERM until the others own all): {graceful:?}");
     println!("longest a pipeline was not Running during the rolling restart: {worst:?}");
     assert!(worst <= Duration::from_secs(30), "{worst:?}");
     write(&src, 9).await;
