@@ -639,11 +639,12 @@ async fn rows_with_values_wider_than_a_batch_arrive_whole() {
         Arc::new(Metrics::new()),
     );
     wait_phase(&h, Phase::Running).await;
-    // 6 MiB values (a bytea is 12 MiB as text): each row is past twice a write batch (2 MiB).
+    // 6 MiB values (a bytea is 12 MiB as text): each row is past twice a write batch (2 MiB). The
+    // text values hold what COPY escapes, across the slices a wide value is escaped in.
     for (first, last) in [(1, 1), (2, 4), (5, 6)] {
         src.batch_execute(&format!(
             "INSERT INTO w SELECT i, CASE WHEN i % 2 = 1 THEN convert_to(repeat(md5(i::text), 6 * 1024 * 1024 / 32), 'UTF8') END,
-                                   CASE WHEN i % 2 = 0 THEN repeat(md5(i::text), 6 * 1024 * 1024 / 32) END
+                                   CASE WHEN i % 2 = 0 THEN repeat(md5(i::text) || E'\\t\\\\\\n\\r', 6 * 1024 * 1024 / 36) END
              FROM generate_series({first}, {last}) i"
         ))
         .await

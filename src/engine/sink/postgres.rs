@@ -10,6 +10,7 @@
 //! is rolled back, and the batch is applied again with upserts only, which give the same end state
 //! as a COPY that succeeds. Upserts only are then used for a while ([`CopyPause`]).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
@@ -21,12 +22,13 @@ use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres::{Client, GenericClient, Statement};
 
 use super::fence::Fence;
-use super::plan::{Action, Change, Step, plan};
+use super::plan::{Action, Change, Step, Vals, plan};
 use super::{Part, Rejected, Sink, rekey, sql};
 use crate::engine::config::ConnString;
 use crate::engine::error::{EngineError, ErrorClass};
 use crate::engine::event::{Event, Op, Position, RelationInfo};
 use crate::engine::pg;
+use crate::engine::wide::WIDE_BYTES;
 
 pub struct PostgresSink {
     uri: ConnString,
@@ -489,7 +491,23 @@ enum Kind {
     /// A simple query (TRUNCATE).
     Simple,
     /// `COPY ... FROM STDIN` with these rows (text format).
-    Copy(Bytes),
+    Copy(CopyData),
+}
+
+/// The data of a `COPY ... FROM STDIN` (text format). Rows are encoded when the batch is prepared,
+/// except wide ones (over [`WIDE_BYTES`]), which are encoded from the batch while they are sent, a
+/// slice at a time: their text is never held whole beside their values.
+#[derive(Debug, Clone)]
+struct CopyData {
+    parts: Vec<CopyPart>,
+    width: usize,
+}
+
+#[derive(Debug, Clone)]
+enum CopyPart {
+    Encoded(Bytes),
+    /// The values of the batch's event at this index.
+    Event(usize),
 }
 
 /// One statement of a prepared batch.
@@ -542,7 +560,7 @@ impl Planner {
                 Step::Apply(actions) => {
                     let refs: Vec<&Action> = actions.iter().collect();
                     let absent = |a: &Action| copy && batch[a.events[0]].op == Op::Insert;
-                    stmts.extend(statements(&self.schema, &refs, rels, absent)?);
+                    stmts.extend(statements(&self.schema, batch, &refs, rels, absent)?);
                 }
                 Step::Truncate { rel_ver, .. } => {
                     stmts.push(Stmt::truncate(&self.schema, rel(rels, *rel_ver)?));
@@ -591,9 +609,9 @@ fn stmt(sql: String, rows: &[&[Option<String>]], width: usize, what: String) -> 
     }
 }
 
-/// Appends `v` in COPY's text format: backslash, newline, carriage return and tab escaped.
-fn copy_value(b: &mut BytesMut, v: &str) {
-    let bytes = v.as_bytes();
+/// Appends `bytes` in COPY's text format: backslash, newline, carriage return and tab escaped
+/// (bytes of a value may be escaped in pieces: only single ASCII bytes are escaped).
+fn copy_value(b: &mut BytesMut, bytes: &[u8]) {
     let mut start = 0;
     for (i, &c) in bytes.iter().enumerate() {
         let esc = match c {
@@ -611,37 +629,95 @@ fn copy_value(b: &mut BytesMut, v: &str) {
     b.put_slice(&bytes[start..]);
 }
 
-/// `rows` as COPY text data of `width` columns (`\N` for NULL and for columns a row lacks).
-fn copy_rows(rows: &[&[Option<String>]], width: usize) -> Bytes {
-    let size: usize = rows
-        .iter()
-        .map(|r| {
-            width
-                + r.iter()
-                    .map(|v| v.as_ref().map_or(2, |v| v.len()))
-                    .sum::<usize>()
-        })
-        .sum();
-    let mut b = BytesMut::with_capacity(size + size / 32);
-    for r in rows {
-        for c in 0..width {
-            if c > 0 {
-                b.put_u8(b'\t');
+/// Bytes of a row's text in COPY (before escapes).
+fn row_size(r: &[Option<String>], width: usize) -> usize {
+    width
+        + r.iter()
+            .map(|v| v.as_ref().map_or(2, |v| v.len()))
+            .sum::<usize>()
+}
+
+/// `rows` as COPY text data of `width` columns (`\N` for NULL and for columns a row lacks). A row
+/// with the index of the batch event it is borrowed from, when wide, is left to be encoded while sent.
+fn copy_rows(rows: &[(&[Option<String>], Option<usize>)], width: usize) -> CopyData {
+    let mut parts = Vec::new();
+    let mut b = BytesMut::new();
+    for (r, wide) in rows {
+        if let Some(i) = wide {
+            if !b.is_empty() {
+                parts.push(CopyPart::Encoded(b.split().freeze()));
             }
-            match r.get(c).and_then(|v| v.as_deref()) {
-                Some(v) => copy_value(&mut b, v),
-                None => b.put_slice(b"\\N"),
-            }
+            parts.push(CopyPart::Event(*i));
+            continue;
         }
-        b.put_u8(b'\n');
+        if b.is_empty() {
+            let size: usize = rows.iter().map(|(r, _)| row_size(r, width)).sum();
+            b.reserve((size + size / 32).min(BATCH_RESERVE));
+        }
+        row_pieces(r, width).for_each(|p| put_piece(&mut b, p));
     }
-    b.freeze()
+    if !b.is_empty() {
+        parts.push(CopyPart::Encoded(b.freeze()));
+    }
+    CopyData { parts, width }
+}
+
+/// Most bytes reserved up front for a batch's COPY text.
+const BATCH_RESERVE: usize = 16 << 20;
+
+/// A piece of a row in COPY's text format: written as it is, or a slice of a value, escaped.
+enum Piece<'r> {
+    Raw(&'static [u8]),
+    Value(&'r [u8]),
+}
+
+/// Row `r` as pieces of COPY text of `width` columns (`\N` for NULL and for columns it lacks),
+/// values in slices of at most half of [`COPY_CHUNK`].
+fn row_pieces(r: &[Option<String>], width: usize) -> impl Iterator<Item = Piece<'_>> {
+    (0..width)
+        .flat_map(move |c| {
+            let v = r.get(c).and_then(|v| v.as_deref());
+            let null = v.is_none().then_some(Piece::Raw(b"\\N"));
+            let slices = v
+                .map(str::as_bytes)
+                .unwrap_or_default()
+                .chunks(COPY_CHUNK / 2)
+                .map(Piece::Value);
+            (c > 0)
+                .then_some(Piece::Raw(b"\t"))
+                .into_iter()
+                .chain(null)
+                .chain(slices)
+        })
+        .chain(std::iter::once(Piece::Raw(b"\n")))
+}
+
+fn put_piece(b: &mut BytesMut, p: Piece<'_>) {
+    match p {
+        Piece::Raw(x) => b.put_slice(x),
+        Piece::Value(x) => copy_value(b, x),
+    }
+}
+
+/// The index of the batch event whose values `vals` are, when they are borrowed and wide.
+fn wide_event(batch: &[Event], a: &Action<'_>, vals: &Vals<'_>) -> Option<usize> {
+    let Cow::Borrowed(v) = vals else { return None };
+    if row_size(v, v.len()) <= WIDE_BYTES {
+        return None;
+    }
+    a.events.iter().copied().find(|&i| {
+        batch
+            .get(i)
+            .and_then(|e| e.vals.as_deref())
+            .is_some_and(|e| std::ptr::eq(e, *v))
+    })
 }
 
 /// The statements for a group of actions; they touch distinct keys, so grouping by statement keeps
 /// the end state. Whole rows of keys `absent` says the sink lacks go in with COPY.
 fn statements(
     schema: &str,
+    batch: &[Event],
     actions: &[&Action<'_>],
     rels: &HashMap<i64, RelationInfo>,
     absent: impl Fn(&Action<'_>) -> bool,
@@ -649,15 +725,16 @@ fn statements(
     type Rows<'a> = Vec<&'a [Option<String>]>;
     let mut out = Vec::new();
     let mut deletes: BTreeMap<i64, Rows> = BTreeMap::new();
-    let mut copies: BTreeMap<i64, Rows> = BTreeMap::new();
+    let mut copies: BTreeMap<i64, Vec<(&[Option<String>], Option<usize>)>> = BTreeMap::new();
     let mut upserts: BTreeMap<i64, Rows> = BTreeMap::new();
     let mut partial: BTreeMap<(i64, &[i16]), Rows> = BTreeMap::new();
     for a in actions {
         match &a.change {
             Change::Delete { key } => deletes.entry(a.rel_ver).or_default().push(key),
-            Change::Upsert { vals, unchanged } if unchanged.is_empty() && absent(a) => {
-                copies.entry(a.rel_ver).or_default().push(vals)
-            }
+            Change::Upsert { vals, unchanged } if unchanged.is_empty() && absent(a) => copies
+                .entry(a.rel_ver)
+                .or_default()
+                .push((vals, wide_event(batch, a, vals))),
             Change::Upsert { vals, unchanged } if unchanged.is_empty() => {
                 upserts.entry(a.rel_ver).or_default().push(vals)
             }
@@ -725,6 +802,7 @@ fn statements(
 async fn run_stmt(
     cache: &mut HashMap<String, Statement>,
     client: &Client,
+    batch: &[Event],
     s: &Stmt,
 ) -> Result<(), EngineError> {
     match &s.kind {
@@ -744,7 +822,7 @@ async fn run_stmt(
         }
         Kind::Copy(data) => {
             let stmt = statement(cache, client, &s.sql).await?;
-            copy(client, &stmt, data, &s.what).await
+            copy(client, &stmt, data, batch, &s.what).await
         }
     }
 }
@@ -752,11 +830,12 @@ async fn run_stmt(
 /// Bytes of COPY data sent in one message.
 const COPY_CHUNK: usize = 256 * 1024;
 
-/// Runs a `COPY ... FROM STDIN` with `data`.
+/// Runs a `COPY ... FROM STDIN` with `data` (of `batch`, which it was prepared from).
 async fn copy(
     client: &Client,
     stmt: &Statement,
-    data: &Bytes,
+    data: &CopyData,
+    batch: &[Event],
     what: &str,
 ) -> Result<(), EngineError> {
     let sink = client
@@ -765,14 +844,46 @@ async fn copy(
         .map_err(EngineError::pg(what))?;
     futures::pin_mut!(sink);
     // In slices (no copies), so that the connection's write buffer stays small for wide rows.
-    let mut at = 0;
-    while at < data.len() {
-        let end = (at + COPY_CHUNK).min(data.len());
-        sink.as_mut()
-            .feed(data.slice(at..end))
-            .await
-            .map_err(EngineError::pg(what))?;
-        at = end;
+    for part in &data.parts {
+        match part {
+            CopyPart::Encoded(data) => {
+                let mut at = 0;
+                while at < data.len() {
+                    let end = (at + COPY_CHUNK).min(data.len());
+                    sink.as_mut()
+                        .feed(data.slice(at..end))
+                        .await
+                        .map_err(EngineError::pg(what))?;
+                    at = end;
+                }
+            }
+            CopyPart::Event(i) => {
+                let row = batch
+                    .get(*i)
+                    .and_then(|e| e.vals.as_deref())
+                    .ok_or_else(|| {
+                        EngineError::Protocol(format!(
+                            "a wide row to copy (event {i}) is not in its batch"
+                        ))
+                    })?;
+                let mut b = BytesMut::with_capacity(COPY_CHUNK + 64);
+                for p in row_pieces(row, data.width) {
+                    put_piece(&mut b, p);
+                    if b.len() >= COPY_CHUNK {
+                        let full = b.split().freeze();
+                        b.reserve(COPY_CHUNK + 64);
+                        sink.as_mut()
+                            .feed(full)
+                            .await
+                            .map_err(EngineError::pg(what))?;
+                    }
+                }
+                sink.as_mut()
+                    .feed(b.freeze())
+                    .await
+                    .map_err(EngineError::pg(what))?;
+            }
+        }
     }
     sink.as_mut()
         .finish()
@@ -789,6 +900,7 @@ type Pending<'a> = Pin<Box<dyn Future<Output = Result<(), EngineError>> + Send +
 async fn run_transaction(
     cache: &mut HashMap<String, Statement>,
     client: &Client,
+    batch: &[Event],
     fence: Option<&Stmt>,
     stmts: &[Stmt],
     part: Part,
@@ -834,7 +946,7 @@ async fn run_transaction(
                     .map_err(EngineError::pg(s.what.clone()))
             }),
             // Statements after it are queued behind its rows.
-            (Some(st), Kind::Copy(data)) => Box::pin(copy(client, st, data, &s.what)),
+            (Some(st), Kind::Copy(data)) => Box::pin(copy(client, st, data, batch, &s.what)),
             (Some(st), _) => Box::pin(async move {
                 client
                     .execute(st, p)
@@ -973,6 +1085,7 @@ impl PostgresSink {
                     run_transaction(
                         &mut self.statements,
                         client,
+                        batch,
                         fence.as_ref(),
                         &p.stmts,
                         part,
@@ -1006,6 +1119,7 @@ impl PostgresSink {
                             run_transaction(
                                 &mut self.statements,
                                 client,
+                                batch,
                                 fence.as_ref(),
                                 &upserts.stmts,
                                 part,
@@ -1070,14 +1184,16 @@ impl PostgresSink {
                         sql("SAVEPOINT philotes_one", "starting a savepoint").await?;
                         let r = async {
                             let stmts = match (action, truncate) {
-                                (Some(a), _) => statements(&self.schema, &[a], rels, |_| false)?,
+                                (Some(a), _) => {
+                                    statements(&self.schema, batch, &[a], rels, |_| false)?
+                                }
                                 (None, Some(v)) => {
                                     vec![Stmt::truncate(&self.schema, rel(rels, v)?)]
                                 }
                                 (None, None) => Vec::new(),
                             };
                             for s in &stmts {
-                                run_stmt(&mut self.statements, client, s).await?;
+                                run_stmt(&mut self.statements, client, batch, s).await?;
                             }
                             Ok::<(), EngineError>(())
                         }
@@ -1156,11 +1272,64 @@ mod tests {
         let a = [Some("1".to_string()), Some("a\tb\nc\rd\\e \\N".to_string())];
         let b = [Some("2".to_string()), None];
         let short = [Some("3".to_string())];
-        let rows: Vec<&[Option<String>]> = vec![&a, &b, &short];
+        let rows: Vec<(&[Option<String>], Option<usize>)> =
+            vec![(&a, None), (&b, None), (&short, None)];
         assert_eq!(
-            &copy_rows(&rows, 2)[..],
+            encoded(&copy_rows(&rows, 2)),
             b"1\ta\\tb\\nc\\rd\\\\e \\\\N\n2\t\\N\n3\t\\N\n"
         );
+    }
+
+    /// The encoded parts of COPY data, one after the other.
+    fn encoded(d: &CopyData) -> Vec<u8> {
+        d.parts
+            .iter()
+            .flat_map(|p| match p {
+                CopyPart::Encoded(b) => b.to_vec(),
+                CopyPart::Event(_) => Vec::new(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_wide_row_is_left_to_be_encoded_while_sent_and_escaped_across_its_slices() {
+        let r = rel();
+        let rels = HashMap::from([(r.rel_ver, r)]);
+        let planner = Planner {
+            schema: "replica".into(),
+        };
+        // Escapes on each side of every slice boundary.
+        let wide: String = "ab\t\n\\".repeat(WIDE_BYTES / 4);
+        let mut batch = vec![
+            ev(0, Op::Insert, "1", Some("a")),
+            ev(1, Op::Insert, "2", Some("x")),
+            ev(2, Op::Insert, "3", Some("c")),
+        ];
+        batch[1].vals = Some(vec![Some("2".into()), Some(wide.clone())]);
+        let p = planner.prepare(&batch, &rels).unwrap();
+        let Kind::Copy(data) = &p.stmts[0].kind else {
+            panic!("{:?}", p.stmts)
+        };
+        let parts: Vec<Option<usize>> = data
+            .parts
+            .iter()
+            .map(|p| match p {
+                CopyPart::Event(i) => Some(*i),
+                CopyPart::Encoded(_) => None,
+            })
+            .collect();
+        assert_eq!(parts, vec![None, Some(1), None]);
+        assert_eq!(encoded(data), b"1\ta\n3\tc\n");
+        // What is sent for it, slice by slice, is what encoding it whole gives.
+        let mut whole = BytesMut::new();
+        whole.put_slice(b"2\t");
+        copy_value(&mut whole, wide.as_bytes());
+        whole.put_u8(b'\n');
+        let mut sliced = BytesMut::new();
+        let pieces: Vec<Piece> = row_pieces(batch[1].vals.as_deref().unwrap(), 2).collect();
+        assert!(pieces.len() > 4, "{} pieces", pieces.len());
+        pieces.into_iter().for_each(|p| put_piece(&mut sliced, p));
+        assert_eq!(sliced, whole);
     }
 
     #[test]
@@ -1181,15 +1350,15 @@ mod tests {
         ];
         let p = planner.prepare(&batch, &rels).unwrap();
         assert!(p.copies);
-        let kinds: Vec<(&str, &str)> = p
+        let kinds: Vec<(&str, String)> = p
             .stmts
             .iter()
             .map(|s| {
                 (
                     s.sql.split_whitespace().next().unwrap(),
                     match &s.kind {
-                        Kind::Copy(d) => std::str::from_utf8(d).unwrap(),
-                        _ => "",
+                        Kind::Copy(d) => String::from_utf8(encoded(d)).unwrap(),
+                        _ => String::new(),
                     },
                 )
             })
@@ -1199,7 +1368,11 @@ mod tests {
         // delete (of a row that is not there).
         assert_eq!(
             kinds,
-            vec![("DELETE", ""), ("COPY", "1\tb\n"), ("INSERT", "")]
+            vec![
+                ("DELETE", String::new()),
+                ("COPY", "1\tb\n".into()),
+                ("INSERT", String::new())
+            ]
         );
         let Kind::Params(upsert) = &p.stmts[2].kind else {
             panic!()
