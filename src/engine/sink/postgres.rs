@@ -629,6 +629,9 @@ fn copy_value(b: &mut BytesMut, bytes: &[u8]) {
     b.put_slice(&bytes[start..]);
 }
 
+/// A row to copy, with the index of the batch event it is borrowed from when it is wide.
+type CopyRow<'a> = (&'a [Option<String>], Option<usize>);
+
 /// Bytes of a row's text in COPY (before escapes).
 fn row_size(r: &[Option<String>], width: usize) -> usize {
     width
@@ -639,7 +642,7 @@ fn row_size(r: &[Option<String>], width: usize) -> usize {
 
 /// `rows` as COPY text data of `width` columns (`\N` for NULL and for columns a row lacks). A row
 /// with the index of the batch event it is borrowed from, when wide, is left to be encoded while sent.
-fn copy_rows(rows: &[(&[Option<String>], Option<usize>)], width: usize) -> CopyData {
+fn copy_rows(rows: &[CopyRow], width: usize) -> CopyData {
     let mut parts = Vec::new();
     let mut b = BytesMut::new();
     for (r, wide) in rows {
@@ -725,7 +728,7 @@ fn statements(
     type Rows<'a> = Vec<&'a [Option<String>]>;
     let mut out = Vec::new();
     let mut deletes: BTreeMap<i64, Rows> = BTreeMap::new();
-    let mut copies: BTreeMap<i64, Vec<(&[Option<String>], Option<usize>)>> = BTreeMap::new();
+    let mut copies: BTreeMap<i64, Vec<CopyRow>> = BTreeMap::new();
     let mut upserts: BTreeMap<i64, Rows> = BTreeMap::new();
     let mut partial: BTreeMap<(i64, &[i16]), Rows> = BTreeMap::new();
     for a in actions {
@@ -1272,8 +1275,7 @@ mod tests {
         let a = [Some("1".to_string()), Some("a\tb\nc\rd\\e \\N".to_string())];
         let b = [Some("2".to_string()), None];
         let short = [Some("3".to_string())];
-        let rows: Vec<(&[Option<String>], Option<usize>)> =
-            vec![(&a, None), (&b, None), (&short, None)];
+        let rows: Vec<CopyRow> = vec![(&a, None), (&b, None), (&short, None)];
         assert_eq!(
             encoded(&copy_rows(&rows, 2)),
             b"1\ta\\tb\\nc\\rd\\\\e \\\\N\n2\t\\N\n3\t\\N\n"
