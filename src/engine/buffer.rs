@@ -108,13 +108,18 @@ pub struct Buffer {
 /// they arrived from the source (no per-value allocation). Column order: pipeline_id, lsn, ord,
 /// commit_time, rel_ver, op, old_key, vals, unchanged, size. `size` (the row's encoded bytes, what
 /// reads of the buffer are capped by) comes last: it is written when the row is complete, at the next
-/// [`begin_row`](Self::begin_row) or when the rows are taken.
+/// [`begin_row`](Self::begin_row) or when the rows are taken. A wide value can be kept as a slice of
+/// the message it came in ([`text_array_in`](Self::text_array_in)) instead of a copy.
 #[derive(Debug, Default)]
 pub struct CopyRows {
     data: BytesMut,
+    /// What was encoded before `data`, in order: wide values shared with their messages, and the
+    /// bytes between them.
+    done: Vec<Bytes>,
+    done_len: usize,
     rows: usize,
     last: Option<Position>,
-    /// Where the row still lacking its size field starts.
+    /// Where (counted from the first row) the row still lacking its size field starts.
     open: Option<usize>,
 }
 
@@ -136,7 +141,7 @@ impl CopyRows {
 
     /// Encoded size so far, bytes.
     pub fn bytes(&self) -> usize {
-        self.data.len()
+        self.done_len + self.data.len()
     }
 
     /// Position of the last row.
@@ -144,22 +149,36 @@ impl CopyRows {
         self.last
     }
 
-    /// The encoded rows, to be read back with [`decode_rows`].
+    /// The encoded rows, to be read back with [`decode_rows`] (one copy when values are shared).
     pub fn into_bytes(mut self) -> Bytes {
         self.seal();
-        self.data.freeze()
+        if self.done.is_empty() {
+            return self.data.freeze();
+        }
+        self.to_bytes()
     }
 
     /// The encoded rows (a copy), to be read back with [`decode_rows`].
     pub fn to_bytes(&mut self) -> Bytes {
         self.seal();
-        Bytes::copy_from_slice(&self.data)
+        let mut b = BytesMut::with_capacity(self.bytes());
+        self.done.iter().for_each(|d| b.put_slice(d));
+        b.put_slice(&self.data);
+        b.freeze()
+    }
+
+    /// The encoded rows in order, wide values still shared with their messages.
+    fn into_parts(mut self) -> Vec<Bytes> {
+        self.seal();
+        let mut parts = self.done;
+        parts.push(self.data.freeze());
+        parts
     }
 
     /// Completes the last row with its size field.
     fn seal(&mut self) {
         if let Some(start) = self.open.take() {
-            let size = (self.data.len() + 8 - start) as i32;
+            let size = (self.bytes() + 8 - start) as i32;
             self.data.put_i32(4);
             self.data.put_i32(size);
         }
@@ -177,7 +196,7 @@ impl CopyRows {
         op: Op,
     ) {
         self.seal();
-        self.open = Some(self.data.len());
+        self.open = Some(self.bytes());
         let d = &mut self.data;
         d.reserve(64 + pipeline_id.len());
         d.put_i16(10);
@@ -235,6 +254,52 @@ impl CopyRows {
         d[field..field + 4].copy_from_slice(&len.to_be_bytes());
         d[flags..flags + 4].copy_from_slice(&(nulls as i32).to_be_bytes());
         d[dim..dim + 4].copy_from_slice(&n.to_be_bytes());
+    }
+
+    /// [`text_array`](Self::text_array) of values that are slices of `msg`: when `msg` is wide, the
+    /// values over [`ROW_SLACK`] are kept as slices of it, not copied (the message is then held until
+    /// the rows are dropped, and counts against the replication budget until then).
+    pub fn text_array_in<'a>(
+        &mut self,
+        msg: &Bytes,
+        items: impl IntoIterator<Item = Option<&'a [u8]>>,
+    ) {
+        if msg.len() <= WIDE_BYTES {
+            return self.text_array(items);
+        }
+        let items: Vec<Option<&[u8]>> = items.into_iter().collect();
+        let len: usize = 20
+            + items
+                .iter()
+                .map(|v| 4 + v.map_or(0, <[u8]>::len))
+                .sum::<usize>();
+        let d = &mut self.data;
+        d.put_i32(len as i32);
+        d.put_i32(1);
+        d.put_i32(items.iter().any(Option::is_none) as i32);
+        d.put_i32(TEXT_OID);
+        d.put_i32(items.len() as i32);
+        d.put_i32(1);
+        let within = |v: &[u8]| {
+            let (m, v) = (msg.as_ptr_range(), v.as_ptr_range());
+            m.start <= v.start && v.end <= m.end
+        };
+        for item in items {
+            match item {
+                Some(v) if v.len() > ROW_SLACK && within(v) => {
+                    self.data.put_i32(v.len() as i32);
+                    let before = self.data.split().freeze();
+                    let value = msg.slice_ref(v);
+                    self.done_len += before.len() + value.len();
+                    self.done.extend([before, value]);
+                }
+                Some(v) => {
+                    self.data.put_i32(v.len() as i32);
+                    self.data.put_slice(v);
+                }
+                None => self.data.put_i32(-1),
+            }
+        }
     }
 
     /// A one-dimensional `smallint[]`.
@@ -650,21 +715,18 @@ impl Buffer {
                 .map_err(EngineError::pg("starting COPY into the buffer"))?;
             pin_mut!(sink);
             let err = |e| EngineError::pg("writing events to the buffer")(e);
-            let mut rows = rows;
-            rows.seal();
-            let mut data = rows.data;
-            data.put_i16(-1);
             sink.as_mut()
                 .feed(Bytes::from_static(COPY_HEADER))
                 .await
                 .map_err(err)?;
-            // Chunks, so that the server starts on the rows while the rest is on its way.
-            while !data.is_empty() {
-                let n = data.len().min(256 * 1024);
-                sink.as_mut()
-                    .feed(data.split_to(n).freeze())
-                    .await
-                    .map_err(err)?;
+            // Chunks (slices, no copies), so that the server starts on the rows while the rest is
+            // on its way, and the connection's write buffer stays small for wide values.
+            let trailer = Bytes::from_static(&[0xff, 0xff]);
+            for mut data in rows.into_parts().into_iter().chain([trailer]) {
+                while !data.is_empty() {
+                    let n = data.len().min(256 * 1024);
+                    sink.as_mut().feed(data.split_to(n)).await.map_err(err)?;
+                }
             }
             sink.as_mut()
                 .finish()
@@ -1071,5 +1133,43 @@ mod tests {
         .concat();
         rows.seal();
         assert!(rows.data[..rows.data.len() - 8].ends_with(&tail));
+    }
+
+    #[test]
+    fn a_wide_value_is_kept_as_a_slice_of_its_message_and_encodes_the_same() {
+        // A message with a wide value and a small one in it.
+        let wide = "x".repeat(WIDE_BYTES + 1);
+        let msg = Bytes::from(format!("head{wide}mid7tail"));
+        let at = |s: &str| msg.windows(s.len()).position(|w| w == s.as_bytes()).unwrap();
+        let (w, small) = (&msg[4..4 + wide.len()], &msg[at("7")..at("7") + 1]);
+        let pos = Position { lsn: 9, ord: 1 };
+        let encode = |shared: bool| {
+            let mut rows = CopyRows::default();
+            rows.begin_row("pipe", pos, 5, 3, Op::Insert);
+            rows.null();
+            let items = [Some(small), None, Some(w)];
+            if shared {
+                rows.text_array_in(&msg, items);
+            } else {
+                rows.text_array(items);
+            }
+            rows.null();
+            rows.begin_row("pipe", Position { lsn: 9, ord: 2 }, 5, 3, Op::Delete);
+            rows.text_array_in(&msg, [Some(small)]);
+            rows.null();
+            rows.null();
+            rows
+        };
+        let (mut copied, shared) = (encode(false), encode(true));
+        assert_eq!(shared.bytes(), copied.bytes());
+        let parts = shared.into_parts();
+        assert!(
+            parts.iter().any(|p| p.as_ptr() == w.as_ptr()),
+            "the wide value was copied"
+        );
+        assert_eq!(parts.concat(), copied.to_bytes().to_vec());
+        let events = decode_rows(&copied.to_bytes()).unwrap();
+        assert_eq!(events[0].vals.as_ref().unwrap()[2].as_deref(), Some(&wide[..]));
+        assert_eq!(events[1].pos.ord, 2);
     }
 }

@@ -706,7 +706,7 @@ impl Decoder {
                     Op::Insert,
                 );
                 rows.null();
-                rows.text_array(values(msg, new));
+                rows.text_array_in(&data, values(msg, new));
                 rows.null();
             }
             ChangeKind::Update { has_old } => {
@@ -718,13 +718,13 @@ impl Decoder {
                     Op::Update,
                 );
                 let old = if has_old {
-                    rows.text_array(key(msg, old, &r.key));
+                    rows.text_array_in(&data, key(msg, old, &r.key));
                     old
                 } else {
                     rows.null();
                     &[][..]
                 };
-                rows.text_array(new_values(msg, new, old));
+                rows.text_array_in(&data, new_values(msg, new, old));
                 st.unchanged.clear();
                 st.unchanged.extend(
                     new.iter()
@@ -746,7 +746,7 @@ impl Decoder {
                     r.info.rel_ver,
                     Op::Delete,
                 );
-                rows.text_array(key(msg, old, &r.key));
+                rows.text_array_in(&data, key(msg, old, &r.key));
                 rows.null();
                 rows.null();
             }
