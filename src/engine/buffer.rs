@@ -855,6 +855,19 @@ impl Buffer {
         Ok(Read { events, complete })
     }
 
+    /// Whether the buffer holds a later row of the (durable) source transaction of `last`.
+    pub async fn txn_continues(&self, last: Position) -> Result<bool, EngineError> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM philotes.events WHERE pipeline_id = $1 AND lsn = $2 AND ord > $3)",
+                &[&self.pipeline_id, &(last.lsn as i64), &last.ord],
+            )
+            .await
+            .map_err(EngineError::pg("looking up the rest of a transaction in the buffer"))?;
+        Ok(row.get(0))
+    }
+
     /// The key and values of the wide row at `pos`, read in chunks of [`WIDE_CHUNK`] bytes so
     /// that no message of the connection is larger (its buffer would grow to the row's size and
     /// stay so). Each value is then held once, in the `String` it is built in.
@@ -1140,7 +1153,11 @@ mod tests {
         // A message with a wide value and a small one in it.
         let wide = "x".repeat(WIDE_BYTES + 1);
         let msg = Bytes::from(format!("head{wide}mid7tail"));
-        let at = |s: &str| msg.windows(s.len()).position(|w| w == s.as_bytes()).unwrap();
+        let at = |s: &str| {
+            msg.windows(s.len())
+                .position(|w| w == s.as_bytes())
+                .unwrap()
+        };
         let (w, small) = (&msg[4..4 + wide.len()], &msg[at("7")..at("7") + 1]);
         let pos = Position { lsn: 9, ord: 1 };
         let encode = |shared: bool| {
@@ -1169,7 +1186,10 @@ mod tests {
         );
         assert_eq!(parts.concat(), copied.to_bytes().to_vec());
         let events = decode_rows(&copied.to_bytes()).unwrap();
-        assert_eq!(events[0].vals.as_ref().unwrap()[2].as_deref(), Some(&wide[..]));
+        assert_eq!(
+            events[0].vals.as_ref().unwrap()[2].as_deref(),
+            Some(&wide[..])
+        );
         assert_eq!(events[1].pos.ord, 2);
     }
 }

@@ -547,10 +547,21 @@ impl<S: Sink> Processor<S> {
                 prepared = None;
             }
             let mut last = batch.last().map(|e| e.pos).unwrap_or(*processed);
-            // The sink commits only where a source transaction ends.
+            let wide = batch.iter().map(Event::size).sum::<usize>() > BATCH_BYTES;
+            // The sink commits only where a source transaction ends. Beside a wide batch the
+            // buffer is asked instead of read: the next row may be wide too.
             let mut ends = loop {
                 match q.ends_txn(last, durable) {
                     Some(ends) => break ends,
+                    None if wide => {
+                        let more = pg::deadline(
+                            self.cfg.response_timeout,
+                            "looking up the rest of a transaction in the buffer",
+                            self.buffer.txn_continues(last),
+                        )
+                        .await?;
+                        break !more;
+                    }
                     None => self.read_into(&mut q, durable, limit).await?,
                 }
             };
@@ -580,7 +591,6 @@ impl<S: Sink> Processor<S> {
             let started = Instant::now();
             // The next batch: from the queue, topped up from the buffer while this one is delivered;
             // none while this one is over BATCH_BYTES (wide rows), so that one is in memory at a time.
-            let wide = batch.iter().map(Event::size).sum::<usize>() > BATCH_BYTES;
             let next = if wide {
                 Vec::new()
             } else {
