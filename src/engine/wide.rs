@@ -92,6 +92,26 @@ impl WideGate {
 mod tests {
     use super::*;
 
+    /// The replication worker's reader (vendored pgwire-replication) must not keep a part of a
+    /// wide message: its memory would outlive the budget's count of it (it lived on until the
+    /// next message, beside the processor's copy of the row and the next message).
+    #[tokio::test]
+    async fn a_wide_replication_message_shares_its_memory_with_nothing_the_reader_keeps() {
+        use pgwire_replication::protocol::framing::MessageReader;
+        let body = vec![7u8; WIDE_BYTES];
+        let mut data = vec![b'd'];
+        data.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        data.extend_from_slice(&body);
+        data.extend_from_slice(&[b'Z', 0, 0, 0, 5, b'I']);
+        let mut cursor = std::io::Cursor::new(&data[..]);
+        let mut reader = MessageReader::new();
+        let msg = reader.read(&mut cursor).await.unwrap();
+        assert_eq!(msg.payload.len(), body.len());
+        assert!(msg.payload.is_unique());
+        let next = reader.read(&mut cursor).await.unwrap();
+        assert_eq!((next.tag, &next.payload[..]), (b'Z', &b"I"[..]));
+    }
+
     #[tokio::test]
     async fn a_second_wide_row_waits_until_the_first_pass_is_dropped() {
         let gate = WideGate::new(1 << 20);

@@ -49,6 +49,9 @@ impl BackendMessage {
     }
 }
 
+/// Payloads past this size are not read into a buffer shared with later messages.
+const LARGE_PAYLOAD: usize = 1 << 20;
+
 pub async fn read_backend_message<R: AsyncRead + Unpin>(rd: &mut R) -> Result<BackendMessage> {
     let mut reader = MessageReader::new();
     reader.read(rd).await
@@ -223,8 +226,14 @@ impl MessageReader {
             self.payload_filled += n;
         }
 
-        // Phase 4: take payload, reset state for next message
-        let payload = self.payload.split().freeze();
+        // Phase 4: take payload, reset state for next message. A large payload takes the buffer
+        // with it: a split would leave the (empty) buffer sharing its allocation, which then
+        // outlived the message until the next one was read.
+        let payload = if payload_len > LARGE_PAYLOAD {
+            std::mem::take(&mut self.payload).freeze()
+        } else {
+            self.payload.split().freeze()
+        };
         let tag = self.tag;
         self.hdr_filled = 0;
         self.payload_len = None;
