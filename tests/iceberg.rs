@@ -471,7 +471,9 @@ async fn an_s3_warehouse_gets_the_same_changelog_and_an_outage_backpressures_the
 
 /// Changes the sink has staged but not committed still count in the buffer's depth, so past
 /// `highWatermark` the reader holds until the sink commits. The sink then commits at once instead of
-/// waiting for `commitInterval` (an hour here): everything arrives, and the reader resumes.
+/// waiting for `commitInterval` (an hour here): the reader resumes and reads everything. (This test
+/// once asserted that all 2000 changes were committed; when the last sink commit held a single
+/// transaction after the reader was released, that one waited for the hour, as it should.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_buffer_makes_the_sink_commit_before_the_commit_interval() {
     let pg = Pg::start();
@@ -495,21 +497,26 @@ async fn a_full_buffer_makes_the_sink_commit_before_the_commit_interval() {
         .await
         .unwrap();
     }
+    // The reader is never held for good, and every commit but the last came long before the
+    // hour: only the last transaction (100 changes, under the 150 staged changes at which the sink
+    // commits while busy, and no longer holding the reader) may still wait for commitInterval.
+    // Which transactions end up last in a sink commit depends on timing, so that one is not
+    // asserted.
     eventually(
-        "every change to be committed to Iceberg (commitInterval is 1h)",
+        "every change read and all but the last transaction committed to Iceberg (commitInterval is 1h)",
         WAIT,
-        || async { h.current().events_delivered == 2000 },
+        || async {
+            let p = h.current();
+            p.events_read == 2000 && p.events_delivered >= 1900 && !p.backpressured
+        },
     )
     .await;
+    // Stopping commits what is staged.
+    h.stop().await;
     let r = check(&pg, &lake, "cdc.t", "SELECT id, v, n FROM t", false);
     assert_eq!(r["equal"], true, "{r}");
     assert_eq!(r["duplicates"], 0, "{r}");
     assert_eq!(r["changelog_rows"], 2000, "{r}");
-    eventually("backpressure to release", WAIT, || async {
-        !h.current().backpressured
-    })
-    .await;
-    h.stop().await;
 }
 
 #[test]
