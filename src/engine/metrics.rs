@@ -23,6 +23,12 @@ pub struct PhaseLabel {
     pub phase: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableLabel {
+    pub pipeline: String,
+    pub table: String,
+}
+
 type HistogramFamily = Family<PipelineLabel, Histogram, fn() -> Histogram>;
 
 fn seconds_histogram() -> Histogram {
@@ -41,6 +47,10 @@ pub struct Metrics {
     buffer_depth: Family<PipelineLabel, Gauge>,
     backpressured: Family<PipelineLabel, Gauge>,
     phase: Family<PhaseLabel, Gauge>,
+    backfill_rows_copied: Family<TableLabel, Gauge>,
+    backfill_rows_estimated: Family<TableLabel, Gauge>,
+    /// The labels of the two above (a family cannot be searched by its pipeline label).
+    backfill_tables: Mutex<Vec<TableLabel>>,
     batch_seconds: HistogramFamily,
     delivery_latency_seconds: HistogramFamily,
     /// Process-wide: it outlives the series of the pipelines that moved away.
@@ -85,6 +95,9 @@ impl Metrics {
             buffer_depth: Family::default(),
             backpressured: Family::default(),
             phase: Family::default(),
+            backfill_rows_copied: Family::default(),
+            backfill_rows_estimated: Family::default(),
+            backfill_tables: Mutex::new(Vec::new()),
             batch_seconds: Family::new_with_constructor(seconds_histogram),
             delivery_latency_seconds: Family::new_with_constructor(seconds_histogram),
             superseded_writes: Counter::default(),
@@ -140,6 +153,16 @@ impl Metrics {
                 "pipeline_phase",
                 "1 for the pipeline's current phase",
                 m.phase.clone(),
+            );
+            r.register(
+                "backfill_rows_copied",
+                "Rows of a table added to a running pipeline copied so far (its backfill)",
+                m.backfill_rows_copied.clone(),
+            );
+            r.register(
+                "backfill_rows_estimated",
+                "The source's estimate of the rows of a table being backfilled",
+                m.backfill_rows_estimated.clone(),
             );
             r.register(
                 "batch_seconds",
@@ -201,6 +224,25 @@ impl Metrics {
         }
     }
 
+    /// Where a table's backfill stands.
+    pub fn set_backfill(&self, name: &str, b: &crate::engine::backfill::BackfillProgress) {
+        let l = TableLabel {
+            pipeline: name.to_string(),
+            table: b.table.clone(),
+        };
+        self.backfill_rows_copied
+            .get_or_create(&l)
+            .set(b.rows_copied as i64);
+        self.backfill_rows_estimated
+            .get_or_create(&l)
+            .set(b.rows_estimated as i64);
+        if let Ok(mut tables) = self.backfill_tables.lock()
+            && !tables.contains(&l)
+        {
+            tables.push(l);
+        }
+    }
+
     /// Removes a pipeline's series (when the pipeline is deleted).
     pub fn remove(&self, name: &str) {
         let l = PipelineLabel {
@@ -217,6 +259,16 @@ impl Metrics {
         self.backpressured.remove(&l);
         self.batch_seconds.remove(&l);
         self.delivery_latency_seconds.remove(&l);
+        if let Ok(mut tables) = self.backfill_tables.lock() {
+            tables.retain(|t| {
+                if t.pipeline != name {
+                    return true;
+                }
+                self.backfill_rows_copied.remove(t);
+                self.backfill_rows_estimated.remove(t);
+                false
+            });
+        }
         for p in [
             "Starting", "Running", "Paused", "Stopping", "Stopped", "Failed",
         ] {

@@ -1,6 +1,7 @@
 //! One pipeline = one supervised set of tasks (reader, processor, housekeeping). Knows nothing of Kubernetes:
 //! it is started with a [`PipelineConfig`](config::PipelineConfig) and reports through a [`Progress`] watch.
 
+pub mod backfill;
 pub mod backpressure;
 pub mod buffer;
 pub mod config;

@@ -48,7 +48,7 @@ pub async fn forget_buffer(cfg: &PipelineConfig) -> Result<(), EngineError> {
 
 /// Removes a pipeline's rows from the buffer (events, relations, registration); dead letters stay.
 async fn forget(b: &Buffer) -> Result<(), EngineError> {
-    for table in ["events", "relations", "pipelines"] {
+    for table in ["events", "relations", "backfills", "pipelines"] {
         b.client()
             .execute(
                 &format!("DELETE FROM philotes.{table} WHERE pipeline_id = $1"),

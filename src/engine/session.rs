@@ -8,6 +8,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use super::backfill::{self, Board};
 use super::buffer::{self, Buffer, Ownership};
 use super::config::{Delivery, PipelineConfig, SinkConfig};
 use super::error::EngineError;
@@ -64,6 +65,27 @@ pub(super) async fn run_session(
         tracing::info!(pipeline = %cfg.name, owner = %cfg.owner, epoch, "pipeline taken");
         epoch
     };
+    let snap = pg::deadline(t, "reading the buffer", snapshot::state(&control)).await?;
+    let resync = snap.resync_owed(cfg.resync.as_deref());
+    // A resync interrupted by a crash is finished by the next session, spec token or not.
+    let resyncing = resync || (snap.pending && snap.replaces);
+    let snapshot_owed = snap.pending;
+    // Tables added since the last session are owed a backfill, recorded before the publication
+    // takes them in (a snapshot or a resync copies every table anyway).
+    let changes = pg::deadline(
+        t,
+        "recording the pipeline's tables",
+        backfill::record_changes(&control, cfg, resyncing || snapshot_owed),
+    )
+    .await?;
+    if !changes.removed.is_empty() {
+        let removed: Vec<String> = changes.removed.iter().map(ToString::to_string).collect();
+        tracing::info!(pipeline = %cfg.name, tables = ?removed, "tables no longer captured; their sink tables stay");
+        shared.texts().tables_removed = removed;
+    }
+    if !changes.added.is_empty() {
+        tracing::info!(pipeline = %cfg.name, tables = ?changes.added, "tables added; their rows are backfilled while the stream goes on");
+    }
     let owned_publication = previous
         .as_ref()
         .is_some_and(|o| o.publication_created && o.publication_name == cfg.publication);
@@ -91,11 +113,6 @@ pub(super) async fn run_session(
     let ours = previous
         .as_ref()
         .is_some_and(|o| o.slot_created && o.slot_name == cfg.slot);
-    let snap = pg::deadline(t, "reading the buffer", snapshot::state(&control)).await?;
-    let resync = snap.resync_owed(cfg.resync.as_deref());
-    // A resync interrupted by a crash is finished by the next session, spec token or not.
-    let resyncing = resync || (snap.pending && snap.replaces);
-    let snapshot_owed = snap.pending;
     if slot_exists && !snapshot_owed && !resync {
         let state = pg::deadline(
             t,
@@ -200,6 +217,7 @@ pub(super) async fn run_session(
     )
     .await?;
     let depth = pg::deadline(t, "counting buffered events", control.depth(&cp)).await?;
+    let owed = pg::deadline(t, "reading the buffer", backfill::owed(&control, cfg)).await?;
     shared.stats.buffer_depth.set(depth);
     // With nothing left in the buffer, delivery goes on after what the sink recorded it holds
     // (the buffer's processed position may lag behind it). Rows a resync copied into the buffer
@@ -217,6 +235,8 @@ pub(super) async fn run_session(
     // The writer hands the rows it just committed to the processor, which then need not read them back.
     let (handoff_tx, handoff_rx) = tokio::sync::mpsc::channel(4);
     let wide = WideGate::new(super::source::REPLICATION_BUFFER_BYTES);
+    let board = Board::new(&cfg.id);
+    let (acked_tx, acked_rx) = watch::channel(cp.durable_lsn);
     let reader = Reader {
         cfg: cfg.clone(),
         sql: source,
@@ -230,6 +250,8 @@ pub(super) async fn run_session(
         sink_ack: bypass.then_some(sink_ack_rx),
         delivered,
         wide: wide.clone(),
+        backfill: board.clone(),
+        acked_tx,
     };
     let processor_buffer = Buffer::connect(&cfg.buffer, &cfg.id, "buffer-reader")
         .await?
@@ -237,6 +259,20 @@ pub(super) async fn run_session(
         .with_wide_gate(wide);
     let mut tasks = JoinSet::new();
     tasks.spawn(reader.run(cp.durable_lsn));
+    if !owed.is_empty() {
+        let buffer = Buffer::connect(&cfg.buffer, &cfg.id, "backfill")
+            .await?
+            .with_epoch(epoch);
+        tasks.spawn(backfill::run(
+            cfg.clone(),
+            owed,
+            board,
+            acked_rx,
+            buffer,
+            shared.clone(),
+            session.clone(),
+        ));
+    }
     macro_rules! processor {
         ($sink:expr) => {
             Processor {

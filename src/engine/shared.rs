@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
+use super::backfill::BackfillProgress;
 use super::buffer::Ownership;
 use super::error::EngineError;
 use super::metrics::{Metrics, PipelineStats};
@@ -39,6 +40,11 @@ pub struct Progress {
     pub resynced: Option<String>,
     /// The ownership epoch this worker writes under (0 before it has taken the pipeline).
     pub epoch: i64,
+    /// Backfills of tables added while the pipeline ran, this worker's, by table.
+    pub backfills: Vec<BackfillProgress>,
+    /// Tables the last change of `spec.source.tables` removed (`schema.table`); their sink tables
+    /// stay.
+    pub tables_removed: Vec<String>,
 }
 
 /// The slot's WAL as the source sees it (`pg_replication_slots`).
@@ -67,6 +73,8 @@ pub(super) struct Texts {
     pub(super) slot: SlotHealth,
     pub(super) resynced: Option<String>,
     pub(super) epoch: i64,
+    backfills: Vec<BackfillProgress>,
+    pub(super) tables_removed: Vec<String>,
 }
 
 /// State shared by a pipeline's tasks.
@@ -234,6 +242,18 @@ impl Shared {
         }
     }
 
+    /// Notes where a table's backfill stands.
+    pub(super) fn set_backfill(&self, b: BackfillProgress) {
+        self.metrics.set_backfill(&self.name, &b);
+        let mut t = self.texts();
+        match t.backfills.iter_mut().find(|x| x.table == b.table) {
+            Some(x) => *x = b,
+            None => t.backfills.push(b),
+        }
+        drop(t);
+        self.changed.notify_one();
+    }
+
     /// Whether backpressure holds the reader.
     pub fn backpressured(&self) -> bool {
         self.backpressured.load(Ordering::Relaxed)
@@ -268,6 +288,8 @@ impl Shared {
             slot: t.slot.clone(),
             resynced: t.resynced.clone(),
             epoch: t.epoch,
+            backfills: t.backfills.clone(),
+            tables_removed: t.tables_removed.clone(),
         }
     }
 }

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::pgoutput::{ChangeKind, Col, Message};
 use super::Shared;
+use super::backfill::{Board, Window, encode_key};
 use super::backpressure::Watermarks;
 use super::buffer::{Buffer, CopyRows};
 use super::config::{PipelineConfig, TableName};
@@ -66,6 +67,10 @@ pub struct Reader {
     pub delivered: Position,
     /// Shared with the processor: one wide row in memory at a time.
     pub wide: WideGate,
+    /// Where chunks of a backfill (tables added to the running pipeline) are handed over.
+    pub backfill: Arc<Board>,
+    /// What the reader has acknowledged to the source, for the backfill.
+    pub acked_tx: watch::Sender<u64>,
 }
 
 /// One buffer transaction's worth of changes, from the reader to the writer.
@@ -133,6 +138,10 @@ struct State {
     old: Vec<Col>,
     new: Vec<Col>,
     unchanged: Vec<i16>,
+    /// A backfill chunk's watermarks are open: the keys of its table that changed since.
+    window: Option<Window>,
+    /// The chunk placed in the current transaction, to report at its commit.
+    placed: Option<String>,
 }
 
 /// The writer's report after each batch: (batches committed, durable position).
@@ -384,6 +393,8 @@ impl Reader {
             sink_ack,
             delivered,
             wide,
+            backfill,
+            acked_tx,
         } = self;
         // The keys of the layouts the buffer knows, for a FULL-identity table dropped since.
         let known = pg::deadline(
@@ -427,6 +438,8 @@ impl Reader {
             cancel,
             skip_upto: sink_ack.is_some().then_some(delivered),
             wide,
+            backfill,
+            acked_tx,
         };
         let result = decoder
             .stream(&mut client, &tx, &mut ack_rx, start, sink_ack.clone())
@@ -473,6 +486,8 @@ struct Decoder {
     /// nowhere.
     skip_upto: Option<Position>,
     wide: WideGate,
+    backfill: Arc<Board>,
+    acked_tx: watch::Sender<u64>,
 }
 
 impl Decoder {
@@ -505,6 +520,8 @@ impl Decoder {
             old: Vec::new(),
             new: Vec::new(),
             unchanged: Vec::new(),
+            window: None,
+            placed: None,
         };
         let mut watermarks = Watermarks::new(self.cfg.high_watermark, self.cfg.low_watermark);
         // The depth is an in-process counter, so looking at it often costs nothing.
@@ -603,6 +620,7 @@ impl Decoder {
         if let Some(d) = durable.filter(|&d| d > st.durable) {
             st.durable = d;
             client.update_applied_lsn(Lsn(d));
+            self.acked_tx.send_replace(d);
         }
     }
 
@@ -647,6 +665,9 @@ impl Decoder {
                     st.batch.completed_events += st.txn_events;
                     st.txn_events = 0;
                 }
+                if let Some(id) = st.placed.take() {
+                    self.backfill.placed(id, end_lsn.0);
+                }
             }
             ReplicationEvent::XLogData { data, .. } => self.change(data, st).await?,
             ReplicationEvent::KeepAlive { wal_end, .. } => {
@@ -661,7 +682,10 @@ impl Decoder {
                     client.update_applied_lsn(wal_end);
                 }
             }
-            ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
+            ReplicationEvent::Message {
+                prefix, content, ..
+            } => self.watermark(&prefix, &content, st)?,
+            ReplicationEvent::StoppedAt { .. } => {}
         }
         Ok(())
     }
@@ -679,6 +703,25 @@ impl Decoder {
                 "change for relation {rel} before its Relation message"
             ))
         })?;
+        // A backfill chunk of this table is between its watermarks: this key's row in the chunk
+        // is older than this change.
+        if let Some(w) = st.window.as_mut().filter(|w| w.oid == rel) {
+            let (msg, old, new) = (&data[..], &st.old[..], &st.new[..]);
+            match kind {
+                ChangeKind::Insert => {
+                    w.seen.insert(encode_key(key(msg, new, &r.key)));
+                }
+                ChangeKind::Update { has_old } => {
+                    w.seen.insert(encode_key(key(msg, new, &r.key)));
+                    if has_old {
+                        w.seen.insert(encode_key(key(msg, old, &r.key)));
+                    }
+                }
+                ChangeKind::Delete => {
+                    w.seen.insert(encode_key(key(msg, old, &r.key)));
+                }
+            }
+        }
         let pos = Position {
             lsn: txn.lsn,
             ord: txn.next_ord,
@@ -757,6 +800,80 @@ impl Decoder {
         Ok(())
     }
 
+    /// A backfill watermark of this pipeline (see `engine/backfill.rs`): a low one opens the
+    /// chunk's window; at the high one the chunk's rows whose keys did not change in between go
+    /// into this transaction as inserts.
+    fn watermark(
+        &mut self,
+        prefix: &str,
+        content: &[u8],
+        st: &mut State,
+    ) -> Result<(), EngineError> {
+        let Some((low, id)) = self.backfill.watermark(prefix, content) else {
+            return Ok(());
+        };
+        if low {
+            st.window = self.backfill.opened(id).map(|oid| Window {
+                id: id.to_string(),
+                oid,
+                ..Window::default()
+            });
+            return Ok(());
+        }
+        // A high watermark of an earlier session (read again after a restart) has no chunk.
+        let Some(chunk) = self.backfill.take(id) else {
+            return Ok(());
+        };
+        let window = st.window.take().filter(|w| w.id == id).ok_or_else(|| {
+            EngineError::Protocol(format!(
+                "backfill chunk {id}: its high watermark came without its low one"
+            ))
+        })?;
+        let txn = st.txn.as_mut().ok_or_else(|| {
+            EngineError::Protocol("a backfill watermark outside a transaction".into())
+        })?;
+        // The layout the stream uses for the table when it is the chunk's; else the chunk's own.
+        let info = st
+            .relations
+            .get(&window.oid)
+            .map(|r| &r.info)
+            .filter(|i| i.columns == chunk.layout.columns && i.key == chunk.layout.key)
+            .unwrap_or(&chunk.layout)
+            .clone();
+        if st.written_rels.insert(info.rel_ver) {
+            st.batch.relations.push(info.clone());
+        }
+        let rows = &mut st.batch.rows;
+        for row in &chunk.rows {
+            // Truncated since the chunk was selected: none of its rows is current.
+            if window.truncated || window.seen.contains(&chunk.key_of(row)) {
+                continue;
+            }
+            let pos = Position {
+                lsn: txn.lsn,
+                ord: txn.next_ord,
+            };
+            txn.next_ord += 1;
+            if self.delivered(pos) {
+                continue;
+            }
+            rows.begin_row(
+                &self.pipeline_id,
+                pos,
+                txn.commit_time,
+                info.rel_ver,
+                Op::Insert,
+            );
+            rows.null();
+            rows.text_array(row.iter().map(|v| v.as_deref().map(str::as_bytes)));
+            rows.null();
+            st.txn_events += 1;
+            self.shared.stats.events_read.inc();
+        }
+        st.placed = Some(id.to_string());
+        Ok(())
+    }
+
     /// Messages other than row changes: relations, truncates, and the ones Philotes ignores.
     async fn other(&mut self, data: Bytes, st: &mut State) -> Result<(), EngineError> {
         match pgoutput::decode(data)? {
@@ -826,6 +943,9 @@ impl Decoder {
             }
             Message::Truncate { rels, .. } => {
                 for rel in rels {
+                    if let Some(w) = st.window.as_mut().filter(|w| w.oid == rel) {
+                        w.truncated = true;
+                    }
                     let rel_ver = st
                         .relations
                         .get(&rel)
