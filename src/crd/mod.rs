@@ -98,7 +98,9 @@ pub struct SourceSpec {
     pub tls: Option<TlsSpec>,
     /// Tables to capture, as `schema.table` (or `table` for `public`), each part written as in SQL:
     /// unquoted parts fold to lower case, `"Sales Data"."Orders.2024"` keeps case, dots and spaces
-    /// (`""` is a quote). Each needs a primary key.
+    /// (`""` is a quote). Each needs a primary key. A table added while the pipeline runs has its
+    /// existing rows copied while the stream goes on (status `backfills`); one removed is no longer
+    /// captured, and its sink table stays.
     #[schemars(length(min = 1))]
     pub tables: Vec<String>,
     /// Copy the rows the tables hold when the pipeline creates its slot, before streaming changes
@@ -453,6 +455,26 @@ pub struct CdcPipelineStatus {
     /// this status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
+    /// Tables added to `spec.source.tables` while the pipeline ran: their existing rows are copied
+    /// while the stream goes on.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backfills: Vec<BackfillStatus>,
+    /// Tables the last change of `spec.source.tables` removed: no longer captured; their sink
+    /// tables stay.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tables_removed: Vec<String>,
+}
+
+/// The backfill of a table added to a running pipeline.
+#[derive(Serialize, Deserialize, Debug, Clone, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BackfillStatus {
+    /// `schema.table`.
+    pub table: String,
+    pub rows_copied: i64,
+    /// The source's estimate of the table's rows when the backfill started.
+    pub rows_estimated: i64,
+    pub done: bool,
 }
 
 pub use crate::engine::state::Phase;

@@ -91,6 +91,7 @@ fn counters(s: &CdcPipelineStatus) -> impl PartialEq + use<> {
         s.events_delivered,
         s.events_dead_lettered,
         s.buffer_depth,
+        s.backfills.clone(),
     )
 }
 
@@ -105,6 +106,11 @@ fn significant(s: &CdcPipelineStatus) -> impl PartialEq + use<> {
         s.slot_name.clone(),
         s.slot_created,
         s.last_resync.clone(),
+        s.tables_removed.clone(),
+        s.backfills
+            .iter()
+            .map(|b| (b.table.clone(), b.done))
+            .collect::<Vec<_>>(),
     )
 }
 

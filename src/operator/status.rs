@@ -2,7 +2,7 @@
 //! result and the worker's progress. Conditions keep their `lastTransitionTime` while their status
 //! stays the same, so an unchanged pipeline computes an identical status and nothing is written.
 
-use crate::crd::{CdcPipelineStatus, Condition, DesiredState, Phase};
+use crate::crd::{BackfillStatus, CdcPipelineStatus, Condition, DesiredState, Phase};
 use crate::engine::Progress;
 use crate::validate::SpecError;
 
@@ -94,6 +94,25 @@ pub fn compute(
         if p.resynced.is_some() {
             s.last_resync = p.resynced.clone();
         }
+        // This worker's backfills and removed tables; an earlier worker's until it has its own.
+        s.backfills = if p.backfills.is_empty() {
+            prev.map(|p| p.backfills.clone()).unwrap_or_default()
+        } else {
+            p.backfills
+                .iter()
+                .map(|b| BackfillStatus {
+                    table: b.table.clone(),
+                    rows_copied: b.rows_copied as i64,
+                    rows_estimated: b.rows_estimated as i64,
+                    done: b.done,
+                })
+                .collect()
+        };
+        s.tables_removed = if p.tables_removed.is_empty() {
+            prev.map(|p| p.tables_removed.clone()).unwrap_or_default()
+        } else {
+            p.tables_removed.clone()
+        };
         s.events_read = Some(p.events_read as i64);
         s.events_delivered = Some(p.events_delivered as i64);
         s.events_dead_lettered = Some(p.events_dead_lettered as i64);
@@ -275,6 +294,38 @@ pub fn notices(before: Option<&CdcPipelineStatus>, next: &CdcPipelineStatus) -> 
         }),
         _ => {}
     }
+    if !next.tables_removed.is_empty() && next.tables_removed != before.tables_removed {
+        out.push(Notice {
+            warning: false,
+            reason: "TablesRemoved",
+            note: format!(
+                "no longer captured (removed from spec.source.tables and from the publication): {}; their sink tables and rows stay",
+                next.tables_removed.join(", ")
+            ),
+        });
+    }
+    for b in &next.backfills {
+        let was = before.backfills.iter().find(|x| x.table == b.table);
+        if b.done && was.is_none_or(|w| !w.done) {
+            out.push(Notice {
+                warning: false,
+                reason: "BackfillDone",
+                note: format!(
+                    "table {} added: its {} existing rows are copied",
+                    b.table, b.rows_copied
+                ),
+            });
+        } else if was.is_none() && !b.done {
+            out.push(Notice {
+                warning: false,
+                reason: "BackfillStarted",
+                note: format!(
+                    "table {} added: copying its existing rows (about {}) while the stream goes on",
+                    b.table, b.rows_estimated
+                ),
+            });
+        }
+    }
     if let Some(token) = &next.last_resync
         && before.last_resync.as_ref() != Some(token)
     {
@@ -332,6 +383,8 @@ mod tests {
             superseded: false,
             slot: Default::default(),
             resynced: None,
+            backfills: vec![],
+            tables_removed: vec![],
             epoch: 1,
         }
     }
@@ -390,6 +443,52 @@ mod tests {
             "T3",
         );
         assert_eq!(later.last_resync.as_deref(), Some("r1"));
+    }
+
+    #[test]
+    fn added_and_removed_tables_are_noticed_once_and_kept_across_workers() {
+        use crate::engine::backfill::BackfillProgress;
+        let mut p = progress(Phase::Running);
+        let before = compute(&inputs(DesiredState::Running), Some(&p), None, "T0");
+        p.backfills = vec![BackfillProgress {
+            table: "public.b".into(),
+            rows_copied: 0,
+            rows_estimated: 30000,
+            done: false,
+        }];
+        p.tables_removed = vec!["public.a".into()];
+        let started = compute(
+            &inputs(DesiredState::Running),
+            Some(&p),
+            Some(&before),
+            "T1",
+        );
+        let reasons = |n: Vec<Notice>| n.iter().map(|n| n.reason).collect::<Vec<_>>();
+        assert_eq!(
+            reasons(notices(Some(&before), &started)),
+            ["TablesRemoved", "BackfillStarted"]
+        );
+        assert!(notices(Some(&started), &started).is_empty());
+        p.backfills[0].rows_copied = 30000;
+        p.backfills[0].done = true;
+        let done = compute(
+            &inputs(DesiredState::Running),
+            Some(&p),
+            Some(&started),
+            "T2",
+        );
+        assert_eq!(reasons(notices(Some(&started), &done)), ["BackfillDone"]);
+        assert_eq!(done.backfills[0].rows_copied, 30000);
+        // A new worker (after a restart) knows nothing of them yet: the status keeps them.
+        let fresh = compute(
+            &inputs(DesiredState::Running),
+            Some(&progress(Phase::Running)),
+            Some(&done),
+            "T3",
+        );
+        assert_eq!(fresh.backfills, done.backfills);
+        assert_eq!(fresh.tables_removed, vec!["public.a".to_string()]);
+        assert!(notices(Some(&done), &fresh).is_empty());
     }
 
     #[test]

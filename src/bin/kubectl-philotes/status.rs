@@ -99,6 +99,30 @@ pub fn table(pipelines: &[CdcPipeline], namespaces: bool) -> String {
         out.push_str(line.trim_end());
         out.push('\n');
     }
+    out.push_str(&backfills(pipelines));
+    out
+}
+
+/// A line per table still being backfilled (added to a running pipeline).
+fn backfills(pipelines: &[CdcPipeline]) -> String {
+    let mut out = String::new();
+    for p in pipelines {
+        for b in p
+            .status
+            .iter()
+            .flat_map(|s| &s.backfills)
+            .filter(|b| !b.done)
+        {
+            out.push_str(&format!(
+                "backfill {}/{} {}: {} of about {} rows copied\n",
+                p.namespace().unwrap_or_default(),
+                p.name_any(),
+                b.table,
+                b.rows_copied,
+                b.rows_estimated
+            ));
+        }
+    }
     out
 }
 
@@ -190,5 +214,30 @@ mod tests {
             .collect();
         assert!(at.iter().all(|&a| a == at[0]), "{t}");
         assert!(table(&[pipeline("x", Default::default())], true).starts_with("NAMESPACE"));
+    }
+
+    #[test]
+    fn a_table_being_backfilled_shows_its_progress_under_the_table() {
+        let b = |table: &str, done| philotes::crd::BackfillStatus {
+            table: table.into(),
+            rows_copied: 12000,
+            rows_estimated: 30000,
+            done,
+        };
+        let p = pipeline(
+            "orders",
+            CdcPipelineStatus {
+                phase: Some(Phase::Running),
+                backfills: vec![b("public.invoices", false), b("public.done", true)],
+                ..Default::default()
+            },
+        );
+        let t = table(&[p], false);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3, "{t}");
+        assert_eq!(
+            lines[2],
+            "backfill shop/orders public.invoices: 12000 of about 30000 rows copied"
+        );
     }
 }
