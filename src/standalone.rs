@@ -17,7 +17,7 @@ use crate::engine::config::PipelineConfig;
 use crate::engine::metrics::Metrics;
 use crate::engine::state::Phase;
 use crate::health::{self, Health};
-use crate::supervisor::Supervisor;
+use crate::supervisor::{Action, Supervisor};
 use crate::validate::{Identity, Secrets, validate};
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +34,8 @@ pub enum StandaloneError {
     Invalid { pipeline: String, errors: String },
     #[error("health server: {0}")]
     Health(#[source] std::io::Error),
+    #[error("listening for SIGHUP: {0}")]
+    Signal(#[source] std::io::Error),
 }
 
 /// The documents of a manifest file.
@@ -198,7 +200,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<i32, StandaloneError> {
     let mut pipelines = load(path)?;
-    if let Some(token) = resync {
+    if let Some(token) = &resync {
         for (config, _) in &mut pipelines {
             config.resync = Some(token.clone());
         }
@@ -216,55 +218,31 @@ pub async fn run(
     drop(server);
     let health_task = tokio::spawn(health::serve(health_addr, health, listener_stop.clone()));
 
-    let mut started = 0;
+    let mut running = std::collections::BTreeSet::new();
     for (config, state) in pipelines {
-        let name = config.name.clone();
         let id = config.id.clone();
-        if state == DesiredState::Stopped {
-            println!("[{name}] Stopped (spec.state: Stopped)");
-            continue;
-        }
-        println!(
-            "[{name}] slot {} publication {} → sink {}",
-            config.slot,
-            config.publication,
-            config.sink.describe()
-        );
-        supervisor.apply(&id, Some((config, state))).await;
-        if let Some(mut rx) = supervisor.progress(&id).await {
-            started += 1;
-            tokio::spawn(async move {
-                let mut last = (None, String::new(), None);
-                loop {
-                    let p = rx.borrow_and_update().clone();
-                    let now = (Some(p.phase), p.message.clone(), p.last_error.clone());
-                    if now != last {
-                        match &p.last_error {
-                            Some(e) if p.phase == Phase::Failed => println!(
-                                "[{name}] {}: {e}\n[{name}]   fix: {}{}",
-                                p.phase,
-                                p.fix.clone().unwrap_or_default(),
-                                if p.retrying { " (retrying)" } else { "" }
-                            ),
-                            _ => println!("[{name}] {}: {}", p.phase, p.message),
-                        }
-                        last = now;
-                    }
-                    if rx.changed().await.is_err() {
-                        return;
-                    }
-                }
-            });
+        if start(&supervisor, config, state).await {
+            running.insert(id);
         }
     }
+    let started = running.len();
+    // SIGHUP: the file is read again and each pipeline brought in line with it (a changed
+    // spec.source.tables adds or removes tables while the others run on).
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(StandaloneError::Signal)?;
 
     let code = loop {
         tokio::select! {
             _ = shutdown.cancelled() => break 0,
+            _ = hangup.recv() => {
+                reload(path, &supervisor, &mut running, resync.as_deref()).await;
+                continue;
+            }
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
         let snap = supervisor.snapshot().await;
         if started > 0
+            && !snap.is_empty()
             && snap
                 .values()
                 .all(|(_, p)| p.phase == Phase::Failed && !p.retrying)
@@ -278,6 +256,90 @@ pub async fn run(
     let _ = health_task.await;
     println!("stopped");
     Ok(code)
+}
+
+/// Starts (or restarts, or pauses) a pipeline as the supervisor plans, and prints its phases.
+/// Returns whether it runs.
+async fn start(supervisor: &Supervisor, config: PipelineConfig, state: DesiredState) -> bool {
+    let name = config.name.clone();
+    let id = config.id.clone();
+    if state == DesiredState::Stopped {
+        supervisor.apply(&id, None).await;
+        println!("[{name}] Stopped (spec.state: Stopped)");
+        return false;
+    }
+    println!(
+        "[{name}] slot {} publication {} → sink {}",
+        config.slot,
+        config.publication,
+        config.sink.describe()
+    );
+    let action = supervisor.apply(&id, Some((config, state))).await;
+    let Some(rx) = supervisor.progress(&id).await else {
+        return false;
+    };
+    if matches!(action, Action::Start | Action::Restart) {
+        tokio::spawn(print_phases(name, rx));
+    }
+    true
+}
+
+/// Reads the file again and applies it: changed pipelines restart with their new spec, removed
+/// ones stop (their slot, publication and buffer rows stay, as with `kubectl delete` under
+/// `reclaimPolicy: Retain`). A file that no longer parses changes nothing.
+async fn reload(
+    path: &str,
+    supervisor: &Supervisor,
+    running: &mut std::collections::BTreeSet<String>,
+    resync: Option<&str>,
+) {
+    let pipelines = match load(path) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("SIGHUP: {path} not applied, the pipelines run as before: {e}");
+            return;
+        }
+    };
+    println!("SIGHUP: applying {path} again");
+    let mut now = std::collections::BTreeSet::new();
+    for (mut config, state) in pipelines {
+        if let Some(token) = resync {
+            config.resync = Some(token.to_string());
+        }
+        let id = config.id.clone();
+        if start(supervisor, config, state).await {
+            now.insert(id);
+        }
+    }
+    for id in running.difference(&now) {
+        supervisor.apply(id, None).await;
+        println!("[{id}] stopped: no longer in {path}");
+    }
+    *running = now;
+}
+
+/// Prints a pipeline's phase, message and error as they change.
+async fn print_phases(name: String, mut rx: tokio::sync::watch::Receiver<crate::engine::Progress>) {
+    let mut last = (None, String::new(), None);
+    loop {
+        let p = rx.borrow_and_update().clone();
+        let now = (Some(p.phase), p.message.clone(), p.last_error.clone());
+        if now != last {
+            match &p.last_error {
+                Some(e) if p.phase == Phase::Failed => println!(
+                    "[{name}] {}: {e}\n[{name}]   fix: {}{}",
+                    p.phase,
+                    p.fix.clone().unwrap_or_default(),
+                    if p.retrying { " (retrying)" } else { "" }
+                ),
+                _ => println!("[{name}] {}: {}", p.phase, p.message),
+            }
+            last = now;
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 #[cfg(test)]
