@@ -99,6 +99,14 @@ async fn tables_added_to_a_pipeline_bypassing_the_buffer_are_backfilled_too() {
 /// A pipeline on table `a`; `b` (30,000 rows) and `c` (composite key) added while a writer changes
 /// all three; then `a` removed and added back.
 async fn add_backfill_remove(extra: &str) {
+    // The engine's log is shown when the test fails.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,philotes=info".into()),
+        )
+        .with_test_writer()
+        .try_init();
     let pg = Pg::start();
     let (src, dst) = setup(&pg).await;
     src.batch_execute(
@@ -153,8 +161,8 @@ async fn add_backfill_remove(extra: &str) {
     stop.store(true, Ordering::Relaxed);
     let rounds = writer.await.unwrap();
     println!(
-        "backfills: {:?}; {rounds} rounds of changes during them",
-        done.backfills
+        "backfills: {:?}; {rounds} rounds of changes during them; {} events read",
+        done.backfills, done.events_read
     );
     assert!(rounds > 20, "the writer made only {rounds} rounds");
     for (t, order) in [("a", "id"), ("b", "id"), ("c", "k1, k2")] {
@@ -207,6 +215,29 @@ async fn add_backfill_remove(extra: &str) {
     sup.shutdown().await;
 }
 
+/// `philotes run` of pipeline `name` on table `a`; once `a` is in the sink, the file names `a, b`
+/// and the process gets SIGHUP. Returns the file's folder, the log and the process.
+async fn run_on_a_then_add_b(
+    pg: &Pg,
+    src: &tokio_postgres::Client,
+    dst: &tokio_postgres::Client,
+    name: &str,
+) -> (tempfile::TempDir, std::path::PathBuf, std::process::Child) {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = [("source", pg.uri("shop")), ("sink", pg.uri("warehouse"))];
+    let keys: Vec<(&str, &str)> = keys.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (file, log) = write_manifest(dir.path(), &db_manifest(name, &keys, "a", ""));
+    let child = run_philotes(&file, &log, &[]);
+    wait_same(src, "a", dst, "replica.a", "id", WAIT).await;
+    write_manifest(dir.path(), &db_manifest(name, &keys, "a, b", ""));
+    let sent = std::process::Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    (dir, log, child)
+}
+
 /// `philotes run` reads its file again on SIGHUP: a table added there is backfilled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn philotes_run_applies_an_added_table_on_sighup() {
@@ -220,19 +251,7 @@ async fn philotes_run_applies_an_added_table_on_sighup() {
     )
     .await
     .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let keys = [("source", pg.uri("shop")), ("sink", pg.uri("warehouse"))];
-    let keys: Vec<(&str, &str)> = keys.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let (file, log) = write_manifest(dir.path(), &db_manifest("hup", &keys, "a", ""));
-    let mut child = run_philotes(&file, &log, &[]);
-    wait_same(&src, "a", &dst, "replica.a", "id", WAIT).await;
-    write_manifest(dir.path(), &db_manifest("hup", &keys, "a, b", ""));
-    let pid = child.id().to_string();
-    let sent = std::process::Command::new("kill")
-        .args(["-HUP", &pid])
-        .status()
-        .unwrap();
-    assert!(sent.success());
+    let (_dir, log, mut child) = run_on_a_then_add_b(&pg, &src, &dst, "hup").await;
     src.batch_execute("UPDATE b SET v = 'changed' WHERE id <= 10; INSERT INTO a VALUES (11, 'a')")
         .await
         .unwrap();
@@ -260,20 +279,8 @@ async fn a_backfill_cut_by_sigkill_resumes_from_its_last_chunk() {
     )
     .await
     .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let keys = [("source", pg.uri("shop")), ("sink", pg.uri("warehouse"))];
-    let keys: Vec<(&str, &str)> = keys.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let (file, log) = write_manifest(dir.path(), &db_manifest("cut", &keys, "a", ""));
-    let mut child = run_philotes(&file, &log, &[]);
-    wait_same(&src, "a", &dst, "replica.a", "id", WAIT).await;
-    write_manifest(dir.path(), &db_manifest("cut", &keys, "a, b", ""));
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-HUP", &child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    let (dir, log, mut child) = run_on_a_then_add_b(&pg, &src, &dst, "cut").await;
+    let file = dir.path().join("pipeline.yaml");
     // The buffer (in the source database) records each chunk once it is acknowledged.
     let copied = || async {
         src.query_opt(

@@ -6,8 +6,9 @@
 //! to the reader, and writes a high watermark. The reader sees the stream in commit order: every
 //! change of the table it reads between the two watermarks committed after the low one, so it is as
 //! new as the selected row of that key or newer, and it drops that key from the chunk. At the high
-//! watermark the rows left go into the stream as inserts (the sinks apply them as upserts), in the
-//! high watermark's transaction. Changes before the low watermark are older than the selected rows;
+//! watermark the rows left go into the stream as updates without an old key (upserts: a key may be
+//! in the sink already, from a change streamed before the low watermark), in the high watermark's
+//! transaction. Changes before the low watermark are older than the selected rows;
 //! changes after the high one come after them. Every key of the table is therefore applied in an
 //! order that ends at its current state, and no other table waits.
 //!

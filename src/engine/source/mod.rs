@@ -802,7 +802,7 @@ impl Decoder {
 
     /// A backfill watermark of this pipeline (see `engine/backfill.rs`): a low one opens the
     /// chunk's window; at the high one the chunk's rows whose keys did not change in between go
-    /// into this transaction as inserts.
+    /// into this transaction as upserts.
     fn watermark(
         &mut self,
         prefix: &str,
@@ -857,12 +857,14 @@ impl Decoder {
             if self.delivered(pos) {
                 continue;
             }
+            // An update without an old key: the sinks upsert it (the key may be in the sink
+            // already, from a change streamed before the low watermark).
             rows.begin_row(
                 &self.pipeline_id,
                 pos,
                 txn.commit_time,
                 info.rel_ver,
-                Op::Insert,
+                Op::Update,
             );
             rows.null();
             rows.text_array(row.iter().map(|v| v.as_deref().map(str::as_bytes)));
