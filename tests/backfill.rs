@@ -318,3 +318,56 @@ async fn a_backfill_cut_by_sigkill_resumes_from_its_last_chunk() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A partitioned table added while the pipeline runs: one sink table named after its root, rows
+/// moving between partitions during the copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_table_added_is_backfilled_into_one_table_named_after_its_root() {
+    let pg = Pg::start();
+    let (src, dst) = setup(&pg).await;
+    src.batch_execute(
+        "CREATE TABLE a (id int PRIMARY KEY, v text);
+         CREATE TABLE m (id int, region text, v text, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
+         CREATE TABLE m_eu PARTITION OF m FOR VALUES IN ('eu');
+         CREATE TABLE m_us PARTITION OF m FOR VALUES IN ('us');
+         INSERT INTO a VALUES (1, 'a');
+         INSERT INTO m SELECT i, CASE WHEN i % 2 = 0 THEN 'eu' ELSE 'us' END, 'v' FROM generate_series(1, 8000) i;",
+    )
+    .await
+    .unwrap();
+    let sup = Supervisor::new(Arc::new(Metrics::new()), "test");
+    let (src_uri, dst_uri) = (pg.uri("shop"), pg.uri("warehouse"));
+    let cfg = |tables: &[&str]| config("parts", &src_uri, &dst_uri, tables, FAST);
+    let id = cfg(&["a"]).id.clone();
+    sup.apply(&id, Some((cfg(&["a"]), DesiredState::Running)))
+        .await;
+    wait_same(&src, "a", &dst, "replica.a", "id", WAIT).await;
+    sup.apply(&id, Some((cfg(&["a", "m"]), DesiredState::Running)))
+        .await;
+    // Rows move between partitions (a delete and an insert under the root) while m is copied.
+    for i in 0..40 {
+        src.batch_execute(&format!(
+            "UPDATE m SET region = CASE region WHEN 'eu' THEN 'us' ELSE 'eu' END, v = 'moved {i}' WHERE id % 200 = {i};
+             DELETE FROM m WHERE id = {};",
+            200 * i + 3
+        ))
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait_progress(&sup, &id, "the backfill of m done", WAIT, |p| {
+        p.backfills.iter().any(|b| b.table == "public.m" && b.done)
+    })
+    .await;
+    wait_same(&src, "m", &dst, "replica.m", "id, region", WAIT).await;
+    let partitions: i64 = dst
+        .query_one(
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'replica' AND tablename LIKE 'm\\_%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(partitions, 0, "sink tables named after partitions");
+    sup.shutdown().await;
+}
