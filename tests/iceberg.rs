@@ -618,3 +618,52 @@ async fn an_update_that_leaves_a_toasted_value_unchanged_keeps_it_in_the_state()
     assert_eq!(p.events_dead_lettered, 0, "{p:?}");
     h.stop().await;
 }
+
+/// A table added to a running Iceberg pipeline: its rows are backfilled (as `U` rows of the
+/// changelog) while they change, and the state read back equals the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_added_to_a_running_pipeline_is_backfilled_into_its_changelog() {
+    let pg = Pg::start();
+    pg.create_db("shop").await;
+    let src = pg.client("shop").await;
+    src.batch_execute(
+        "CREATE TABLE t1 (id bigint PRIMARY KEY, v text);
+         CREATE TABLE t2 (id bigint PRIMARY KEY, v text, n int);
+         INSERT INTO t1 VALUES (1, 'a');
+         INSERT INTO t2 SELECT i, md5(i::text), 0 FROM generate_series(1, 5000) i;",
+    )
+    .await
+    .unwrap();
+    let lake = file_lake(pg.dir());
+    let h = start(&manifest(&pg, &lake, "t1", FAST));
+    wait_phase(&h, Phase::Running).await;
+    wait_equal(&pg, &lake, "cdc.t1", "SELECT id, v FROM t1", false, WAIT).await;
+    h.stop().await;
+    // The spec now names t2 too: a new worker, the same pipeline.
+    let h = start(&manifest(&pg, &lake, "t1, t2", FAST));
+    for i in 0..30 {
+        src.batch_execute(&format!(
+            "UPDATE t2 SET n = n + 1, v = 'changed {i}' WHERE id % 173 = {i};
+             DELETE FROM t2 WHERE id = {};
+             INSERT INTO t2 VALUES ({}, 'new', 0);
+             INSERT INTO t1 VALUES ({}, 'b');",
+            150 * i + 5,
+            10_000 + i,
+            10 + i
+        ))
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eventually("the backfill of t2 done", WAIT, || async {
+        h.current()
+            .backfills
+            .iter()
+            .any(|b| b.table == "public.t2" && b.done)
+    })
+    .await;
+    let r = wait_equal(&pg, &lake, "cdc.t2", "SELECT id, v, n FROM t2", true, WAIT).await;
+    assert_eq!(r["duplicates"], 0, "{r}");
+    wait_equal(&pg, &lake, "cdc.t1", "SELECT id, v FROM t1", false, WAIT).await;
+    h.stop().await;
+}
