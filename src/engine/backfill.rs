@@ -13,10 +13,11 @@
 //! order that ends at its current state, and no other table waits.
 //!
 //! Progress (the last key copied) is recorded in the buffer only once the reader has acknowledged
-//! the high watermark's transaction (it is in the buffer, or with `spec.buffer.bypass` in the sink),
-//! so a crash repeats at most a chunk, which is harmless: a repeated chunk is a newer read.
+//! the high watermark's transaction (it is in the buffer, or with `spec.buffer.bypass` in the sink).
+//! The next chunk does not wait for that, up to [`UNACKED`] chunks, so a crash repeats at most those,
+//! which is harmless: a repeated chunk is a newer read.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -336,6 +337,7 @@ pub async fn run(
         shared.set_backfill(progress.clone());
         tracing::info!(pipeline = %cfg.name, table = %table, estimate, from = ?o.last_key, "backfill of an added table");
         let mut last_key = o.last_key;
+        let mut unacked: VecDeque<Placed> = VecDeque::new();
         loop {
             seq += 1;
             let id = format!("{nonce}-{seq}");
@@ -382,25 +384,35 @@ pub async fn run(
                     r = placed.changed() => if r.is_err() { return Ok(()) },
                 }
             };
-            loop {
-                if *acked.borrow_and_update() >= end {
-                    break;
-                }
-                tokio::select! {
-                    _ = cancel.cancelled() => return Ok(()),
-                    r = acked.changed() => if r.is_err() { return Ok(()) },
-                }
-            }
             last_key = next_key.or(last_key);
             progress.rows_copied += n;
             progress.rows_estimated = progress.rows_estimated.max(progress.rows_copied);
-            progress.done = !more;
-            pg::deadline(
-                t,
-                "recording backfill progress",
-                record(&buffer, &o.table, last_key.as_deref(), &progress),
-            )
-            .await?;
+            unacked.push_back(Placed {
+                end,
+                last_key: last_key.clone(),
+                rows_copied: progress.rows_copied,
+                done: !more,
+            });
+            // The next chunk goes on at once; a chunk is recorded once acknowledged, and at most
+            // UNACKED chunks wait for that (a crash copies them again).
+            let wait_for = if more {
+                unacked.len().saturating_sub(UNACKED)
+            } else {
+                unacked.len()
+            };
+            let Some(recorded) = acknowledged(&mut unacked, wait_for, &mut acked, &cancel).await
+            else {
+                return Ok(());
+            };
+            if let Some(r) = recorded {
+                pg::deadline(
+                    t,
+                    "recording backfill progress",
+                    record(&buffer, &o.table, &r),
+                )
+                .await?;
+                progress.done = r.done;
+            }
             shared.set_backfill(progress.clone());
             if !more {
                 tracing::info!(pipeline = %cfg.name, table = %table, rows = progress.rows_copied, "backfill done");
@@ -499,12 +511,7 @@ async fn select_chunk(
 }
 
 /// Records a table's backfill progress (fenced by the owner's epoch).
-async fn record(
-    buffer: &Buffer,
-    table: &TableName,
-    last_key: Option<&[Option<String>]>,
-    p: &BackfillProgress,
-) -> Result<(), EngineError> {
+async fn record(buffer: &Buffer, table: &TableName, p: &Placed) -> Result<(), EngineError> {
     let n = buffer
         .client()
         .execute(
@@ -516,7 +523,7 @@ async fn record(
                 &buffer.pipeline_id(),
                 &table.schema,
                 &table.name,
-                &last_key,
+                &p.last_key,
                 &(p.rows_copied as i64),
                 &p.done,
                 &buffer.epoch(),
@@ -528,6 +535,42 @@ async fn record(
         return Err(buffer.superseded_error().await);
     }
     Ok(())
+}
+
+/// A chunk the reader has placed in the stream, not yet recorded.
+#[derive(Debug, Clone, PartialEq)]
+struct Placed {
+    /// End LSN of the transaction it was placed in.
+    end: u64,
+    /// Where the table's backfill stands once it is in: the last key copied, the rows so far.
+    last_key: Option<Vec<Option<String>>>,
+    rows_copied: u64,
+    done: bool,
+}
+
+/// Most chunks placed but not yet acknowledged while the next one is copied.
+const UNACKED: usize = 8;
+
+/// Waits until at least `wait_for` of the chunks in `unacked` are acknowledged (their transaction
+/// ended at or before `acked`); takes every acknowledged one off, and returns the last of them, the
+/// one to record. None: cancelled.
+async fn acknowledged(
+    unacked: &mut VecDeque<Placed>,
+    wait_for: usize,
+    acked: &mut watch::Receiver<u64>,
+    cancel: &CancellationToken,
+) -> Option<Option<Placed>> {
+    loop {
+        let upto = *acked.borrow_and_update();
+        let ready = unacked.iter().take_while(|p| p.end <= upto).count();
+        if ready >= wait_for {
+            return Some(unacked.drain(..ready).next_back());
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return None,
+            r = acked.changed() => if r.is_err() { return None },
+        }
+    }
 }
 
 /// The reader's side: which keys of the table being backfilled changed between the watermarks.
