@@ -370,8 +370,8 @@ pub async fn run(
                 s.chunk = Some(chunk);
             }
             emit(&source, &board.prefix, "high", &id, t).await?;
-            // The reader places the chunk at the high watermark; wait for that transaction to be
-            // acknowledged (durable where the reader acknowledges from).
+            // The reader places the chunk at the high watermark and reports, at that transaction's
+            // commit, where it ends.
             let mut placed = board.placed.subscribe();
             let end = loop {
                 if let Some((pid, end)) = placed.borrow_and_update().clone()
