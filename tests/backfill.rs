@@ -13,7 +13,7 @@ use philotes::engine::metrics::Metrics;
 use philotes::engine::state::Phase;
 use philotes::supervisor::Supervisor;
 use support::pipeline::{FAST, WAIT, config, db_manifest, setup, write_manifest};
-use support::{Pg, count, eventually, run_philotes, wait_same};
+use support::{Pg, count, eventually, init_logs, run_philotes, wait_same};
 
 /// Changes to every table while a backfill runs: inserts, updates, deletes and key changes of the
 /// tables being copied, inserts into the streamed one. Returns how many rounds it made.
@@ -99,14 +99,7 @@ async fn tables_added_to_a_pipeline_bypassing_the_buffer_are_backfilled_too() {
 /// A pipeline on table `a`; `b` (30,000 rows) and `c` (composite key) added while a writer changes
 /// all three; then `a` removed and added back.
 async fn add_backfill_remove(extra: &str) {
-    // The engine's log is shown when the test fails.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,philotes=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
+    init_logs();
     let pg = Pg::start();
     let (src, dst) = setup(&pg).await;
     src.batch_execute(

@@ -127,13 +127,7 @@ pub fn start_operator(
     ns: &str,
     health_addr: Option<std::net::SocketAddr>,
 ) -> Operator {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,philotes=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
+    super::init_logs();
     let stop = tokio_util::sync::CancellationToken::new();
     let cfg = philotes::operator::OperatorConfig {
         namespace: Some(ns.to_string()),

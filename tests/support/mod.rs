@@ -118,6 +118,17 @@ impl Pg {
     }
 }
 
+/// The engine's log, shown for a test that fails (`RUST_LOG`, default `warn,philotes=info`).
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,philotes=info".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
 /// Starts `philotes run -f file` with its output appended to `log` and `env` set.
 pub fn run_philotes(file: &Path, log: &Path, env: &[(&str, &str)]) -> std::process::Child {
     run_philotes_with(file, log, env, &[])
