@@ -862,13 +862,30 @@ async fn warm_wal(c: &Client, mb: i32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Drops `slot`. The walsender of a client that just stopped may still hold it for a moment
+/// ("replication slot ... is active"): it is ended, and the drop tried again for up to 10 s.
 async fn drop_slot(src: &Client, slot: &str) -> anyhow::Result<()> {
-    src.execute(
-        "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
-        &[&slot],
-    )
-    .await?;
-    Ok(())
+    let give_up = Instant::now() + Duration::from_secs(10);
+    loop {
+        src.execute(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active_pid IS NOT NULL",
+            &[&slot],
+        )
+        .await?;
+        match src
+            .execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(_) if Instant::now() < give_up => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 async fn checkpoint(src: &Client) -> anyhow::Result<()> {
